@@ -1,0 +1,37 @@
+"""emakit: an exponential moving average of a PyTorch model's weights, done right.
+
+>>> import torch, emakit
+>>> model = torch.nn.Linear(3, 1)
+>>> ema = emakit.EMA(model, half_life="100ba")
+>>> ema.step()  # after each optimizer step
+>>> model.load_state_dict(ema.ema_state_dict())
+<All keys matched successfully>
+"""
+
+from .ema import EMA, EMAModule
+from .functional import compute_ema
+from .schedules import (
+    CosineSmoothing,
+    PowerWarmup,
+    gamma_to_sigma_rel,
+    half_life_from_smoothing,
+    sigma_rel_to_gamma,
+    smoothing_from_half_life,
+)
+from .time import Time
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EMA",
+    "EMAModule",
+    "CosineSmoothing",
+    "PowerWarmup",
+    "Time",
+    "compute_ema",
+    "gamma_to_sigma_rel",
+    "half_life_from_smoothing",
+    "sigma_rel_to_gamma",
+    "smoothing_from_half_life",
+    "__version__",
+]

@@ -1,0 +1,196 @@
+"""Smoothing math: half-life, warmup, cosine schedules, power-function EMA. Pure Python.
+
+An EMA update is ``ema <- s * ema + (1 - s) * model`` with smoothing ``s`` in [0, 1].
+After ``h`` units of time with ``u`` units between updates the old average has weight
+``s ** (h / u)``; the half-life is the ``h`` at which that weight is 1/2.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = [
+    "smoothing_from_half_life",
+    "half_life_from_smoothing",
+    "check_smoothing",
+    "PowerWarmup",
+    "CosineSmoothing",
+    "SmoothingSchedule",
+    "sigma_rel_to_gamma",
+    "gamma_to_sigma_rel",
+    "power_smoothing",
+]
+
+#: A smoothing schedule: maps the 1-based count of the update about to run to its factor.
+SmoothingSchedule = Callable[[int], float]
+
+_MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)
+
+
+def _positive(value: float, name: str, allow_inf: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or value <= 0 or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"{name}: expected a number > 0, got {value!r}")
+    return value
+
+
+def check_smoothing(smoothing: float, name: str = "smoothing") -> float:
+    """Return ``smoothing`` as a float, or raise naming ``name`` if it is not in [0, 1]."""
+    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)):
+        raise TypeError(f"{name}: expected a float in [0, 1], got {type(smoothing).__name__}")
+    smoothing = float(smoothing)
+    if not 0.0 <= smoothing <= 1.0:
+        raise ValueError(f"{name}: expected a float in [0, 1], got {smoothing!r}")
+    return smoothing
+
+
+def smoothing_from_half_life(half_life: float, update_interval: float = 1.0) -> float:
+    """Per-update smoothing ``s = 2 ** (-update_interval / half_life)``.
+
+    Both arguments are in the same unit of training time (batches, epochs, ...), so
+    changing the interval keeps the averaging horizon. ``half_life=inf`` gives 1.
+
+    >>> smoothing_from_half_life(1000.0)
+    0.9993070929904525
+    >>> round(smoothing_from_half_life(1000.0, update_interval=10), 6)
+    0.993092
+    """
+    half_life = _positive(half_life, "half_life", allow_inf=True)
+    update_interval = _positive(update_interval, "update_interval")
+    return 2.0 ** (-update_interval / half_life)
+
+
+def half_life_from_smoothing(smoothing: float, update_interval: float = 1.0) -> float:
+    """Half-life ``h = -update_interval / log2(s)``, in the unit of ``update_interval``.
+
+    ``s = 0`` gives 0 (no memory) and ``s = 1`` gives ``inf`` (never moves).
+
+    >>> half_life_from_smoothing(0.5)
+    1.0
+    """
+    smoothing = check_smoothing(smoothing)
+    update_interval = _positive(update_interval, "update_interval")
+    if smoothing == 0.0:
+        return 0.0
+    if smoothing == 1.0:
+        return math.inf
+    return -update_interval / math.log2(smoothing)
+
+
+@dataclass(frozen=True)
+class PowerWarmup:
+    """Warmup: the k-th update (k = 1, 2, ...) uses
+    ``clamp(1 - (1 + (k - 1) / inv_gamma) ** -power, min_smoothing, max_smoothing)``.
+
+    ``max_smoothing`` is what the half-life or smoothing argument gives. The same formula as
+    timm's ModelEmaV3 and diffusers' EMAModel warmup; ``power=2/3`` suits short runs,
+    ``power=3/4`` long ones.
+
+    >>> PowerWarmup()(1, 0.999)
+    0.0
+    >>> round(PowerWarmup()(1000, 0.999), 4), PowerWarmup()(10**6, 0.999)
+    (0.99, 0.999)
+    """
+
+    inv_gamma: float = 1.0
+    power: float = 2.0 / 3.0
+    min_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive(self.inv_gamma, "inv_gamma")
+        _positive(self.power, "power")
+        check_smoothing(self.min_smoothing, "min_smoothing")
+
+    def __call__(self, k: int, max_smoothing: float = 1.0) -> float:
+        if k < 1:
+            raise ValueError(f"k: expected an update count >= 1, got {k}")
+        value = 1.0 - (1.0 + (k - 1) / self.inv_gamma) ** -self.power
+        return min(max(value, self.min_smoothing), max_smoothing)
+
+
+@dataclass(frozen=True)
+class CosineSmoothing:
+    """DINO's momentum schedule: the k-th update (k = 1, 2, ...) uses
+    ``end - (end - start) * (1 + cos(pi * (k - 1) / total)) / 2``, and ``end`` after ``total``.
+
+    ``total`` is the number of updates the schedule spans (DINO: epochs x iterations).
+
+    >>> s = CosineSmoothing(start=0.996, end=1.0, total=100)
+    >>> [round(s(k), 6) for k in (1, 51, 101, 500)]
+    [0.996, 0.998, 1.0, 1.0]
+    """
+
+    start: float = 0.996
+    end: float = 1.0
+    total: int = 1
+
+    def __post_init__(self) -> None:
+        check_smoothing(self.start, "start")
+        check_smoothing(self.end, "end")
+        if isinstance(self.total, bool) or not isinstance(self.total, int) or self.total < 1:
+            raise ValueError(f"total: expected a number of updates >= 1, got {self.total!r}")
+
+    def __call__(self, k: int) -> float:
+        if k < 1:
+            raise ValueError(f"k: expected an update count >= 1, got {k}")
+        i = min(k - 1, self.total)
+        return self.end - (self.end - self.start) * (1.0 + math.cos(math.pi * i / self.total)) / 2
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """Exponent ``gamma`` of the power-function EMA with relative width ``sigma_rel``.
+
+    The largest real root of ``g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2) = 0``
+    (Karras et al. 2024, eq. 3). ``sigma_rel`` must lie in (0, sqrt(1/12)).
+
+    >>> round(sigma_rel_to_gamma(0.05), 2), round(sigma_rel_to_gamma(0.10), 3)
+    (16.97, 6.937)
+    """
+    sigma_rel = _positive(sigma_rel, "sigma_rel")
+    if sigma_rel >= _MAX_SIGMA_REL:
+        raise ValueError(
+            f"sigma_rel: expected a value in (0, sqrt(1/12) = {_MAX_SIGMA_REL:.6f}), "
+            f"got {sigma_rel!r}"
+        )
+    t = sigma_rel**-2
+
+    def cubic(g: float) -> float:
+        return ((g + 7.0) * g + (16.0 - t)) * g + (12.0 - t)
+
+    # f(0) = 12 - t < 0 and f(sqrt(t)) > 0, and f rises beyond its largest root.
+    lo, hi = 0.0, math.sqrt(t)
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if cubic(mid) > 0:
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo <= 4 * math.ulp(hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+def gamma_to_sigma_rel(gamma: float) -> float:
+    """Relative width ``sqrt((g + 1) / ((g + 2)^2 (g + 3)))`` of the power-function EMA.
+
+    >>> round(gamma_to_sigma_rel(6.94), 3)
+    0.1
+    """
+    gamma = _positive(gamma, "gamma")
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def power_smoothing(t: float, dt: float, gamma: float) -> float:
+    """Exact per-update factor ``(1 - dt / t) ** (gamma + 1)`` of a power-function EMA.
+
+    ``t`` is the time of the update, ``dt`` the time since the previous one (same unit).
+    The result keeps the average equal to ``sum p(tau) theta(tau)`` with
+    ``p(tau) proportional to tau ** gamma``.
+    """
+    if t <= 0 or dt <= 0 or dt > t:
+        raise ValueError(f"power_smoothing: expected 0 < dt <= t, got t={t!r}, dt={dt!r}")
+    return (1.0 - dt / t) ** (gamma + 1.0)

@@ -1,0 +1,167 @@
+"""Time values in training units and the training clock. Pure Python: no torch here.
+
+Units:
+
+- ``ba``: batches, i.e. optimizer steps (``EMA.step()`` calls)
+- ``ep``: epochs (``EMA.epoch_end()`` calls)
+- ``sp``: samples (the ``samples=`` passed to ``step()``)
+- ``tok``: tokens (the ``tokens=`` passed to ``step()``)
+- ``dur``: a fraction of the whole training length ``total``
+
+>>> Time.parse("1000ba")
+Time(value=1000, unit='ba')
+>>> str(Time.parse(" 0.25 dur "))
+'0.25dur'
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Time", "Clock", "UNITS", "COUNTED_UNITS"]
+
+UNITS = ("ba", "ep", "sp", "tok", "dur")
+COUNTED_UNITS = ("ba", "ep", "sp", "tok")
+
+_NUMBER = r"[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?|[0-9]+\.(?:[eE][+-]?[0-9]+)?"
+_TIME_RE = re.compile(rf"^\s*(?P<value>{_NUMBER})\s*(?P<unit>[A-Za-z]+)\s*$")
+
+
+@dataclass(frozen=True)
+class Time:
+    """A non-negative amount of training time: ``value`` in ``unit``.
+
+    Integral values are kept as ``int`` so that ``str(Time.parse(s))`` prints them
+    without a decimal point; ``Time.parse(str(t)) == t`` for every valid ``t``.
+    """
+
+    value: int | float
+    unit: str
+
+    def __post_init__(self) -> None:
+        if self.unit not in UNITS:
+            raise ValueError(f"Time unit: expected one of {', '.join(UNITS)}, got {self.unit!r}")
+        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)):
+            raise TypeError(f"Time value: expected a number, got {type(self.value).__name__}")
+        if not math.isfinite(self.value) or self.value < 0:
+            raise ValueError(f"Time value: expected a finite number >= 0, got {self.value!r}")
+        if isinstance(self.value, float) and self.value.is_integer() and self.value < 2**53:
+            object.__setattr__(self, "value", int(self.value))
+
+    @classmethod
+    def parse(cls, text: str | Time, name: str = "time") -> Time:
+        """Parse ``"<number><unit>"``, e.g. ``"1000ba"``, ``"2ep"``, ``"0.1dur"``.
+
+        ``name`` is the argument the string came from, used in error messages.
+        """
+        if isinstance(text, Time):
+            return text
+        if not isinstance(text, str):
+            raise TypeError(
+                f"{name}: expected a time string such as '1000ba', got {type(text).__name__}"
+            )
+        match = _TIME_RE.match(text)
+        if match is None:
+            raise ValueError(
+                f"{name}: expected a time string '<number><unit>' such as '1000ba' or '2ep' "
+                f"(units: {', '.join(UNITS)}), got {text!r}"
+            )
+        unit = match["unit"].lower()
+        if unit not in UNITS:
+            raise ValueError(
+                f"{name}: unknown time unit {match['unit']!r} in {text!r}; "
+                f"expected one of {', '.join(UNITS)}"
+            )
+        number = match["value"]
+        value: int | float = int(number) if number.isdigit() else float(number)
+        try:
+            return cls(value, unit)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name}: {err} (from {text!r})") from None
+
+    def __str__(self) -> str:
+        return f"{self.value!r}{self.unit}"
+
+
+def as_batches(time: Time, name: str, batches_per_epoch: int | None, total: Time | None) -> float:
+    """``time`` expressed in batches, or a ValueError naming ``name`` if it cannot be."""
+    if time.unit == "ba":
+        return float(time.value)
+    if time.unit == "ep":
+        if batches_per_epoch is None:
+            raise ValueError(
+                f"{name}={str(time)!r} is in epochs; pass batches_per_epoch to convert it "
+                "to batches"
+            )
+        return float(time.value) * batches_per_epoch
+    if time.unit == "dur":
+        if total is None:
+            raise ValueError(f"{name}={str(time)!r} is a fraction of training; pass total")
+        return float(time.value) * as_batches(total, "total", batches_per_epoch, None)
+    raise ValueError(f"{name}={str(time)!r}: samples and tokens cannot be converted to batches")
+
+
+def convert(
+    time: Time, unit: str, name: str, batches_per_epoch: int | None, total: Time | None
+) -> float:
+    """``time`` expressed in ``unit`` (``ba`` or ``ep``), converting through batches."""
+    if time.unit == unit:
+        return float(time.value)
+    if time.unit == "dur" and total is not None and total.unit == unit:
+        return float(time.value) * float(total.value)
+    batches = as_batches(time, name, batches_per_epoch, total)
+    if unit == "ba":
+        return batches
+    if batches_per_epoch is None:
+        raise ValueError(
+            f"{name}={str(time)!r} and a time in {unit!r} use different units; "
+            "pass batches_per_epoch to convert between them"
+        )
+    return batches / batches_per_epoch
+
+
+class Clock:
+    """Counts batches, epochs, samples and tokens as training advances."""
+
+    def __init__(self, batches_per_epoch: int | None = None, total: Time | None = None) -> None:
+        self.batches_per_epoch = batches_per_epoch
+        self.total = total
+        self.counts: dict[str, int] = {"ba": 0, "ep": 0, "sp": 0, "tok": 0}
+
+    def advance_batch(self, samples: int | None = None, tokens: int | None = None) -> None:
+        self.counts["ba"] += 1
+        if samples is not None:
+            self.counts["sp"] += int(samples)
+        if tokens is not None:
+            self.counts["tok"] += int(tokens)
+
+    def advance_epoch(self) -> None:
+        self.counts["ep"] += 1
+
+    def get(self, unit: str) -> float:
+        """Elapsed training time in ``unit``; ``dur`` is the fraction of ``total`` done."""
+        if unit == "dur":
+            if self.total is None:
+                raise ValueError("a time in 'dur' needs total (the whole training length)")
+            if self.total.value == 0:
+                return math.inf
+            return self.get(self.total.unit) / self.total.value
+        return float(self.counts[unit])
+
+    def reached(self, time: Time) -> bool:
+        """Whether at least ``time`` has elapsed."""
+        if time.unit == "dur" and self.total is not None and self.total.unit in COUNTED_UNITS:
+            return self.get(self.total.unit) >= time.value * self.total.value
+        return self.get(time.unit) >= time.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.counts)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = sorted(set(self.counts) - set(state))
+        if missing:
+            raise ValueError(f"clock state: missing counts {missing}")
+        self.counts = {unit: int(state[unit]) for unit in self.counts}
