@@ -10,6 +10,7 @@
 
 from .ema import EMA, EMAModule
 from .functional import compute_ema
+from .posthoc import PostHocEMA, synthesize
 from .schedules import (
     CosineSmoothing,
     PowerWarmup,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EMA",
     "EMAModule",
+    "PostHocEMA",
     "CosineSmoothing",
     "PowerWarmup",
     "Time",
@@ -33,5 +35,6 @@ __all__ = [
     "half_life_from_smoothing",
     "sigma_rel_to_gamma",
     "smoothing_from_half_life",
+    "synthesize",
     "__version__",
 ]

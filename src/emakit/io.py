@@ -1,0 +1,214 @@
+"""Files: safetensors written atomically and streamed tensor by tensor, checked on load.
+
+Nothing here unpickles: weights are read with ``safetensors.safe_open`` and the metadata is
+JSON inside the safetensors header.
+
+Writes go to a temporary name in the destination folder, are flushed and ``fsync``-ed, then
+given their final name with ``os.link`` (which refuses to replace an existing file) or, where
+hard links are not supported, ``os.replace`` after a check. A writer killed mid-way leaves
+only a hidden ``.*.tmp`` file, never a truncated file under a final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import sys
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DTYPE_CODES",
+    "write_safetensors",
+    "read_metadata",
+    "read_tensors",
+    "model_fingerprint",
+    "dtype_name",
+    "dtype_from_name",
+    "is_temporary",
+]
+
+#: torch dtype -> safetensors dtype code
+DTYPE_CODES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        DTYPE_CODES[getattr(torch, _name)] = _code
+
+_TMP_SUFFIX = ".tmp"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str, what: str = "dtype") -> torch.dtype:
+    """``"float16"`` -> ``torch.float16``; a ValueError naming ``what`` otherwise."""
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{what}: unknown dtype {name!r}")
+    return dtype
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a temporary file left by an unfinished write."""
+    name = Path(path).name
+    return name.startswith(".") and name.endswith(_TMP_SUFFIX)
+
+
+def model_fingerprint(shapes: Iterable[tuple[str, Iterable[int]]]) -> str:
+    """SHA-256 (hex, first 32 digits) of the sorted (name, shape) pairs of a state dict.
+
+    Two models with the same names and shapes share a fingerprint; dtypes and values do
+    not enter it.
+    """
+    items = sorted((str(n), [int(s) for s in shape]) for n, shape in shapes)
+    text = json.dumps(items, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform can open a directory
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Give ``tmp`` the name ``path``; FileExistsError if ``path`` exists and not overwrite."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # atomic, and fails if path exists
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV,
+                             errno.EMLINK):
+            raise
+        if path.exists():  # no hard links here: check, then rename
+            raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor] | tuple[str, Tensor, torch.dtype]],
+    metadata: Mapping[str, str],
+    overwrite: bool = False,
+) -> Path:
+    """Write ``tensors`` to a safetensors file, atomically.
+
+    ``tensors`` is a mapping name -> tensor, or ``(name, tensor)`` / ``(name, tensor, dtype)``
+    items; with a dtype the tensor is cast as it is written. Tensors are converted and
+    streamed one at a time, so the host memory needed is one tensor, not the whole file (and
+    tensors may live on an accelerator or share storage). ``metadata`` values must be strings.
+    Without ``overwrite``, an existing ``path`` raises FileExistsError and is left untouched.
+    """
+    if sys.byteorder != "little":  # safetensors is little-endian
+        raise RuntimeError("write_safetensors: only little-endian hosts are supported")
+    path = Path(path)
+    raw = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
+    items = [(it[0], it[1], it[2] if len(it) > 2 else it[1].dtype) for it in raw]
+    header: dict[str, object] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
+    offset = 0
+    for name, t, dtype in items:
+        if dtype not in DTYPE_CODES:
+            raise TypeError(f"tensor {name!r}: dtype {dtype} cannot be written")
+        if name in header:
+            raise ValueError(f"tensor name {name!r} appears twice")
+        nbytes = t.numel() * dtype.itemsize
+        header[name] = {
+            "dtype": DTYPE_CODES[dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+            for _, t, dtype in items:
+                if t.numel() == 0:
+                    continue
+                data = t.detach().to(device="cpu", dtype=dtype).contiguous()
+                f.write(ctypes.string_at(data.data_ptr(), data.numel() * data.element_size()))
+            f.flush()
+            os.fsync(f.fileno())
+        _publish(tmp, path, overwrite)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    _fsync_dir(path.parent)
+    return path
+
+
+def _open_error(path: Path, err: Exception, what: str) -> ValueError:
+    return ValueError(
+        f"{what}: {path} is not a complete safetensors file (truncated, or another format): "
+        f"{err}"
+    )
+
+
+def read_metadata(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, str], list[str]]:
+    """The ``__metadata__`` and the tensor names of a safetensors file, without reading any
+    tensor data. A truncated or foreign file raises a ValueError naming it."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {}), list(f.keys())
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # SafetensorError derives from Exception only
+        raise _open_error(path, err, what) from None
+
+
+@contextlib.contextmanager
+def read_tensors(path: str | os.PathLike, what: str = "file"):
+    """Context manager yielding a ``safe_open`` handle; tensors are read one at a time with
+    ``handle.get_tensor(name)``. Errors name the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise _open_error(path, err, what) from None
+    with handle as f:
+        yield f
+
+
+def dumps(value: object) -> str:
+    """JSON for safetensors metadata (which holds strings only)."""
+    return json.dumps(value, separators=(",", ":"))
