@@ -3,17 +3,8 @@ forms computed here, independent of the code under test."""
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-import pickle
 import shutil
-import signal
-import subprocess
-import sys
-import textwrap
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +13,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 import emakit
-from emakit.io import read_metadata, write_safetensors
 from emakit.posthoc import list_snapshots, plan_synthesis
 
 F64 = torch.float64

@@ -165,6 +165,7 @@ class SnapshotInfo:
     emakit_version: str
     layout: tuple[tuple[str, str, str, tuple[str, ...]], ...] = field(repr=False)
     # layout rows: (name, kind, model dtype, tied aliases); kind in average|copy|live
+    order: tuple[str, ...] = field(repr=False, default=())  # the model's state-dict order
 
 
 def _not_snapshot(path: Path, why: str) -> ValueError:
@@ -201,6 +202,7 @@ def read_snapshot_info(path: str | os.PathLike) -> SnapshotInfo:
             written_ns=int(meta["written_ns"]),
             emakit_version=meta.get("emakit_version", "?"),
             layout=layout,
+            order=tuple(str(n) for n in json.loads(meta["order"])),
         )
     except (KeyError, ValueError, TypeError) as err:
         raise _not_snapshot(path, f"bad or missing metadata: {err!r}") from None
@@ -211,6 +213,9 @@ def read_snapshot_info(path: str | os.PathLike) -> SnapshotInfo:
     expected |= {f"{kind}/{n}" for n, kind, _, _ in layout if kind in ("copy", "live")}
     if set(keys) != expected:
         raise _not_snapshot(path, "its tensors do not match its layout")
+    names = [n for row in layout for n in (row[0], *row[3])]
+    if sorted(names) != sorted(info.order) or len(set(names)) != len(names):
+        raise _not_snapshot(path, "its name order does not match its layout")
     return info
 
 
@@ -443,7 +448,7 @@ def synthesize(
                 t = t.to(want)
             for n in (name, *aliases):
                 out[n] = t
-        results.append(out)
+        results.append({n: out[n] for n in plan.snapshots[-1].order})
     return results[0] if single else results
 
 
@@ -561,6 +566,8 @@ class PostHocEMA:
         self._layout = [
             (e.names[0], e.kind, dtype_name(e.source().dtype), e.names[1:]) for e in entries
         ]
+        names = {n for e in entries for n in e.names}
+        self._order = [n for n in self.model.state_dict(keep_vars=True) if n in names]
         self._check_folder_model()
 
     # the loop's side ---------------------------------------------------------------------
@@ -658,6 +665,7 @@ class PostHocEMA:
             "dtype": dtype_name(dtype) if dtype is not None else "model",
             "fingerprint": self.fingerprint,
             "layout": dumps(self._layout),
+            "order": dumps(self._order),
             "run_id": self.run_id,
             "segment": self._segment,
             "resumed_at": str(self._resumed_at),
