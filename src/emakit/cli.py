@@ -15,7 +15,8 @@ def _halflife(args: argparse.Namespace) -> int:
         smoothing_from_half_life,
     )
 
-    given = [a for a in ("half_life", "smoothing", "sigma_rel", "gamma") if getattr(args, a) is not None]
+    names = ("half_life", "smoothing", "sigma_rel", "gamma")
+    given = [a for a in names if getattr(args, a) is not None]
     if len(given) != 1:
         raise SystemExit("emakit halflife: give exactly one of --half-life, --smoothing, "
                          "--sigma-rel, --gamma")
