@@ -23,7 +23,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --doctest-modules src/emakit tests
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
