@@ -22,11 +22,11 @@ demo: install
 	$(BIN)/emakit demo
 
 test: install
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -n 2 --doctest-modules src/emakit tests
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -29,7 +29,7 @@ def _groups(dst: Sequence[Tensor], src: Sequence[Tensor]) -> dict[_GroupKey, tup
     if len(dst) != len(src):
         raise ValueError(f"tensor lists differ in length: {len(dst)} vs {len(src)}")
     groups: dict[_GroupKey, tuple[list, list]] = {}
-    for d, s in zip(dst, src):
+    for d, s in zip(dst, src, strict=True):
         key = (d.device, d.dtype, s.device, s.dtype)
         pair = groups.setdefault(key, ([], []))
         pair[0].append(d)

@@ -68,7 +68,8 @@ class Shadow:
     ) -> None:
         if buffers not in BUFFER_MODES:
             raise ValueError(f"buffers: expected one of {BUFFER_MODES}, got {buffers!r}")
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        floating = isinstance(dtype, torch.dtype) and dtype.is_floating_point
+        if dtype is not None and not floating:
             raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
         self.model = unwrap_model(model)
         self.dtype = dtype
@@ -138,7 +139,8 @@ class Shadow:
                 lists[0].append(e.view)
                 lists[1].append(src)
             else:
-                staged.setdefault((src.device, src.dtype, e.view.device, e.view.dtype), []).append(e)
+                key = (src.device, src.dtype, e.view.device, e.view.dtype)
+                staged.setdefault(key, []).append(e)
         self._direct = list(direct.values())
         self._copies = copies
         self._staged = [self._stage(es) for es in staged.values()]

@@ -1,0 +1,108 @@
+"""Bad input: a ValueError or TypeError whose message names the argument."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import emakit
+
+
+def _model():
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"half_life": "ten batches"}, ValueError, "half_life.*time string"),
+        ({"half_life": "10"}, ValueError, "half_life"),
+        ({"half_life": "10xy"}, ValueError, "half_life: unknown time unit 'xy'"),
+        ({"half_life": 10}, TypeError, "half_life"),
+        ({"start": "-5ba"}, ValueError, "start"),
+        ({"update_interval": "2.5ba"}, ValueError, "update_interval"),
+        ({"update_interval": "0ba"}, ValueError, "update_interval"),
+        ({"update_interval": "100sp"}, ValueError, "update_interval"),
+        ({"smoothing": 1.5}, ValueError, r"smoothing: expected a float in \[0, 1\]"),
+        ({"smoothing": -0.1}, ValueError, "smoothing"),
+        ({"smoothing": "0.9"}, TypeError, "smoothing"),
+        ({"half_life": "0ba"}, ValueError, "half_life"),
+        ({"half_life": "10ba", "smoothing": 0.9}, ValueError, "half_life and smoothing"),
+        ({"half_life": "1ep", "update_interval": "1ba"}, ValueError, "batches_per_epoch"),
+        ({"half_life": "10ba", "update_interval": "1ep"}, ValueError, "batches_per_epoch"),
+        ({"half_life": "0.1dur"}, ValueError, "total"),
+        ({"start": "0.5dur"}, ValueError, "total"),
+        ({"buffers": "ignore"}, ValueError, "buffers"),
+        ({"batches_per_epoch": 0}, ValueError, "batches_per_epoch"),
+        ({"dtype": torch.int32}, TypeError, "dtype"),
+        ({"warmup": 0.5}, TypeError, "warmup"),
+        ({"total": "0.5dur", "start": "0.1dur"}, ValueError, "total"),
+    ],
+)
+def test_bad_arguments(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        emakit.EMA(_model(), **kwargs)
+
+
+def test_time_parse_errors():
+    with pytest.raises(ValueError, match="time string"):
+        emakit.Time.parse("abc")
+    with pytest.raises(ValueError, match="unknown time unit 'min'"):
+        emakit.Time.parse("5min")
+    with pytest.raises(TypeError, match="time string"):
+        emakit.Time.parse(5)
+
+
+def test_conversion_errors():
+    with pytest.raises(ValueError, match="half_life"):
+        emakit.smoothing_from_half_life(0)
+    with pytest.raises(ValueError, match="half_life"):
+        emakit.smoothing_from_half_life(-3)
+    with pytest.raises(ValueError, match="smoothing"):
+        emakit.half_life_from_smoothing(1.01)
+    with pytest.raises(ValueError, match="update_interval"):
+        emakit.smoothing_from_half_life(10, update_interval=0)
+    with pytest.raises(ValueError, match="sigma_rel"):
+        emakit.sigma_rel_to_gamma(0.3)
+
+
+def test_schedule_out_of_range_names_the_update():
+    ema = emakit.EMA(_model(), smoothing=lambda k: 2.0)
+    ema.step()
+    with pytest.raises(ValueError, match="smoothing schedule at update 1"):
+        ema.step()
+
+
+def test_load_state_dict_from_another_architecture():
+    source = emakit.EMA(nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2), nn.Linear(2, 2)))
+    target = emakit.EMA(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)))
+    with pytest.raises(ValueError) as info:
+        target.load_state_dict(source.state_dict())
+    message = str(info.value)
+    assert "missing names" in message and "1.running_mean" in message
+    assert "unexpected names ['2.weight', '2.bias']" in message
+    assert "shape mismatches" in message and "0.weight: expected (4, 3), got (5, 3)" in message
+
+
+def test_load_state_dict_rejects_a_non_ema_state():
+    ema = emakit.EMA(_model())
+    with pytest.raises(ValueError, match="missing keys"):
+        ema.load_state_dict({"weight": torch.zeros(2)})
+    with pytest.raises(TypeError, match="state"):
+        ema.load_state_dict([1, 2])
+
+
+def test_samples_needed_for_a_start_in_samples():
+    ema = emakit.EMA(_model(), start="100sp")
+    with pytest.raises(ValueError, match="samples"):
+        ema.step()
+    ema.step(samples=60)
+    assert not ema.started
+    ema.step(samples=60)
+    assert ema.started
+
+
+def test_model_must_be_a_module():
+    with pytest.raises(TypeError, match="model"):
+        emakit.EMA({"weight": torch.zeros(3)})
