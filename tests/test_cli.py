@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import emakit
 from emakit.cli import main
@@ -42,3 +43,51 @@ def test_demo_runs_and_writes_a_plot(tmp_path):
 
 def test_version():
     assert emakit.__version__
+
+
+def _snapshot_run(folder, steps=60, every=10):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    ph = emakit.PostHocEMA(model, snapshot_every=f"{every}ba", snapshot_dir=folder)
+    for _ in range(steps):
+        with torch.no_grad():
+            model[0].weight.add_(0.01 * torch.randn(4, 4))
+        ph.step()
+    return model
+
+
+def test_synthesize_command(tmp_path, capsys):
+    model = _snapshot_run(tmp_path / "snaps")
+    out = tmp_path / "ema.safetensors"
+    argv = ["synthesize", str(tmp_path / "snaps"), "--sigma-rel", "0.08", "--at", "50",
+            "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    assert "at step 50 from 5 snapshots" in capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    state = load_file(out)
+    expected = emakit.synthesize(tmp_path / "snaps", sigma_rel=0.08, at=50)
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in state)
+    model.load_state_dict(state, strict=True)
+    before = out.read_bytes()
+    assert main(argv) == 2  # exists: refused, untouched
+    assert "--force" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert main([*argv, "--sigma-rel", "0.001", "--force"]) == 2
+    assert "cannot be represented" in capsys.readouterr().err
+    assert main(["synthesize", str(tmp_path), "--sigma-rel", "0.1", "--out",
+                 str(tmp_path / "new.safetensors")]) == 2
+    assert "holds no snapshots" in capsys.readouterr().err
+
+
+def test_inspect_command(tmp_path, capsys):
+    _snapshot_run(tmp_path / "snaps")
+    assert main(["inspect", str(tmp_path / "snaps")]) == 0
+    text = capsys.readouterr().out
+    assert "6 post-hoc EMA snapshots, steps 10 to 60" in text
+    assert "sigma_rel 0.05 (gamma 16.97), 0.1 (gamma 6.937); stored as float16" in text
+    assert "supported sigma_rel at step 60" in text
+    ckpt = tmp_path / "ema.pt"
+    torch.save({"average": {"w": torch.ones(2, 3)}, "step": 3}, ckpt)
+    assert main(["inspect", str(ckpt)]) == 0
+    assert "average.w: float32 [2, 3]" in capsys.readouterr().out

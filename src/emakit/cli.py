@@ -1,4 +1,4 @@
-"""The ``emakit`` command line: ``demo``, ``halflife``."""
+"""The ``emakit`` command line: ``demo``, ``halflife``, ``synthesize``, ``inspect``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,152 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
+class _Progress:
+    """tqdm when installed, else a plain counter on stderr."""
+
+    def __init__(self, enabled: bool, desc: str) -> None:
+        self.bar = None
+        self.enabled = enabled
+        self.desc = desc
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        self._tqdm = tqdm
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.enabled and self.bar is None and self._tqdm is not None:
+            self.bar = self._tqdm(total=total, desc=self.desc, unit="file", leave=False)
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+        elif self.enabled:
+            end = "\n" if done == total else ""
+            print(f"\r{self.desc}: {done}/{total} files", end=end, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _synthesize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .io import dtype_from_name, dumps, write_safetensors
+    from .posthoc import plan_synthesis, synthesize
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out: expected a .safetensors file name, got {args.out!r}")
+    if out.exists() and not args.force:
+        raise ValueError(f"--out: {args.out!r} exists; pass --force to replace it")
+    dtype = dtype_from_name(args.dtype, "--dtype") if args.dtype else None
+    max_error = None if args.max_error <= 0 else args.max_error
+    plan = plan_synthesis(args.dir, [args.sigma_rel], at=args.at, max_error=max_error)
+    bar = _Progress(not args.no_progress, "synthesizing")
+    try:
+        state = synthesize(args.dir, args.sigma_rel, at=args.at, max_error=max_error,
+                           dtype=dtype, progress=bar)
+    finally:
+        bar.close()
+    last = plan.snapshots[-1]
+    error = float(plan.errors[0])
+    metadata = {
+        "format": "emakit.posthoc-synthesized",
+        "sigma_rel": repr(float(args.sigma_rel)),
+        "step": str(last.step),
+        "t": repr(last.t),
+        "snapshots": str(len(plan.snapshots)),
+        "profile_error": repr(error),
+        "fingerprint": last.fingerprint,
+        "source": dumps([s.path.name for s in plan.snapshots]),
+    }
+    write_safetensors(out, state, metadata, overwrite=args.force)
+    print(f"sigma_rel {args.sigma_rel:g} at step {last.step} from {len(plan.snapshots)} "
+          f"snapshots (profile error {error:.2e}) -> {out}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    path = Path(args.path)
+    if path.is_dir():
+        return _inspect_folder(path, args.max_error)
+    if not path.is_file():
+        raise ValueError(f"path: {args.path!r} is neither a file nor a folder")
+    if path.suffix == ".safetensors":
+        from .io import read_metadata, read_tensors
+
+        meta, keys = read_metadata(path, what="path")
+        print(f"{path}: safetensors, {len(keys)} tensors")
+        for k, v in sorted(meta.items()):
+            print(f"  {k}: {v if len(v) <= 100 else v[:97] + '...'}")
+        with read_tensors(path, what="path") as f:
+            for k in keys[: args.limit]:
+                sl = f.get_slice(k)
+                print(f"  {k}: {sl.get_dtype()} {list(sl.get_shape())}")
+        if len(keys) > args.limit:
+            print(f"  ... {len(keys) - args.limit} more")
+        return 0
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    print(f"{path}: torch file, {type(state).__name__}")
+
+    def walk(obj, prefix: str, depth: int) -> None:
+        if isinstance(obj, torch.Tensor):
+            name = prefix.rstrip('.')
+            print(f"  {name}: {str(obj.dtype).removeprefix('torch.')} {list(obj.shape)}")
+        elif isinstance(obj, dict) and depth < 3:
+            for i, (k, v) in enumerate(obj.items()):
+                if i >= args.limit:
+                    print(f"  {prefix}... {len(obj) - args.limit} more")
+                    break
+                walk(v, f"{prefix}{k}.", depth + 1)
+        else:
+            text = repr(obj)
+            print(f"  {prefix.rstrip('.')}: {text if len(text) <= 80 else text[:77] + '...'}")
+
+    walk(state, "", 0)
+    return 0
+
+
+def _inspect_folder(path, max_error: float) -> int:
+    from .io import is_temporary
+    from .posthoc import _scan, list_snapshots, supported_sigma_rels
+
+    snaps = list_snapshots(path)
+    every = len(_scan(path))
+    temporary = [p for p in path.iterdir() if is_temporary(p)]
+    last = snaps[-1]
+    profiles = ", ".join(f"{s:g} (gamma {g:.4g})" for s, g in zip(last.sigma_rels, last.gammas,
+                                                                   strict=True))
+    print(f"{path}: {len(snaps)} post-hoc EMA snapshots, steps {snaps[0].step} to {last.step}")
+    print(f"  profiles: sigma_rel {profiles}; stored as {last.dtype}")
+    print(f"  model fingerprint {last.fingerprint}, run {last.run_id[:12]}, "
+          f"emakit {last.emakit_version}, time unit {last.time_unit}")
+    if every > len(snaps):
+        print(f"  {every - len(snaps)} snapshots superseded by a resumed run (left out)")
+    if temporary:
+        print(f"  {len(temporary)} temporary files from interrupted writes (ignored; "
+              "safe to delete)")
+    shown = snaps if len(snaps) <= 12 else snaps[:5] + [None] + snaps[-5:]
+    print("  | step | t | samples | file | MB |")
+    for s in shown:
+        if s is None:
+            print(f"  | ... {len(snaps) - 10} more |")
+            continue
+        size = s.path.stat().st_size / 2**20
+        print(f"  | {s.step} | {s.t:g} | {s.samples} | {s.path.name} | {size:.1f} |")
+    rng = supported_sigma_rels(snaps, max_error)
+    if rng is None:
+        print(f"  no sigma_rel is reproduced within profile error {max_error:g}")
+    else:
+        print(f"  supported sigma_rel at step {last.step} (profile error <= {max_error:g}): "
+              f"{rng[0]:.4f} to {rng[1]:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -62,6 +208,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, help="power-function EMA exponent")
     p.add_argument("--interval", type=float, default=1.0, help="time between updates")
     p.set_defaults(func=_halflife)
+
+    from .posthoc import DEFAULT_MAX_ERROR
+
+    p = sub.add_parser("synthesize", help="post-hoc EMA of any sigma_rel from a snapshot folder")
+    p.add_argument("dir", help="the snapshot_dir of a PostHocEMA")
+    p.add_argument("--sigma-rel", type=float, required=True, help="target relative width")
+    p.add_argument("--at", type=int, default=None, help="step of the snapshot to synthesize "
+                   "at (default: the last)")
+    p.add_argument("--out", required=True, help="output .safetensors file (a model state dict)")
+    p.add_argument("--max-error", type=float, default=DEFAULT_MAX_ERROR,
+                   help="largest relative profile error accepted (0: any)")
+    p.add_argument("--dtype", default=None, help="output dtype, e.g. float32 (default: the "
+                   "model's)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_synthesize)
+
+    p = sub.add_parser("inspect", help="what a snapshot folder, safetensors or torch file holds")
+    p.add_argument("path", help="a snapshot folder, a .safetensors file or a torch checkpoint")
+    p.add_argument("--max-error", type=float, default=DEFAULT_MAX_ERROR,
+                   help="profile error defining the supported sigma_rel range")
+    p.add_argument("--limit", type=int, default=20, help="tensors listed at most")
+    p.set_defaults(func=_inspect)
     return parser
 
 
@@ -69,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, FileExistsError) as err:
         print(f"emakit {args.command}: {err}", file=sys.stderr)
         return 2
 
