@@ -39,6 +39,10 @@ def test_demo_runs_and_writes_a_plot(tmp_path):
     assert "final test loss: raw" in result.stdout
     png = (tmp_path / "demo.png").read_bytes()
     assert png.startswith(b"\x89PNG")
+    # the post-hoc sweep rides on the same run
+    assert "| sigma_rel | post-hoc EMA test loss | accuracy |" in result.stdout
+    assert "| 0.1 | " in result.stdout and "best sigma_rel" in result.stdout
+    assert (tmp_path / "posthoc.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_version():

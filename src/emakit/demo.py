@@ -2,13 +2,17 @@
 
 A small MLP with BatchNorm is trained with a learning rate high enough that the raw weights
 jitter from step to step; the EMA of those weights is evaluated beside them after every
-epoch. Needs the ``demo`` extra (scikit-learn, matplotlib, tqdm); no download.
+epoch. A :class:`~emakit.PostHocEMA` rides along on the same run and stores 40 snapshots;
+after training the demo sweeps sigma_rel with :func:`~emakit.synthesize` and reports the
+test loss of each post-hoc average. Needs the ``demo`` extra (scikit-learn, matplotlib,
+tqdm); no download.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +20,18 @@ import torch
 from torch import nn
 
 from .ema import EMA
+from .posthoc import PostHocEMA, supported_sigma_rels, synthesize
+from .posthoc import list_snapshots as _list_snapshots
 from .schedules import PowerWarmup
 
-__all__ = ["DemoConfig", "load_digits_split", "make_model", "run_demo", "add_arguments", "main"]
+__all__ = [
+    "DemoConfig", "load_digits_split", "make_model", "run_demo", "posthoc_sweep",
+    "add_arguments", "main",
+]
+
+#: sigma_rel values the post-hoc sweep tries (those the snapshots support)
+SWEEP_SIGMA_RELS = (0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.07, 0.10, 0.13, 0.16, 0.20, 0.25)
+SNAPSHOTS = 40
 
 
 @dataclass
@@ -30,6 +43,8 @@ class DemoConfig:
     seed: int = 0
     out: str = "demo-output"
     progress: bool = True
+    sweep: bool = True
+    snapshot_dir: str | None = None  # None: a temporary folder
 
 
 def load_digits_split(seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -66,8 +81,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return loss, (logits.argmax(1) == y).float().mean().item()
 
 
-def run_demo(config: DemoConfig) -> list[dict[str, float]]:
-    """Train, evaluating raw and EMA weights after each epoch; returns one row per epoch."""
+def run_demo(
+    config: DemoConfig, snapshot_dir: str | os.PathLike | None = None
+) -> list[dict[str, float]]:
+    """Train, evaluating raw and EMA weights after each epoch; returns one row per epoch.
+
+    With ``snapshot_dir``, a PostHocEMA (sigma_rel 0.05 and 0.10, fp16) beside the EMA writes
+    about SNAPSHOTS (40) snapshots there, the last at the final step."""
     torch.manual_seed(config.seed)
     x_train, y_train, x_test, y_test = load_digits_split(config.seed)
     model = make_model()
@@ -75,6 +95,10 @@ def run_demo(config: DemoConfig) -> list[dict[str, float]]:
     # Warmup keeps the first epochs' average from dragging the random initialization along.
     ema = EMA(model, half_life=config.half_life, warmup=PowerWarmup(power=3 / 4))
     steps_per_epoch = (len(x_train) + config.batch_size - 1) // config.batch_size
+    posthoc = None
+    if snapshot_dir is not None:
+        every = max(1, config.epochs * steps_per_epoch // SNAPSHOTS)
+        posthoc = PostHocEMA(model, snapshot_every=f"{every}ba", snapshot_dir=snapshot_dir)
     bar = _progress(config.epochs * steps_per_epoch, config.progress)
     generator = torch.Generator().manual_seed(config.seed)
     rows = []
@@ -85,6 +109,8 @@ def run_demo(config: DemoConfig) -> list[dict[str, float]]:
             loss.backward()
             optimizer.step()
             ema.step()
+            if posthoc is not None:
+                posthoc.step()
             bar.update(1)
         ema.epoch_end()
         raw_loss, raw_acc = evaluate(model, x_test, y_test)
@@ -96,7 +122,74 @@ def run_demo(config: DemoConfig) -> list[dict[str, float]]:
         )
         bar.set_postfix(raw=f"{raw_loss:.3f}", ema=f"{ema_loss:.3f}")
     bar.close()
+    if posthoc is not None and posthoc.clock.counts["ba"] % posthoc.snapshot_every.value:
+        posthoc.snapshot()  # the sweep synthesizes at the final step
     return rows
+
+
+def posthoc_sweep(
+    snapshot_dir: str | os.PathLike,
+    seed: int = 0,
+    sigma_rels: tuple[float, ...] = SWEEP_SIGMA_RELS,
+    progress: bool = False,
+) -> list[dict[str, float]]:
+    """Test loss and accuracy of the post-hoc EMA at the last snapshot, for each sigma_rel
+    the snapshots support (one pass over the files); one row per sigma_rel."""
+    _, _, x_test, y_test = load_digits_split(seed)
+    snaps = _list_snapshots(snapshot_dir)
+    lo, hi = supported_sigma_rels(snaps) or (1.0, 0.0)
+    chosen = [s for s in sigma_rels if lo <= s <= hi]
+    if not chosen:
+        return []
+    bar = _progress(len(snaps), progress, desc="post-hoc sweep", unit="file")
+    states = synthesize(snapshot_dir, sigma_rel=chosen,
+                        progress=lambda done, total: bar.update(1))
+    bar.close()
+    model = make_model()
+    rows = []
+    for sigma_rel, state in zip(chosen, states, strict=True):
+        model.load_state_dict(state)
+        loss, acc = evaluate(model, x_test, y_test)
+        rows.append({"sigma_rel": sigma_rel, "loss": loss, "acc": acc, "snapshots": len(snaps)})
+    return rows
+
+
+def format_sweep(rows: list[dict[str, float]]) -> str:
+    lines = ["| sigma_rel | post-hoc EMA test loss | accuracy |", "|---:|---:|---:|"]
+    best = min(rows, key=lambda r: r["loss"])
+    for r in rows:
+        mark = " (best)" if r is best else ""
+        lines.append(f"| {r['sigma_rel']:g} | {r['loss']:.4f}{mark} | {r['acc']:.2%} |")
+    return "\n".join(lines)
+
+
+def plot_sweep(
+    rows: list[dict[str, float]], raw_loss: float, ema_loss: float, half_life: str, path: Path
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["sigma_rel"] for r in rows], [r["loss"] for r in rows], "o-",
+            label="post-hoc EMA (synthesized)")
+    ax.axhline(raw_loss, color="gray", ls="--", label="raw weights")
+    ax.axhline(ema_loss, color="tab:orange", ls=":", label=f"EMA, half-life {half_life}")
+    ax.set(xscale="log", xlabel="sigma_rel (EMA length relative to training time)",
+           ylabel="test cross-entropy (nats)", title="Post-hoc EMA sweep at the final step")
+    from matplotlib.ticker import FixedLocator, NullFormatter, StrMethodFormatter
+
+    ax.xaxis.set_major_locator(FixedLocator([0.01, 0.02, 0.05, 0.1, 0.2]))
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def format_table(rows: list[dict[str, float]]) -> str:
@@ -143,14 +236,14 @@ class _NoBar:
     def close(self) -> None: ...
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, desc: str = "training", unit: str = "step"):
     if not enabled:
         return _NoBar()
     try:
         from tqdm import tqdm
     except ImportError:
         return _NoBar()
-    return tqdm(total=total, desc="training", unit="step", leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -161,6 +254,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--out", default=defaults.out, help="folder for the plot")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the post-hoc EMA sweep")
+    parser.add_argument("--snapshot-dir", default=None,
+                        help="keep the post-hoc EMA snapshots in this (new or empty) folder, "
+                        "for `emakit synthesize`; default: a temporary folder")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -168,10 +265,20 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"--epochs: expected an integer >= 1, got {args.epochs}")
     config = DemoConfig(
         epochs=args.epochs, lr=args.lr, half_life=args.half_life, seed=args.seed,
-        out=args.out, progress=not args.no_progress,
+        out=args.out, progress=not args.no_progress, sweep=not args.no_sweep,
+        snapshot_dir=args.snapshot_dir,
     )
+    keep = Path(args.snapshot_dir) if args.snapshot_dir else None
+    if keep is not None and keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
+        raise SystemExit(f"--snapshot-dir: {str(keep)!r} must be a new or empty folder")
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    rows = run_demo(config)
+    with tempfile.TemporaryDirectory(prefix="emakit-demo-") as tmp:
+        snapshot_dir = None
+        if config.sweep:
+            snapshot_dir = config.snapshot_dir or os.path.join(tmp, "snapshots")
+        rows = run_demo(config, snapshot_dir)
+        sweep = posthoc_sweep(snapshot_dir, config.seed, progress=config.progress) \
+            if snapshot_dir else []
     print(format_table(rows))
     last = rows[-1]
     print(
@@ -183,4 +290,18 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     plot(rows, out / "demo.png")
     print(f"plot written to {out / 'demo.png'}")
+    if sweep:
+        best = min(sweep, key=lambda r: r["loss"])
+        print(f"\npost-hoc EMA sweep at the final step ({sweep[0]['snapshots']} snapshots of "
+              "sigma_rel 0.05 and 0.10, fp16):")
+        print(format_sweep(sweep))
+        print(f"best sigma_rel {best['sigma_rel']:g}: test loss {best['loss']:.4f} "
+              f"(raw {last['raw_loss']:.4f}, EMA half-life {config.half_life} "
+              f"{last['ema_loss']:.4f})")
+        plot_sweep(sweep, last["raw_loss"], last["ema_loss"], config.half_life,
+                   out / "posthoc.png")
+        print(f"plot written to {out / 'posthoc.png'}")
+        if config.snapshot_dir:
+            print(f"snapshots kept in {config.snapshot_dir}: try `emakit inspect "
+                  f"{config.snapshot_dir}`")
     return 0
