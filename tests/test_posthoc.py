@@ -214,3 +214,29 @@ def test_snapshots_after_at_never_enter(tmp_path):
         emakit.synthesize(run, sigma_rel=0.07, at=35)
     with pytest.raises(ValueError, match="at: no snapshot at step 5"):
         emakit.synthesize(run, sigma_rel=0.07, at=5)
+
+
+def test_epoch_interval(tmp_path):
+    """update_interval and snapshot_every in epochs: t counts epochs; steps name the files."""
+    model = make_model()
+    ph = emakit.PostHocEMA(model, update_interval="1ep", snapshot_every="2ep",
+                           snapshot_dir=tmp_path, snapshot_dtype=torch.float32)
+    for _ in range(6):
+        for _ in range(5):
+            walk(model)
+            ph.step()
+        ph.epoch_end()
+    infos = list_snapshots(tmp_path)
+    assert [(s.step, s.t, s.time_unit) for s in infos] == [(10, 2, "ep"), (20, 4, "ep"),
+                                                           (30, 6, "ep")]
+    out = emakit.synthesize(tmp_path, sigma_rel=0.05)
+    assert rel(averaged(out, model), averaged(ph.ema_state_dict(0.05), model)) < 1e-6
+
+
+def test_fp16_overflow_warns(tmp_path):
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.fill_(1e6)
+    ph = emakit.PostHocEMA(model, snapshot_every="1ba", snapshot_dir=tmp_path)
+    with pytest.warns(RuntimeWarning, match="not finite in torch.float16"):
+        ph.step()

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import uuid
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -155,11 +156,21 @@ def write_safetensors(
         with open(tmp, "xb") as f:
             f.write(len(blob).to_bytes(8, "little"))
             f.write(blob)
-            for _, t, dtype in items:
+            for name, t, dtype in items:
                 if t.numel() == 0:
                     continue
                 data = t.detach().to(device="cpu", dtype=dtype).contiguous()
-                f.write(ctypes.string_at(data.data_ptr(), data.numel() * data.element_size()))
+                if (dtype != t.dtype and data.is_floating_point()
+                        and not bool(torch.isfinite(data).all())):
+                    warnings.warn(
+                        f"emakit: tensor {name!r} holds values that are not finite in {dtype} "
+                        f"(overflow from {t.dtype}?) in {path.name}; store a wider dtype",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                nbytes = data.numel() * data.element_size()
+                f.write(memoryview((ctypes.c_ubyte * nbytes).from_address(data.data_ptr())))
+                del data
             f.flush()
             os.fsync(f.fileno())
         _publish(tmp, path, overwrite)

@@ -514,6 +514,7 @@ class PostHocEMA:
         >>> sd = emakit.synthesize(folder, sigma_rel=0.08)
         >>> model.load_state_dict(sd)
         <All keys matched successfully>
+        >>> import shutil; shutil.rmtree(folder)
     """
 
     def __init__(
@@ -686,10 +687,19 @@ class PostHocEMA:
                 items.append((f"live/{e.names[0]}", e.source(), e.source().dtype))
         return items
 
-    def snapshot(self) -> Path:
-        """Write a snapshot of every profile now; returns its path. Never replaces a file."""
+    def snapshot(self) -> Path | None:
+        """Write a snapshot of every profile now; returns its path. Never replaces a file.
+
+        Under ``torch.distributed`` only rank 0 writes (the averages are the same on every
+        rank with DDP); other ranks return None."""
         if self.num_updates == 0:
             raise RuntimeError("PostHocEMA.snapshot: no update yet, nothing to store")
+        if self.clock.counts["ba"] == 0:
+            raise RuntimeError("PostHocEMA.snapshot: snapshots are keyed by step; call step() "
+                               "after every optimizer step (also with update_interval in ep)")
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return None
         self._check_folder_run()
         step = self.clock.counts["ba"]
         items = self._items()
