@@ -107,6 +107,12 @@ def test_target_outside_what_snapshots_represent(tmp_path):
     with pytest.raises(ValueError, match="sigma_rel"):
         emakit.synthesize(tmp_path, sigma_rel=0.3)
     assert emakit.synthesize(tmp_path, sigma_rel=0.01, max_error=None)  # forced
+    with pytest.raises(ValueError, match="max_error"):
+        emakit.synthesize(tmp_path, sigma_rel=0.1, max_error=-1)
+    with pytest.raises(ValueError, match="sigma_rel: expected at least one"):
+        emakit.synthesize(tmp_path, sigma_rel=[])
+    with pytest.raises(TypeError, match="at"):
+        emakit.synthesize(tmp_path, sigma_rel=0.1, at="10")
 
 
 def test_bad_arguments(tmp_path):
@@ -189,6 +195,7 @@ def test_killed_writer_leaves_no_readable_partial_file(tmp_path):
                 assert p.name.startswith(".") and p.name.endswith(".tmp")
         assert list_snapshots(folder)
         assert emakit.synthesize(folder, sigma_rel=0.1, max_error=None)
+        shutil.rmtree(folder)  # tens of MB
 
 
 def test_write_refuses_to_replace(tmp_path):
@@ -347,6 +354,7 @@ def test_synthesis_streams(tmp_path):
     out = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path / "small"),
                           str(tmp_path / "big")], capture_output=True, text=True, env=env,
                          check=True)
+    shutil.rmtree(tmp_path / "big")
     copies = int(out.stdout.split()[-1]) / nbytes
     print(f"synthesis peak: {copies:.2f} fp32 model copies over 10 snapshots")
     assert copies < 3.5

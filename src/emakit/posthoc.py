@@ -348,6 +348,10 @@ def plan_synthesis(
 ) -> SynthesisPlan:
     """Pass 1 of :func:`synthesize`: headers only, the Gram system and its solution."""
     sigma_rels = [_check_sigma_rel(s) for s in sigma_rels]
+    if max_error is not None and (isinstance(max_error, bool)
+                                  or not isinstance(max_error, (int, float))
+                                  or not max_error > 0):
+        raise ValueError(f"max_error: expected a number > 0 or None, got {max_error!r}")
     snaps = _select(list_snapshots(directory), at)
     rows, ts, gammas = _rows(snaps)
     g_out = [sigma_rel_to_gamma(s) for s in sigma_rels]
@@ -495,7 +499,7 @@ class PostHocEMA:
             need N in the tens.
         snapshot_dir: folder for the snapshots, created when the first one is written.
         snapshot_dtype: dtype of the stored profiles (None: the storage ``dtype``). fp16
-            halves the files; synthesis of a stored profile is then exact to ~1e-4.
+            halves the files; a stored profile then comes back to ~2e-4 (relative).
         update_interval: time between updates, ``"1ba"`` by default; in ba or ep.
         batches_per_epoch: unused by the math; kept for symmetry with :class:`~emakit.EMA`.
         buffers, dtype, device: as for :class:`~emakit.EMA`.
