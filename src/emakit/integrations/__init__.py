@@ -13,17 +13,20 @@ Nothing in the core imports this package.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..ema import EMA
 from ..time import Time
 
-__all__ = ["check_ema_arguments"]
+__all__ = ["check_ema_arguments", "atomic_torch_save"]
 
 
-def check_ema_arguments(kwargs: dict[str, Any], owner: str) -> None:
+def check_ema_arguments(kwargs: dict[str, Any]) -> None:
     """Raise the ValueError/TypeError that ``EMA(model, **kwargs)`` would, at the adapter's
     construction rather than when training starts. ``dur`` times may lack ``total`` here:
     adapters fill it from the trainer's planned length."""
@@ -34,9 +37,21 @@ def check_ema_arguments(kwargs: dict[str, Any], owner: str) -> None:
     )
     if uses_dur and probe.get("total") is None:
         probe["total"] = "1ba"
+    EMA(nn.Linear(1, 1), **probe)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, flushed, then renamed over
+    ``path``: a reader sees the old file or the new one, never half of one."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
     try:
-        EMA(nn.Linear(1, 1), **probe)
-    except TypeError as err:
-        if "unexpected keyword argument" in str(err):
-            raise TypeError(f"{owner}: {err}".replace("__init__()", "EMA()")) from None
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise

@@ -96,7 +96,7 @@ class EMACallback(pl.Callback):
             buffers=buffers, dtype=dtype, device=device, warmup=warmup,
             skip_nonfinite=skip_nonfinite,
         )
-        check_ema_arguments(self.ema_kwargs, "EMACallback")
+        check_ema_arguments(self.ema_kwargs)
         self.evaluate_with = evaluate_with
         self.save_ema_weights = bool(save_ema_weights)
         self.copy_on_fit_end = bool(copy_on_fit_end)
