@@ -91,3 +91,31 @@ def test_ddp_wrapped_by_accelerate_on_two_processes(tmp_path):
     for n in want:
         assert torch.equal(r0["ema"][n], r1["ema"][n]), n
         torch.testing.assert_close(r0["ema"][n], want[n], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_steps_the_ema_once_per_optimizer_step():
+    """The docs' loop: accumulate() and ema.step() only when gradients were synchronized."""
+    accelerator = fresh_accelerator(gradient_accumulation_steps=2)
+    model = script.make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 3, generator=g)
+    ds = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True).sin())
+    dl = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=False)  # 2 x 4 = one step of 8
+    model, opt, dl = accelerator.prepare(model, opt, dl)
+    ema = emakit.EMA(model, half_life="2ba", start="1ba")
+    for _ in range(2):
+        for xb, yb in dl:
+            with accelerator.accumulate(model):
+                accelerator.backward(nn.functional.mse_loss(model(xb), yb))
+                opt.step()
+                opt.zero_grad()
+            if accelerator.sync_gradients:
+                ema.step()
+        ema.epoch_end()
+    _, ref = plain_loop()  # batches of 8, no accumulation
+    assert ema.clock.counts["ba"] == 8 and ema.num_updates == ref.num_updates == 7
+    want = ref.ema_state_dict()
+    for n, t in ema.ema_state_dict().items():
+        torch.testing.assert_close(t, want[n], rtol=1e-5, atol=1e-6)
+    PartialState._reset_state()
