@@ -10,6 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from transformers import (  # noqa: E402
+    AutoModel,
     AutoModelForSequenceClassification,
     BertConfig,
     Trainer,
@@ -125,6 +126,8 @@ def test_average_follows_optimizer_steps_and_evaluation_uses_it(tmp_path):
     loss = trainer.evaluate()["eval_loss"]
     assert loss == pytest.approx(manual_eval_loss(model, got, EVAL), rel=1e-5)
     assert loss != pytest.approx(manual_eval_loss(model, before, EVAL), rel=1e-4)
+    predicted = trainer.predict(EVAL).metrics["test_loss"]
+    assert predicted == pytest.approx(loss, rel=1e-6)
     for k, v in model.state_dict().items():  # training weights back, bitwise
         assert torch.equal(v, before[k]), k
     cb.evaluate_with = "model"
@@ -146,6 +149,9 @@ def test_checkpoints_hold_the_ema_and_resume_exactly(tmp_path):
     for n, t in loaded.state_dict().items():
         if n in saved["ema"]["average"]:
             assert torch.equal(t, saved["ema"]["average"][n]), n
+    base = AutoModel.from_pretrained(half / EMA_MODEL_DIR)  # the spelling: the encoder
+    assert torch.equal(base.embeddings.word_embeddings.weight,
+                       saved["ema"]["average"]["bert.embeddings.word_embeddings.weight"])
     # and it is not just the training weights of that checkpoint
     training = AutoModelForSequenceClassification.from_pretrained(half)
     assert not torch.equal(training.classifier.weight, loaded.classifier.weight)

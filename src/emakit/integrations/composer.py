@@ -16,11 +16,15 @@ Unlike the seed (``composer.algorithms.EMA``), buffers such as BatchNorm statist
 averaged, evaluation does see the average, ``smoothing`` alone works, and the average is kept in
 fp32 by default.
 
-Example:
-    >>> from emakit.integrations.composer import EMA
-    >>> algorithm = EMA(half_life="1000ba", update_interval="1ba")
-    >>> # trainer = composer.Trainer(model=..., train_dataloader=..., max_duration="1ep",
-    >>> #                            algorithms=[algorithm])
+Example (not a doctest: Composer lives in its own environment)::
+
+    from composer import Trainer
+    from emakit.integrations.composer import EMA
+
+    algorithm = EMA(half_life="1000ba", update_interval="1ba")
+    trainer = Trainer(model=model, train_dataloader=train_dataloader,
+                      eval_dataloader=eval_dataloader, max_duration="1ep",
+                      algorithms=[algorithm], optimizers=[optimizer])
 """
 
 from __future__ import annotations
