@@ -209,6 +209,19 @@ def test_resume_from_checkpoint_is_exact(tmp_path, save_ema_weights):
     # training weights, not from the average
 
 
+def test_two_callbacks_keep_separate_state(tmp_path):
+    fast, slow = EMACallback(half_life="2ba"), EMACallback(half_life="20ba")
+    assert fast.state_key != slow.state_key
+    t = trainer([fast, slow], max_steps=4)
+    t.fit(Tiny(), loader(data(N_TRAIN, 1)))
+    t.save_checkpoint(tmp_path / "c.ckpt")
+    saved = torch.load(tmp_path / "c.ckpt", weights_only=True)["callbacks"]
+    w = "net.0.weight"
+    assert torch.equal(saved[fast.state_key]["ema"]["average"][w], fast.ema.shadow.tensors()[w])
+    assert torch.equal(saved[slow.state_key]["ema"]["average"][w], slow.ema.shadow.tensors()[w])
+    assert not torch.equal(fast.ema.shadow.tensors()[w], slow.ema.shadow.tensors()[w])
+
+
 def test_copy_on_fit_end_and_bad_arguments():
     model = Tiny()
     cb = EMACallback(smoothing=0.5, copy_on_fit_end=True)

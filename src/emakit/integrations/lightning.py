@@ -106,6 +106,19 @@ class EMACallback(pl.Callback):
         self._epoch_counted = False
         self._swap = contextlib.ExitStack()
 
+    @property
+    def state_key(self) -> str:
+        """Distinct per configuration, so that two EMA callbacks can share a checkpoint."""
+        kw = self.ema_kwargs
+        smoothing = kw["smoothing"]
+        if smoothing is not None and not isinstance(smoothing, (int, float)):
+            smoothing = type(smoothing).__name__
+        return self._generate_state_key(
+            half_life=None if kw["half_life"] is None else str(kw["half_life"]),
+            smoothing=smoothing, start=str(kw["start"]),
+            update_interval=None if kw["update_interval"] is None else str(kw["update_interval"]),
+        )
+
     # building the EMA --------------------------------------------------------------------
 
     def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> EMA:
