@@ -171,11 +171,13 @@ def test_checkpoints_hold_the_ema_and_resume_exactly(tmp_path):
 def test_resume_without_ema_state_warns_and_bad_arguments(tmp_path):
     Trainer(model=tiny_model(), args=args(tmp_path, save_strategy="steps", save_steps=4,
                                           max_steps=4), train_dataset=TRAIN).train()
-    cb = EMACallback(half_life="3ba")
+    cb = EMACallback(half_life="0.2dur")  # total from max_steps: 5 steps, half-life 1 step
     trainer = Trainer(model=tiny_model(), args=args(tmp_path, max_steps=5),
                       train_dataset=TRAIN, callbacks=[cb])
     with pytest.warns(RuntimeWarning, match="EMA restarts"):
         trainer.train(resume_from_checkpoint=True)
+    assert str(cb.ema.total) == "5ba" and cb.ema.smoothing == 0.5
+    assert cb.ema.clock.counts["ba"] == 1  # the one step after the checkpoint at 4
     with pytest.raises(ValueError, match="evaluate_with"):
         EMACallback(evaluate_with="both")
     with pytest.raises(ValueError, match="smoothing"):
