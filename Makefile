@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch keeps the environment small; any torch>=2.4 works.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean test-composer
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,5 +28,20 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
+# Composer pins an older torch (mosaicml 0.32.1: torch>=2.6,<2.7.1), so its tests run in a
+# venv of their own. Not part of `make test` / CI: it downloads ~3 GB (torch 2.7 and its
+# CUDA wheels). PIP_CONSTRAINT= lifts a machine-wide torch cap meant for the main venv.
+COMPOSER_VENV := .venv-composer
+COMPOSER_SPEC ?= mosaicml==0.32.1 torch==2.7.0
+
+$(COMPOSER_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(COMPOSER_VENV)
+	PIP_CONSTRAINT= $(COMPOSER_VENV)/bin/pip install -q $(COMPOSER_SPEC) safetensors pytest
+	PIP_CONSTRAINT= $(COMPOSER_VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+test-composer: $(COMPOSER_VENV)/.installed
+	$(COMPOSER_VENV)/bin/python -m pytest -q -p no:cacheprovider -o addopts="" tests/composer
+
 clean:
-	rm -rf $(VENV) demo-output
+	rm -rf $(VENV) $(COMPOSER_VENV) demo-output

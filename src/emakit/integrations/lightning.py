@@ -1,0 +1,317 @@
+r"""EMA for Lightning: ``Trainer(callbacks=[EMACallback(half_life="1000ba")])``.
+
+After every optimizer step (so ``accumulate_grad_batches`` counts one step per
+accumulated batch group) the callback calls :meth:`emakit.EMA.step`, which applies
+
+.. math:: \bar\theta \leftarrow s\,\bar\theta + (1 - s)\,\theta,
+          \qquad s = 2^{-\text{update\_interval} / \text{half\_life}}
+
+and counts epochs with :meth:`emakit.EMA.epoch_end` (before the epoch-end validation).
+Validation and test run on the averaged weights by default; the Lightning checkpoint holds the
+EMA state, so ``trainer.fit(ckpt_path=...)`` resumes it exactly.
+
+Example:
+    >>> import lightning.pytorch as pl
+    >>> from emakit.integrations.lightning import EMACallback
+    >>> ema_cb = EMACallback(half_life="100ba", start="10ba")
+    >>> trainer = pl.Trainer(max_steps=10, callbacks=[ema_cb], logger=False,
+    ...                      enable_checkpointing=False, enable_progress_bar=False)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+
+from ..ema import EMA
+from ..time import Time
+from . import check_ema_arguments
+
+__all__ = ["EMACallback", "TRAINING_WEIGHTS_KEY"]
+
+EVALUATE_WITH = ("ema", "model", "both")
+#: Checkpoint key holding the training weights when ``save_ema_weights=True`` put the
+#: averaged ones under ``"state_dict"``.
+TRAINING_WEIGHTS_KEY = "emakit_training_state_dict"
+
+
+class EMACallback(pl.Callback):
+    """Keeps an :class:`emakit.EMA` of the LightningModule's weights during ``fit``.
+
+    Args:
+        half_life, smoothing, start, update_interval, total, batches_per_epoch, buffers,
+            dtype, device, warmup, skip_nonfinite: as :class:`emakit.EMA` (times in ``ba``
+            count optimizer steps, ``ep`` epochs). A ``dur`` time without ``total`` takes
+            ``total`` from ``trainer.estimated_stepping_batches``.
+        evaluate_with: ``"ema"`` (validation and test on the averaged weights), ``"model"``
+            (on the training weights) or ``"both"``: each ``validation_step``/``test_step``
+            runs twice and every metric it logs appears as ``<name>_model`` and
+            ``<name>_ema``. Before the EMA has started, ``"ema"`` evaluates the model itself.
+        save_ema_weights: write the averaged weights as the checkpoint's ``"state_dict"``
+            (what ``Module.load_from_checkpoint`` and ``trainer.test(ckpt_path=...)`` load),
+            keeping the training weights under ``checkpoint["emakit_training_state_dict"]``;
+            ``trainer.fit(ckpt_path=...)`` puts the training weights back and trains on.
+        copy_on_fit_end: at the end of ``fit``, copy the averaged weights into the model.
+
+    The :class:`emakit.EMA` is built at ``on_fit_start`` (after the strategy has moved the
+    model to its device) and exposed as ``.ema``.
+    """
+
+    def __init__(
+        self,
+        half_life: str | Time | None = None,
+        smoothing: float | Callable[[int], float] | None = None,
+        start: str | Time = "0ba",
+        update_interval: str | Time | None = None,
+        total: str | Time | None = None,
+        batches_per_epoch: int | None = None,
+        buffers: str = "average",
+        dtype: torch.dtype | None = torch.float32,
+        device: torch.device | str | None = None,
+        warmup: Any = None,
+        skip_nonfinite: bool = False,
+        *,
+        evaluate_with: str = "ema",
+        save_ema_weights: bool = False,
+        copy_on_fit_end: bool = False,
+    ) -> None:
+        super().__init__()
+        if evaluate_with not in EVALUATE_WITH:
+            raise ValueError(
+                f"evaluate_with: expected one of {EVALUATE_WITH}, got {evaluate_with!r}"
+            )
+        if Time.parse(start, "start").unit in ("sp", "tok"):
+            raise ValueError(
+                f"start={str(start)!r}: the Lightning callback counts batches and epochs, "
+                "not samples or tokens"
+            )
+        self.ema_kwargs: dict[str, Any] = dict(
+            half_life=half_life, smoothing=smoothing, start=start,
+            update_interval=update_interval, total=total, batches_per_epoch=batches_per_epoch,
+            buffers=buffers, dtype=dtype, device=device, warmup=warmup,
+            skip_nonfinite=skip_nonfinite,
+        )
+        check_ema_arguments(self.ema_kwargs)
+        self.evaluate_with = evaluate_with
+        self.save_ema_weights = bool(save_ema_weights)
+        self.copy_on_fit_end = bool(copy_on_fit_end)
+        self.ema: EMA | None = None
+        self._pending: dict[str, Any] | None = None
+        self._last_global_step = 0
+        self._epoch_counted = False
+        self._swap = contextlib.ExitStack()
+
+    @property
+    def state_key(self) -> str:
+        """Distinct per configuration, so that two EMA callbacks can share a checkpoint."""
+        kw = self.ema_kwargs
+        smoothing = kw["smoothing"]
+        if smoothing is not None and not isinstance(smoothing, (int, float)):
+            smoothing = type(smoothing).__name__
+        return self._generate_state_key(
+            half_life=None if kw["half_life"] is None else str(kw["half_life"]),
+            smoothing=smoothing, start=str(kw["start"]),
+            update_interval=None if kw["update_interval"] is None else str(kw["update_interval"]),
+        )
+
+    # building the EMA --------------------------------------------------------------------
+
+    def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> EMA:
+        kwargs = dict(self.ema_kwargs)
+        if kwargs["total"] is None and any(
+            kwargs[n] is not None and Time.parse(kwargs[n]).unit == "dur"
+            for n in ("half_life", "start")
+        ):
+            steps = trainer.estimated_stepping_batches
+            if not isinstance(steps, int) and not float(steps).is_integer():
+                raise ValueError(
+                    "total: a 'dur' time needs the training length; the trainer cannot "
+                    "estimate it (set max_steps or pass total)"
+                )
+            kwargs["total"] = f"{int(steps)}ba"
+        return EMA(pl_module, **kwargs)
+
+    def _ensure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> EMA:
+        if self.ema is None or self.ema.model is not pl_module:
+            self.ema = self._build(trainer, pl_module)
+        if self._pending is not None:
+            self.ema.load_state_dict(self._pending)
+            self._pending = None
+        return self.ema
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ensure(trainer, pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_global_step = trainer.global_step
+
+    # the loop ----------------------------------------------------------------------------
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_counted = False
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:
+        assert self.ema is not None
+        # global_step counts optimizer steps: with gradient accumulation it moves once per
+        # accumulated group, and the EMA with it.
+        if trainer.global_step > self._last_global_step:
+            self._last_global_step = trainer.global_step
+            self.ema.step()
+        # Count the epoch here, on its last batch, so that the epoch-end validation (which
+        # Lightning runs before on_train_epoch_end) already sees the epoch's update.
+        if trainer.is_last_batch and not self._epoch_counted:
+            self._epoch_counted = True
+            self.ema.epoch_end()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.ema is not None and not self._epoch_counted:  # e.g. data of unknown length
+            self._epoch_counted = True
+            self.ema.epoch_end()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.copy_on_fit_end and self.ema is not None and self.ema.started:
+            self.ema.copy_to()
+
+    # evaluation --------------------------------------------------------------------------
+
+    def _eval_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ema = self._ensure(trainer, pl_module)
+        if self.evaluate_with == "ema":
+            self._swap.enter_context(ema.swapped())
+
+    def _eval_end(self) -> None:
+        self._swap.close()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_start(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_end()
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_start(trainer, pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_end()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._swap.close()  # training weights back whatever happened
+
+    # evaluate_with="both": the step runs on the training weights with "_model" names, then
+    # the callback runs it again on the averaged weights with "_ema" names.
+
+    def _suffix_logs(self, pl_module: pl.LightningModule, suffix: str) -> None:
+        original = type(pl_module).log
+
+        def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            original(pl_module, name + suffix, value, *args, **kwargs)
+
+        object.__setattr__(pl_module, "log", log)
+
+    @staticmethod
+    def _unsuffix_logs(pl_module: pl.LightningModule) -> None:
+        pl_module.__dict__.pop("log", None)
+
+    def _both_batch_start(self, pl_module: pl.LightningModule) -> None:
+        if self.evaluate_with == "both":
+            self._suffix_logs(pl_module, "_model")
+
+    def _both_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: str, batch: Any,
+        batch_idx: int, dataloader_idx: int,
+    ) -> None:
+        if self.evaluate_with != "both":
+            return
+        assert self.ema is not None
+        n_loaders = len(
+            trainer.num_val_batches if step == "validation_step" else trainer.num_test_batches
+        )
+        args = (batch, batch_idx) + ((dataloader_idx,) if n_loaders > 1 else ())
+        context = (
+            trainer.precision_plugin.val_step_context()
+            if step == "validation_step"
+            else trainer.precision_plugin.test_step_context()
+        )
+        self._suffix_logs(pl_module, "_ema")
+        fx_name = pl_module._current_fx_name
+        pl_module._current_fx_name = step
+        try:
+            with self.ema.swapped(), context:
+                getattr(pl_module, step)(*args)
+        finally:
+            pl_module._current_fx_name = fx_name
+            self._unsuffix_logs(pl_module)
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._both_batch_start(pl_module)
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:
+        self._both_batch_end(
+            trainer, pl_module, "validation_step", batch, batch_idx, dataloader_idx
+        )
+
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._both_batch_start(pl_module)
+
+    def on_test_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:
+        self._both_batch_end(trainer, pl_module, "test_step", batch, batch_idx, dataloader_idx)
+
+    # checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.ema is None:
+            return {} if self._pending is None else {"ema": self._pending}
+        return {"ema": self.ema.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "ema" not in state_dict:
+            return
+        if self.ema is not None:
+            self.ema.load_state_dict(state_dict["ema"])
+        else:  # restored before on_fit_start: load once the EMA exists
+            self._pending = state_dict["ema"]
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if not self.save_ema_weights or self.ema is None or not self.ema.started:
+            return
+        training = checkpoint["state_dict"]
+        averaged = self.ema.ema_state_dict()
+        if set(averaged) != set(training):
+            raise RuntimeError(
+                "save_ema_weights: the checkpoint's state_dict does not have the module's names "
+                "(a sharded strategy?); use save_ema_weights=False"
+            )
+        checkpoint[TRAINING_WEIGHTS_KEY] = training
+        checkpoint["state_dict"] = averaged
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning has just loaded checkpoint["state_dict"] into the module: when that holds
+        # the averaged weights, put the training weights back before training resumes.
+        if TRAINING_WEIGHTS_KEY in checkpoint and trainer.state.fn == TrainerFn.FITTING:
+            pl_module.load_state_dict(checkpoint[TRAINING_WEIGHTS_KEY])

@@ -1,0 +1,245 @@
+"""EMACallback in a real lightning.pytorch Trainer (CPU, tiny model, no mocks)."""
+
+import copy
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import emakit
+from emakit.integrations.lightning import TRAINING_WEIGHTS_KEY, EMACallback
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*LeafSpec.*")
+
+N_TRAIN, BATCH = 32, 4  # 8 batches per epoch
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self, lr: float = 0.2) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
+        self.lr = lr
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self(x), y), reduce_fx="sum")
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", nn.functional.mse_loss(self(x), y), reduce_fx="sum")
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def data(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g)
+    return TensorDataset(x, x.sum(1, keepdim=True).sin())
+
+
+def loader(ds: TensorDataset) -> DataLoader:
+    return DataLoader(ds, batch_size=BATCH, shuffle=False)
+
+
+def trainer(callbacks, **kw) -> pl.Trainer:
+    opts = dict(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+    )
+    opts.update(kw)
+    return pl.Trainer(callbacks=callbacks, **opts)
+
+
+def manual_loss(model: nn.Module, state: dict, ds: TensorDataset) -> float:
+    """Sum over validation batches of the batch MSE, computed outside Lightning."""
+    m = copy.deepcopy(model)
+    m.load_state_dict(state)
+    m.eval()
+    with torch.no_grad():
+        return sum(
+            nn.functional.mse_loss(m(x), y).item() for x, y in loader(ds)
+        )
+
+
+def plain_loop_ema(model0: Tiny, epochs: int, accumulate: int, **ema_kw) -> tuple:
+    """The same optimizer steps as Lightning, in a hand-written loop driving emakit.EMA."""
+    model = copy.deepcopy(model0)
+    opt = model.configure_optimizers()
+    ema = emakit.EMA(model, **ema_kw)
+    batches = list(loader(data(N_TRAIN, 1)))
+    for _ in range(epochs):
+        model.train()
+        for i, (x, y) in enumerate(batches):
+            (nn.functional.mse_loss(model(x), y) / accumulate).backward()
+            if (i + 1) % accumulate == 0 or i + 1 == len(batches):
+                opt.step()
+                opt.zero_grad()
+                ema.step()
+        ema.epoch_end()
+    return model, ema
+
+
+def assert_states_equal(a: dict, b: dict, exact: bool = True) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_average_matches_plain_loop_with_accumulation_and_delayed_start():
+    model0 = Tiny()
+    ema_kw = dict(half_life="3ba", start="2ba")
+    model = copy.deepcopy(model0)
+    cb = EMACallback(**ema_kw)
+    seen_before_start = []
+
+    class Probe(pl.Callback):  # validation before the first update must see the model itself
+        def on_validation_start(self, trainer, pl_module):
+            seen_before_start.append(cb.ema.started)
+
+    t = trainer([cb, Probe()], max_epochs=2, accumulate_grad_batches=2, num_sanity_val_steps=1)
+    t.fit(model, loader(data(N_TRAIN, 1)), loader(data(8, 2)))
+    ref_model, ref = plain_loop_ema(model0, epochs=2, accumulate=2, **ema_kw)
+    # 16 batches, accumulated by 2: 8 optimizer steps; start at 2, then 6 updates.
+    assert t.global_step == 8 and cb.ema.clock.counts == {"ba": 8, "ep": 2, "sp": 0, "tok": 0}
+    assert cb.ema.num_updates == ref.num_updates == 6
+    assert seen_before_start[0] is False  # the sanity check ran before any update
+    # Validation ran twice during fit; the training weights must have come back bitwise.
+    assert_states_equal(model.state_dict(), ref_model.state_dict(), exact=False)
+    assert_states_equal(cb.ema.ema_state_dict(), ref.ema_state_dict(), exact=False)
+
+
+def test_epoch_interval_counts_epochs_before_epoch_end_validation():
+    model0 = Tiny()
+    model = copy.deepcopy(model0)
+    cb = EMACallback(half_life="2ep")
+    counts_at_val = []
+
+    class Probe(pl.Callback):
+        def on_validation_start(self, trainer, pl_module):
+            counts_at_val.append(cb.ema.num_updates)
+
+    trainer([cb, Probe()], max_epochs=3).fit(model, loader(data(N_TRAIN, 1)), loader(data(8, 2)))
+    _, ref = plain_loop_ema(model0, epochs=3, accumulate=1, half_life="2ep")
+    # Epoch 1's end starts the EMA; epochs 2 and 3 update it; validation sees each.
+    assert counts_at_val == [0, 1, 2] and ref.num_updates == 2
+    assert_states_equal(cb.ema.ema_state_dict(), ref.ema_state_dict(), exact=False)
+
+
+def test_validation_and_test_run_on_the_average_and_restore_training_weights():
+    model = Tiny()
+    cb = EMACallback(half_life="4ba")
+    val = data(8, 2)
+    t = trainer([cb], max_epochs=1)
+    t.fit(model, loader(data(N_TRAIN, 1)), loader(val))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    averaged = cb.ema.ema_state_dict()
+    assert not torch.equal(averaged["net.0.weight"], before["net.0.weight"])
+    got = t.validate(model, loader(val), verbose=False)[0]["val_loss"]
+    tested = t.test(model, loader(val), verbose=False)[0]["test_loss"]
+    assert got == pytest.approx(manual_loss(model, averaged, val), rel=1e-6)
+    assert tested == pytest.approx(got, rel=1e-6)
+    assert got != pytest.approx(manual_loss(model, before, val), rel=1e-4)
+    assert_states_equal(model.state_dict(), before)  # bitwise back
+
+
+def test_evaluate_with_model_and_both():
+    model = Tiny()
+    val = data(8, 2)
+    cb = EMACallback(half_life="4ba", evaluate_with="both")
+    t = trainer([cb], max_epochs=1)
+    t.fit(model, loader(data(N_TRAIN, 1)), loader(val))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    metrics = t.validate(model, loader(val), verbose=False)[0]
+    assert set(metrics) == {"val_loss_model", "val_loss_ema"}
+    assert metrics["val_loss_ema"] == pytest.approx(
+        manual_loss(model, cb.ema.ema_state_dict(), val), rel=1e-6)
+    assert metrics["val_loss_model"] == pytest.approx(manual_loss(model, before, val), rel=1e-6)
+    assert_states_equal(model.state_dict(), before)
+    cb.evaluate_with = "model"
+    got = t.validate(model, loader(val), verbose=False)[0]["val_loss"]
+    assert got == pytest.approx(manual_loss(model, before, val), rel=1e-6)
+
+
+@pytest.mark.parametrize("save_ema_weights", [False, True])
+def test_resume_from_checkpoint_is_exact(tmp_path, save_ema_weights):
+    model0 = Tiny()
+    kw = dict(half_life="3ba", start="3ba", save_ema_weights=save_ema_weights)
+    train, val = loader(data(N_TRAIN, 1)), loader(data(8, 2))
+
+    def ckpt_cb(d):
+        return pl.callbacks.ModelCheckpoint(dirpath=d, every_n_epochs=1, save_top_k=-1,
+                                            filename="{epoch}")
+
+    straight, cb = copy.deepcopy(model0), EMACallback(**kw)
+    trainer([cb, ckpt_cb(tmp_path / "a")], max_epochs=2, enable_checkpointing=True).fit(
+        straight, train, val)
+    half = tmp_path / "a" / "epoch=0.ckpt"  # after 8 of 16 steps
+    ckpt = torch.load(half, weights_only=True)
+    saved = ckpt["callbacks"][cb.state_key]["ema"]
+    assert saved["clock"]["ba"] == 8 and saved["num_updates"] == 5
+    if save_ema_weights:  # the checkpoint's model weights are the average at step 8
+        w = ckpt["state_dict"]["net.0.weight"]
+        assert torch.equal(w, saved["average"]["net.0.weight"])
+        assert not torch.equal(w, ckpt[TRAINING_WEIGHTS_KEY]["net.0.weight"])
+        loaded = Tiny.load_from_checkpoint(half)  # what users deploy
+        assert torch.equal(loaded.net[0].weight, w)
+    else:
+        assert TRAINING_WEIGHTS_KEY not in ckpt
+
+    resumed, cb2 = copy.deepcopy(model0), EMACallback(**kw)
+    trainer([cb2], max_epochs=2).fit(resumed, train, val, ckpt_path=half)
+    assert cb2.ema.num_updates == cb.ema.num_updates == 13
+    assert_states_equal(cb2.ema.state_dict()["average"], cb.ema.state_dict()["average"])
+    assert_states_equal(resumed.state_dict(), straight.state_dict())  # trained on from the
+    # training weights, not from the average
+
+
+def test_two_callbacks_keep_separate_state(tmp_path):
+    fast, slow = EMACallback(half_life="2ba"), EMACallback(half_life="20ba")
+    assert fast.state_key != slow.state_key
+    t = trainer([fast, slow], max_steps=4)
+    t.fit(Tiny(), loader(data(N_TRAIN, 1)))
+    t.save_checkpoint(tmp_path / "c.ckpt")
+    saved = torch.load(tmp_path / "c.ckpt", weights_only=True)["callbacks"]
+    w = "net.0.weight"
+    assert torch.equal(saved[fast.state_key]["ema"]["average"][w], fast.ema.shadow.tensors()[w])
+    assert torch.equal(saved[slow.state_key]["ema"]["average"][w], slow.ema.shadow.tensors()[w])
+    assert not torch.equal(fast.ema.shadow.tensors()[w], slow.ema.shadow.tensors()[w])
+
+
+def test_copy_on_fit_end_and_bad_arguments():
+    model = Tiny()
+    cb = EMACallback(smoothing=0.5, copy_on_fit_end=True)
+    trainer([cb], max_steps=3).fit(model, loader(data(N_TRAIN, 1)))
+    assert_states_equal(model.state_dict(), cb.ema.ema_state_dict())
+    with pytest.raises(ValueError, match="evaluate_with"):
+        EMACallback(evaluate_with="average")
+    with pytest.raises(ValueError, match="half_life"):
+        EMACallback(half_life="0ba")
+    with pytest.raises(ValueError, match="start"):
+        EMACallback(start="100sp")
+    with pytest.raises(TypeError, match="halflife"):
+        EMACallback(halflife="10ba")
+
+
+def test_dur_times_take_total_from_the_trainer():
+    model = Tiny()
+    cb = EMACallback(half_life="0.25dur", start="0.5dur")
+    trainer([cb], max_steps=8).fit(model, loader(data(N_TRAIN, 1)))
+    assert str(cb.ema.total) == "8ba" and cb.ema.num_updates == 4
+    assert cb.ema.smoothing == pytest.approx(2 ** (-1 / 2))
