@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -97,6 +98,9 @@ def fsdp(out: str, rank: int, world: int) -> None:
     after = _local(model)
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), "shards changed"
     result["train_out"] = model(eval_input()).detach()
+    # ema.module: the averaged model's forward without a swap visible to the caller
+    result["module_out"] = ema.module(eval_input())
+    assert all(torch.equal(a, b) for a, b in zip(before, _local(model), strict=True))
     # a rank that passes another model gets an error naming it, on every rank, no hang
     other = make_model() if rank == 0 else nn.Sequential(nn.Linear(6, 11), nn.Linear(11, 5))
     fully_shard(other)
@@ -141,8 +145,46 @@ def ddp(out: str, rank: int, world: int) -> None:
         emakit.EMA(other, half_life=HALF_LIFE, shard=True)
     except ValueError as err:
         result["mismatch_error"] = str(err)
+    # skip_nonfinite: a NaN in rank 1's slice only; every rank must skip the same update
+    guarded = emakit.EMA(wrapped, half_life=HALF_LIFE, shard=True, skip_nonfinite=True)
+    guarded.update()  # starts the average
+    bias = model[2].bias
+    kept = bias.detach().clone()
+    with torch.no_grad():
+        bias[-1] = float("nan")  # the last element of the flat vector: rank 1's slice
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        guarded.update()
+    with torch.no_grad():
+        bias.copy_(kept)
+    skipped: list = [None] * world
+    dist.all_gather_object(skipped, guarded.skipped_updates)
+    result["skipped"] = skipped
     if rank == 0:
         torch.save(result, os.path.join(out, "ddp.pt"))
+
+
+def fsdp_resume(out: str, rank: int, world: int) -> None:
+    """Load the checkpoint that ``fsdp`` wrote on 2 ranks into ``world`` ranks; go on."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    fully_shard(model[0])
+    fully_shard(model[2])
+    fully_shard(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ema = emakit.EMA(model, half_life=HALF_LIFE)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=os.path.join(out, "ckpt-model"))
+    model.load_state_dict(state["model"])
+    edist.load(ema, os.path.join(out, "ckpt-ema"))
+    for step in range(STEPS // 2, STEPS):
+        train_step(model, opt, step, rank, world)
+        ema.step()
+    full = ema.ema_state_dict(rank0_only=True)
+    if rank == 0:
+        torch.save({"average": full}, os.path.join(out, "fsdp_resume.pt"))
 
 
 def main() -> None:
@@ -150,7 +192,8 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     try:
-        {"fsdp": fsdp, "ddp": ddp}[scenario](out, dist.get_rank(), dist.get_world_size())
+        run = {"fsdp": fsdp, "ddp": ddp, "fsdp_resume": fsdp_resume}[scenario]
+        run(out, dist.get_rank(), dist.get_world_size())
         dist.barrier()
     finally:
         dist.destroy_process_group()

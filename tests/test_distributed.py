@@ -106,6 +106,7 @@ def test_fsdp2_two_processes(tmp_path: Path) -> None:
         want_avg, want_train = _averaged_model(avg)(eval_input()), trained(eval_input())
     assert (result["swapped_out"] - want_avg).abs().max() <= TOL
     assert (result["train_out"] - want_train).abs().max() <= TOL
+    assert (result["module_out"] - want_avg).abs().max() <= TOL
     # a rank with another model: a clear error, on every rank (rank 0 reports it)
     assert "rank 1 passed a different model" in result["mismatch_error"]
     assert "0.weight: expected (10, 6), got (11, 6)" in result["mismatch_error"]
@@ -128,6 +129,9 @@ def test_fsdp2_two_processes(tmp_path: Path) -> None:
     _assert_close(ema.ema_state_dict(), avg)
     _assert_close(ema.ema_state_dict(), {k: v.double() for k, v in result["average"].items()})
 
+    # and on 4 processes (one rank of 4 holds an empty shard of the 5-element bias)
+    _assert_close(launch("fsdp_resume", tmp_path, world=4)["average"], avg)
+
 
 def test_ddp_two_processes(tmp_path: Path) -> None:
     result = launch("ddp", tmp_path)
@@ -143,6 +147,8 @@ def test_ddp_two_processes(tmp_path: Path) -> None:
         want = _averaged_model(avg)(eval_input())
     assert (result["swapped_out"] - want).abs().max() <= TOL
     assert "rank 1 passed a different model" in result["mismatch_error"]
+    # a NaN that only rank 1's slice sees: both ranks skip that update
+    assert result["skipped"] == [1, 1]
 
 
 def test_shard_needs_a_process_group() -> None:

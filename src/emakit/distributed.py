@@ -363,26 +363,13 @@ def save(ema: EMA, checkpoint_id: str | os.PathLike) -> None:
     of ranks (see :func:`load`), or in one process without a process group."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save({"ema": _dcp_ready(ema.state_dict())}, checkpoint_id=os.fspath(checkpoint_id))
+    dcp.save({"ema": ema.state_dict()}, checkpoint_id=os.fspath(checkpoint_id))
 
 
 def load(ema: EMA, checkpoint_id: str | os.PathLike) -> None:
     """Read what :func:`save` wrote into ``ema`` (resharded to this run's ranks)."""
     import torch.distributed.checkpoint as dcp
 
-    state = {"ema": _dcp_ready(ema.state_dict())}
+    state = {"ema": ema.state_dict()}
     dcp.load(state, checkpoint_id=os.fspath(checkpoint_id))
-    ema.load_state_dict(_from_dcp(state["ema"]))
-
-
-def _dcp_ready(state: dict[str, Any]) -> dict[str, Any]:
-    # DCP keeps tensors and plain objects; None in "config" is spelled as "" and restored.
-    state = dict(state)
-    state["config"] = {k: ("" if v is None else v) for k, v in state.get("config", {}).items()}
-    return state
-
-
-def _from_dcp(state: dict[str, Any]) -> dict[str, Any]:
-    state = dict(state)
-    state["config"] = {k: (None if v == "" else v) for k, v in state.get("config", {}).items()}
-    return state
+    ema.load_state_dict(state["ema"])

@@ -373,6 +373,8 @@ class EMAModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         ema: EMA = self._ema
         model = ema.model
+        if getattr(ema.shadow, "fsdp", False):
+            return self._forward_fsdp(args, kwargs)
         mapping = ema.shadow.mapping(started=ema.started and not ema._swapped)
         if self.training:
             # Train-mode BatchNorm writes running statistics in place: keep the average safe.
@@ -384,6 +386,28 @@ class EMAModule(nn.Module):
             with torch.no_grad():
                 return torch.func.functional_call(model, mapping, args, kwargs)
         finally:
+            for m, mode in modes:
+                m.training = mode
+
+    def _forward_fsdp(self, args: tuple, kwargs: dict) -> Any:
+        # FSDP2's pre-forward hook installs the gathered training parameters, overriding
+        # functional_call's: swap the averaged shards in instead (a backup of this rank's
+        # shards, 1/world of the model), restored bitwise after. A collective, like any
+        # FSDP2 forward: every rank calls it.
+        ema: EMA = self._ema
+        model = ema.model
+        buffers = list(model.buffers()) if self.training else []
+        saved = [b.detach().clone() for b in buffers]
+        modes = [(m, m.training) for m in model.modules()]
+        model.train(self.training)
+        swap = ema.shadow.swapped() if ema.started and not ema._swapped else None
+        try:
+            with torch.no_grad(), swap or contextlib.nullcontext():
+                return model(*args, **kwargs)
+        finally:
+            with torch.no_grad():
+                for b, v in zip(buffers, saved, strict=True):
+                    b.copy_(v)
             for m, mode in modes:
                 m.training = mode
 

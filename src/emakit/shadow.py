@@ -162,6 +162,12 @@ class Shadow:
         self._allocate()
         self._plan()
 
+    @property
+    def fsdp(self) -> bool:
+        """Whether the model's parameters are DTensors (FSDP2): the average is kept shard by
+        shard, and a forward pass with it needs the model's own (FSDP) forward."""
+        return any(e.spec is not None for e in self.entries)
+
     # construction ------------------------------------------------------------------------
 
     def _classify(self) -> list[_Entry]:
