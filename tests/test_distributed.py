@@ -156,3 +156,18 @@ def test_shard_needs_a_process_group() -> None:
         emakit.EMA(make_model(), shard=True)
     with pytest.raises(TypeError, match="shard"):
         emakit.EMA(make_model(), shard="yes")
+
+
+def test_dcp_save_keeps_an_existing_checkpoint(tmp_path: Path) -> None:
+    ema = emakit.EMA(make_model(), half_life=HALF_LIFE)
+    ema.update()
+    edist.save(ema, tmp_path / "ckpt")
+    with pytest.raises(FileExistsError, match="checkpoint_id"):
+        edist.save(ema, tmp_path / "ckpt")
+    edist.save(ema, tmp_path / "ckpt", overwrite=True)
+    again = emakit.EMA(make_model(), half_life=HALF_LIFE)
+    edist.load(again, tmp_path / "ckpt")
+    assert again.started and all(
+        torch.equal(a, b) for a, b in zip(again.shadow.tensors().values(),
+                                          ema.shadow.tensors().values(), strict=True)
+    )
