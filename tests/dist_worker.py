@@ -108,6 +108,10 @@ def fsdp(out: str, rank: int, world: int) -> None:
         emakit.EMA(other, half_life=HALF_LIFE)
     except ValueError as err:
         result["mismatch_error"] = str(err)
+    # copy_to(): the average into the training shards for good, shard to shard
+    ema.copy_to()
+    for e in ema.shadow.stored:
+        assert torch.equal(e.source(), e.view), e.names
     if rank == 0:
         torch.save(result, os.path.join(out, "fsdp.pt"))
 
@@ -129,6 +133,11 @@ def ddp(out: str, rank: int, world: int) -> None:
         shard_ema.step()
     result["full"] = full_ema.ema_state_dict()
     result["shard"] = shard_ema.ema_state_dict()
+    only0 = shard_ema.ema_state_dict(rank0_only=True)  # a gather to rank 0, not all-gather
+    if rank == 0:
+        assert all(torch.equal(only0[k], result["shard"][k]) for k in only0) and only0
+    else:
+        assert only0 == {}
     before = [p.detach().clone() for p in model.parameters()]
     with shard_ema.swapped():
         result["swapped_out"] = model(eval_input()).detach()
@@ -160,6 +169,10 @@ def ddp(out: str, rank: int, world: int) -> None:
     skipped: list = [None] * world
     dist.all_gather_object(skipped, guarded.skipped_updates)
     result["skipped"] = skipped
+    # copy_to(): the gathered average into the (replicated) training weights
+    shard_ema.copy_to()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, result["shard"][name]), name
     if rank == 0:
         torch.save(result, os.path.join(out, "ddp.pt"))
 

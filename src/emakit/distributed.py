@@ -259,21 +259,31 @@ class ShardedShadow:
     # gathering ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _gathered(self) -> dict[int, Tensor]:
-        """Entry id -> the full averaged tensor (storage dtype), gathered from all ranks."""
+    def _gathered(self, rank0_only: bool = False) -> dict[int, Tensor]:
+        """Entry id -> the full averaged tensor (storage dtype), gathered from all ranks (a
+        collective). ``rank0_only``: one ``gather`` to the group's rank 0; the others get {}
+        and never hold more than their slice."""
         full: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         for key, flat in self.flat.items():
             lo, hi, n, c = self._bounds[key]
             padded = torch.zeros(c, device=flat.device, dtype=flat.dtype)
             padded[: hi - lo].copy_(flat)
-            parts = [torch.empty_like(padded) for _ in range(self.world)]
-            dist.all_gather(parts, padded, group=self.group)
+            if rank0_only:
+                parts = [torch.empty_like(padded) for _ in range(self.world)]
+                dst = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+                dist.gather(padded, parts if self.rank == 0 else None, dst=dst, group=self.group)
+                if self.rank != 0:
+                    continue
+            else:
+                parts = [torch.empty_like(padded) for _ in range(self.world)]
+                dist.all_gather(parts, padded, group=self.group)
             full[key] = torch.cat(parts)[:n]
         out: dict[int, Tensor] = {}
         for e in self.stored:
             key, off = self._where[id(e)]
-            src = e.source()
-            out[id(e)] = full[key][off : off + src.numel()].view(src.shape)
+            if key in full:
+                src = e.source()
+                out[id(e)] = full[key][off : off + src.numel()].view(src.shape)
         return out
 
     def tensors(self) -> dict[str, Tensor]:
@@ -304,7 +314,7 @@ class ShardedShadow:
     def export(self, started: bool = True, rank0_only: bool = False) -> OrderedDict[str, Tensor]:
         """A plain state dict of the averaged model (gathered; a collective). ``rank0_only``:
         only rank 0 keeps the tensors, on the CPU; other ranks get an empty dict."""
-        full = self._gathered() if started else {}
+        full = self._gathered(rank0_only) if started else {}
         if rank0_only and self.rank != 0:
             return OrderedDict()
         by_name = {n: e for e in self.stored for n in e.names}
