@@ -91,6 +91,13 @@ def fsdp(out: str, rank: int, world: int) -> None:
     else:
         assert only0 == {}
     result["average"] = full
+    # a state of full (unsharded) tensors loads too: each rank takes its own shard
+    plain = ema.state_dict()
+    plain["average"] = {k: v.full_tensor() for k, v in plain["average"].items()}
+    fresh = emakit.EMA(model, half_life=HALF_LIFE)
+    fresh.load_state_dict(plain)
+    for a, b in zip(fresh.shadow.stored, ema.shadow.stored, strict=True):
+        assert torch.equal(a.view, b.view), a.names
     # swapped(): the forward inside sees the average; the shards come back bitwise
     before = _local(model)
     with ema.swapped():
@@ -120,6 +127,11 @@ def ddp(out: str, rank: int, world: int) -> None:
     model = make_model()
     wrapped = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    if rank == 0:  # the default mode is local: an EMA on one rank alone must not wait
+        solo = emakit.EMA(wrapped, half_life=HALF_LIFE, skip_nonfinite=True)
+        solo.update()
+        solo.update()
+        solo.ema_state_dict()
     full_ema = emakit.EMA(wrapped, half_life=HALF_LIFE)
     shard_ema = emakit.EMA(wrapped, half_life=HALF_LIFE, shard=True)
     result = {
@@ -138,6 +150,7 @@ def ddp(out: str, rank: int, world: int) -> None:
         assert all(torch.equal(only0[k], result["shard"][k]) for k in only0) and only0
     else:
         assert only0 == {}
+    result["module_out"] = shard_ema.module(eval_input())
     before = [p.detach().clone() for p in model.parameters()]
     with shard_ema.swapped():
         result["swapped_out"] = model(eval_input()).detach()

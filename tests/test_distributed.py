@@ -146,6 +146,7 @@ def test_ddp_two_processes(tmp_path: Path) -> None:
     with torch.no_grad():
         want = _averaged_model(avg)(eval_input())
     assert (result["swapped_out"] - want).abs().max() <= TOL
+    assert (result["module_out"] - want).abs().max() <= TOL
     assert "rank 1 passed a different model" in result["mismatch_error"]
     # a NaN that only rank 1's slice sees: both ranks skip that update
     assert result["skipped"] == [1, 1]

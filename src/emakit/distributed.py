@@ -10,8 +10,9 @@
   elementwise update ``avg <- s * avg + (1 - s) * param`` needs nothing from other ranks, so
   an update is communication-free and memory per rank is ``N / W`` elements. The slices are
   gathered (one ``all_gather`` per flat vector) only to evaluate, export or checkpoint.
-- Checks: a rank that builds its EMA over a different model (names, shapes or dtypes) gets a
-  ValueError naming the rank, on every rank, instead of a hang in a later collective.
+- Checks: under FSDP2 or with ``shard=True``, a rank that builds its EMA over a different
+  model (names, shapes or dtypes) gets a ValueError naming the rank, on every rank, instead
+  of a hang in a later collective.
 - Checkpoints: :func:`save` and :func:`load` write and read ``EMA.state_dict()`` with
   ``torch.distributed.checkpoint`` (sharded under FSDP2; reloadable on any number of ranks).
 """
@@ -54,11 +55,13 @@ def _ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
 
 
 def process_group(model: nn.Module, shard: bool = False) -> Any:
-    """The process group the model is distributed over, or ``None`` for a local model.
+    """The process group the EMA's collectives run over, or ``None`` when it needs none.
 
-    DDP's own group; under FSDP2 the group of a 1-D mesh (the default group for a larger
-    mesh); with ``shard=True`` and neither, the default group. ``shard=True`` without an
-    initialized process group is a ValueError.
+    Under FSDP2 the group of a 1-D mesh (the default group for a larger mesh); with
+    ``shard=True`` DDP's own group, or the default group. A DDP model without ``shard`` needs
+    none: every rank keeps the whole average and nothing is communicated (DDP itself checks
+    the ranks' shapes when it wraps the model), so an EMA built on rank 0 alone works.
+    ``shard=True`` without an initialized process group is a ValueError.
     """
     if shard and not _initialized():
         raise ValueError(
@@ -67,7 +70,7 @@ def process_group(model: nn.Module, shard: bool = False) -> Any:
         )
     ddp = _ddp(model)
     if ddp is not None:
-        return ddp.process_group
+        return ddp.process_group if shard else None
     for p in unwrap_model(model).parameters():
         if isinstance(p, DTensor):
             mesh = p.device_mesh

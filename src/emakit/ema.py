@@ -66,9 +66,9 @@ class EMA:
             (see :mod:`emakit.distributed`); needs an initialized process group. FSDP2
             models need no flag: their average is always kept shard by shard.
 
-    Under ``torch.distributed`` (a DDP-wrapped model, FSDP2 DTensor parameters, or
-    ``shard=True``) construction is a collective: every rank must build its EMA over the same
-    model, or every rank gets a ValueError naming the rank that differs.
+    Under FSDP2 (DTensor parameters) or with ``shard=True`` construction is a collective:
+    every rank must build its EMA over the same model, or every rank gets a ValueError naming
+    the rank that differs. A DDP model without ``shard`` needs no communication at all.
 
     Example:
         >>> import torch, emakit
