@@ -22,6 +22,12 @@ from torch import nn
 import emakit
 from emakit import distributed as edist
 
+# DCP in one process without a process group says so, and says when it overwrites on request.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Detected an existing checkpoint:UserWarning"),
+]
+
 WORKER = Path(__file__).with_name("dist_worker.py")
 TOL = 1e-6
 
