@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .distributed import ShardedShadow, all_ranks, check_same_model, process_group
 from .functional import unwrap_model
 from .schedules import PowerWarmup, check_smoothing, smoothing_from_half_life
 from .shadow import Shadow
@@ -59,7 +60,15 @@ class EMA:
         warmup: ``None`` or :class:`~emakit.PowerWarmup`, which caps the smoothing of early
             updates.
         skip_nonfinite: skip (count, warn) an update whose source holds NaN or Inf. Costs one
-            host-device sync per update.
+            host-device sync per update (and one all-reduce of one element when distributed,
+            so that every rank skips the same updates).
+        shard: for a DDP (replicated) model, keep only 1/world of the average on each rank
+            (see :mod:`emakit.distributed`); needs an initialized process group. FSDP2
+            models need no flag: their average is always kept shard by shard.
+
+    Under FSDP2 (DTensor parameters) or with ``shard=True`` construction is a collective:
+    every rank must build its EMA over the same model, or every rank gets a ValueError naming
+    the rank that differs. A DDP model without ``shard`` needs no communication at all.
 
     Example:
         >>> import torch, emakit
@@ -91,6 +100,7 @@ class EMA:
         device: torch.device | str | None = None,
         warmup: PowerWarmup | None = None,
         skip_nonfinite: bool = False,
+        shard: bool = False,
     ) -> None:
         if half_life is not None and smoothing is not None:
             raise ValueError("half_life and smoothing: give one of them, not both")
@@ -149,8 +159,19 @@ class EMA:
         self.warmup = warmup
         self.skip_nonfinite = bool(skip_nonfinite)
 
+        if not isinstance(shard, bool):
+            raise TypeError(f"shard: expected a bool, got {shard!r}")
+        self._group = process_group(model, shard)  # ValueError naming shard without one
         self.model = unwrap_model(model)
-        self.shadow = Shadow(self.model, dtype=dtype, device=device, buffers=buffers)
+        if self._group is not None:
+            check_same_model(self.model, self._group)
+        self.shadow: Shadow | ShardedShadow
+        if shard:
+            self.shadow = ShardedShadow(
+                self.model, dtype=dtype, device=device, buffers=buffers, group=self._group
+            )
+        else:
+            self.shadow = Shadow(self.model, dtype=dtype, device=device, buffers=buffers)
         self.clock = Clock(batches_per_epoch, self.total)
         self.num_updates = 0
         self.skipped_updates = 0
@@ -221,7 +242,7 @@ class EMA:
             self._begin()
             return
         self._check_not_swapped("update the average")
-        if self.skip_nonfinite and not self.shadow.sources_finite():
+        if self.skip_nonfinite and not self._sources_finite():
             self.skipped_updates += 1
             warnings.warn(
                 f"emakit: skipped an EMA update at batch {self.clock.counts['ba']}: "
@@ -232,6 +253,10 @@ class EMA:
             return
         self.shadow.update(1.0 - self.smoothing)
         self.num_updates += 1
+
+    def _sources_finite(self) -> bool:
+        finite = self.shadow.sources_finite()
+        return finite if self._group is None else all_ranks(finite, self._group)
 
     # the averaged weights ----------------------------------------------------------------
 
@@ -256,13 +281,25 @@ class EMA:
         """Write the averaged weights into ``model`` (default: the trained model) for good."""
         self._check_not_swapped("copy the average")
         target = self.model if model is None else unwrap_model(model)
+        if target is self.model:
+            # Shard to shard under FSDP2 (the mapping holds DTensors); no full gather.
+            if self.started:
+                target.load_state_dict(self.shadow.mapping(started=True), strict=False)
+            return
         target.load_state_dict(self.ema_state_dict(), strict=True)
 
-    def ema_state_dict(self) -> dict[str, Tensor]:
+    def ema_state_dict(self, rank0_only: bool = False) -> dict[str, Tensor]:
         """A plain state dict of the averaged weights (names and dtypes as the model's, no
         wrapper prefixes): ``model.load_state_dict(ema.ema_state_dict())`` just works.
-        Frozen parameters and integer buffers come from the live model."""
-        return self.shadow.export(started=self.started and not self._swapped)
+        Frozen parameters and integer buffers come from the live model.
+
+        Under FSDP2 or ``shard=True`` the shards are gathered into full tensors, so the dict
+        loads into an unsharded model; this is a collective (every rank calls it).
+        ``rank0_only=True``: only rank 0 keeps the tensors, on the CPU; other ranks get {}.
+        """
+        return self.shadow.export(
+            started=self.started and not self._swapped, rank0_only=rank0_only
+        )
 
     # checkpoints -------------------------------------------------------------------------
 
@@ -336,6 +373,8 @@ class EMAModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         ema: EMA = self._ema
         model = ema.model
+        if getattr(ema.shadow, "fsdp", False):
+            return self._forward_fsdp(args, kwargs)
         mapping = ema.shadow.mapping(started=ema.started and not ema._swapped)
         if self.training:
             # Train-mode BatchNorm writes running statistics in place: keep the average safe.
@@ -347,6 +386,28 @@ class EMAModule(nn.Module):
             with torch.no_grad():
                 return torch.func.functional_call(model, mapping, args, kwargs)
         finally:
+            for m, mode in modes:
+                m.training = mode
+
+    def _forward_fsdp(self, args: tuple, kwargs: dict) -> Any:
+        # FSDP2's pre-forward hook installs the gathered training parameters, overriding
+        # functional_call's: swap the averaged shards in instead (a backup of this rank's
+        # shards, 1/world of the model), restored bitwise after. A collective, like any
+        # FSDP2 forward: every rank calls it.
+        ema: EMA = self._ema
+        model = ema.model
+        buffers = list(model.buffers()) if self.training else []
+        saved = [b.detach().clone() for b in buffers]
+        modes = [(m, m.training) for m in model.modules()]
+        model.train(self.training)
+        swap = ema.shadow.swapped() if ema.started and not ema._swapped else None
+        try:
+            with torch.no_grad(), swap or contextlib.nullcontext():
+                return model(*args, **kwargs)
+        finally:
+            with torch.no_grad():
+                for b, v in zip(buffers, saved, strict=True):
+                    b.copy_(v)
             for m, mode in modes:
                 m.training = mode
 

@@ -1,0 +1,229 @@
+"""One rank of a multi-process test (gloo, CPU). Run by ``tests/test_distributed.py``:
+
+    python tests/dist_worker.py SCENARIO OUTDIR   (RANK, WORLD_SIZE, MASTER_* in the environment)
+
+Every rank trains the same small model on its share of the same global batches; rank 0
+writes what the test compares (``OUTDIR/<scenario>.pt``). Internal checks that are per rank
+(bitwise restore of the shards, errors raised) are asserts: a failing rank exits non-zero.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import emakit
+from emakit import distributed as edist
+
+HALF_LIFE = "4ba"
+STEPS = 6  # a checkpoint is written after STEPS // 2
+BATCH = 8
+
+
+def make_model() -> nn.Module:
+    """Uneven shapes on purpose: 5 and 10 rows split unevenly over 2 and 4 ranks (one rank
+    of 4 holds an empty shard of the 5-row weight), and a frozen bias (a live entry)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 5))
+    model[0].bias.requires_grad_(False)
+    return model
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(BATCH, 6, generator=g), torch.randn(BATCH, 5, generator=g)
+
+
+def eval_input() -> torch.Tensor:
+    return torch.randn(3, 6, generator=torch.Generator().manual_seed(7))
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, step: int, rank: int, world: int):
+    x, y = batch(step)
+    share = BATCH // world
+    x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()  # DDP/FSDP average grads over ranks
+    opt.step()
+
+
+def _local(model: nn.Module) -> list[torch.Tensor]:
+    return [p.to_local().detach().clone() for p in model.parameters()]
+
+
+def fsdp(out: str, rank: int, world: int) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    fully_shard(model[0])
+    fully_shard(model[2])
+    fully_shard(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ema = emakit.EMA(model, half_life=HALF_LIFE)
+    local_avg = sum(e.view.numel() for e in ema.shadow.stored)
+    total_avg = sum(e.shape.numel() for e in ema.shadow.stored)
+    per_rank: list = [None] * world
+    dist.all_gather_object(per_rank, local_avg)
+    result = {"local_numel": per_rank, "total_numel": total_avg}
+    for step in range(STEPS):
+        train_step(model, opt, step, rank, world)
+        ema.step()
+        if step + 1 == STEPS // 2:
+            dcp_model = {"model": model.state_dict()}
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(dcp_model, checkpoint_id=os.path.join(out, "ckpt-model"))
+            edist.save(ema, os.path.join(out, "ckpt-ema"))
+    # state_dict() is sharded: DTensors with the parameters' placements
+    average = ema.state_dict()["average"]
+    assert all(isinstance(t, torch.distributed.tensor.DTensor) for t in average.values())
+    # the gathered average, everywhere and on rank 0 only (CPU)
+    full = ema.ema_state_dict()
+    only0 = ema.ema_state_dict(rank0_only=True)
+    if rank == 0:
+        assert all(torch.equal(full[k], only0[k]) and only0[k].device.type == "cpu" for k in full)
+    else:
+        assert only0 == {}
+    result["average"] = full
+    # a state of full (unsharded) tensors loads too: each rank takes its own shard
+    plain = ema.state_dict()
+    plain["average"] = {k: v.full_tensor() for k, v in plain["average"].items()}
+    fresh = emakit.EMA(model, half_life=HALF_LIFE)
+    fresh.load_state_dict(plain)
+    for a, b in zip(fresh.shadow.stored, ema.shadow.stored, strict=True):
+        assert torch.equal(a.view, b.view), a.names
+    # swapped(): the forward inside sees the average; the shards come back bitwise
+    before = _local(model)
+    with ema.swapped():
+        result["swapped_out"] = model(eval_input()).detach()
+    after = _local(model)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), "shards changed"
+    result["train_out"] = model(eval_input()).detach()
+    # ema.module: the averaged model's forward without a swap visible to the caller
+    result["module_out"] = ema.module(eval_input())
+    assert all(torch.equal(a, b) for a, b in zip(before, _local(model), strict=True))
+    # a rank that passes another model gets an error naming it, on every rank, no hang
+    other = make_model() if rank == 0 else nn.Sequential(nn.Linear(6, 11), nn.Linear(11, 5))
+    fully_shard(other)
+    try:
+        emakit.EMA(other, half_life=HALF_LIFE)
+    except ValueError as err:
+        result["mismatch_error"] = str(err)
+    # copy_to(): the average into the training shards for good, shard to shard
+    ema.copy_to()
+    for e in ema.shadow.stored:
+        assert torch.equal(e.source(), e.view), e.names
+    if rank == 0:
+        torch.save(result, os.path.join(out, "fsdp.pt"))
+
+
+def ddp(out: str, rank: int, world: int) -> None:
+    model = make_model()
+    wrapped = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    if rank == 0:  # the default mode is local: an EMA on one rank alone must not wait
+        solo = emakit.EMA(wrapped, half_life=HALF_LIFE, skip_nonfinite=True)
+        solo.update()
+        solo.update()
+        solo.ema_state_dict()
+    full_ema = emakit.EMA(wrapped, half_life=HALF_LIFE)
+    shard_ema = emakit.EMA(wrapped, half_life=HALF_LIFE, shard=True)
+    result = {
+        "full_numel": sum(f.numel() for f in full_ema.shadow.flat.values()),
+        "shard_numel": sum(f.numel() for f in shard_ema.shadow.flat.values()),
+        "total_numel": sum(e.source().numel() for e in shard_ema.shadow.stored),
+    }
+    for step in range(STEPS):
+        train_step(wrapped, opt, step, rank, world)
+        full_ema.step()
+        shard_ema.step()
+    result["full"] = full_ema.ema_state_dict()
+    result["shard"] = shard_ema.ema_state_dict()
+    only0 = shard_ema.ema_state_dict(rank0_only=True)  # a gather to rank 0, not all-gather
+    if rank == 0:
+        assert all(torch.equal(only0[k], result["shard"][k]) for k in only0) and only0
+    else:
+        assert only0 == {}
+    result["module_out"] = shard_ema.module(eval_input())
+    before = [p.detach().clone() for p in model.parameters()]
+    with shard_ema.swapped():
+        result["swapped_out"] = model(eval_input()).detach()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    # state_dict() gathers full tensors: it loads into a fresh sharded EMA, slice by slice
+    state = shard_ema.state_dict()
+    again = emakit.EMA(wrapped, half_life=HALF_LIFE, shard=True)
+    again.load_state_dict(state)
+    for key, flat in again.shadow.flat.items():
+        assert torch.equal(flat, shard_ema.shadow.flat[key])
+    # a rank whose model differs (shape) gets an error naming it, on every rank
+    other = make_model() if rank == 0 else nn.Sequential(nn.Linear(6, 10), nn.Linear(10, 4))
+    try:
+        emakit.EMA(other, half_life=HALF_LIFE, shard=True)
+    except ValueError as err:
+        result["mismatch_error"] = str(err)
+    # skip_nonfinite: a NaN in rank 1's slice only; every rank must skip the same update
+    guarded = emakit.EMA(wrapped, half_life=HALF_LIFE, shard=True, skip_nonfinite=True)
+    guarded.update()  # starts the average
+    bias = model[2].bias
+    kept = bias.detach().clone()
+    with torch.no_grad():
+        bias[-1] = float("nan")  # the last element of the flat vector: rank 1's slice
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        guarded.update()
+    with torch.no_grad():
+        bias.copy_(kept)
+    skipped: list = [None] * world
+    dist.all_gather_object(skipped, guarded.skipped_updates)
+    result["skipped"] = skipped
+    # copy_to(): the gathered average into the (replicated) training weights
+    shard_ema.copy_to()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, result["shard"][name]), name
+    if rank == 0:
+        torch.save(result, os.path.join(out, "ddp.pt"))
+
+
+def fsdp_resume(out: str, rank: int, world: int) -> None:
+    """Load the checkpoint that ``fsdp`` wrote on 2 ranks into ``world`` ranks; go on."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    fully_shard(model[0])
+    fully_shard(model[2])
+    fully_shard(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ema = emakit.EMA(model, half_life=HALF_LIFE)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=os.path.join(out, "ckpt-model"))
+    model.load_state_dict(state["model"])
+    edist.load(ema, os.path.join(out, "ckpt-ema"))
+    for step in range(STEPS // 2, STEPS):
+        train_step(model, opt, step, rank, world)
+        ema.step()
+    full = ema.ema_state_dict(rank0_only=True)
+    if rank == 0:
+        torch.save({"average": full}, os.path.join(out, "fsdp_resume.pt"))
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    try:
+        run = {"fsdp": fsdp, "ddp": ddp, "fsdp_resume": fsdp_resume}[scenario]
+        run(out, dist.get_rank(), dist.get_world_size())
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
