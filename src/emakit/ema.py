@@ -60,6 +60,9 @@ class EMA:
             updates.
         skip_nonfinite: skip (count, warn) an update whose source holds NaN or Inf. Costs one
             host-device sync per update.
+        side_stream: on CUDA, run updates on a side stream that overlaps the next forward and
+            backward pass; joined before every optimizer step and before the average is read
+            (:mod:`emakit.streams`). Results are bitwise those of the plain path.
 
     Example:
         >>> import torch, emakit
@@ -91,6 +94,7 @@ class EMA:
         device: torch.device | str | None = None,
         warmup: PowerWarmup | None = None,
         skip_nonfinite: bool = False,
+        side_stream: bool = False,
     ) -> None:
         if half_life is not None and smoothing is not None:
             raise ValueError("half_life and smoothing: give one of them, not both")
@@ -150,7 +154,9 @@ class EMA:
         self.skip_nonfinite = bool(skip_nonfinite)
 
         self.model = unwrap_model(model)
-        self.shadow = Shadow(self.model, dtype=dtype, device=device, buffers=buffers)
+        self.shadow = Shadow(
+            self.model, dtype=dtype, device=device, buffers=buffers, side_stream=side_stream
+        )
         self.clock = Clock(batches_per_epoch, self.total)
         self.num_updates = 0
         self.skipped_updates = 0
@@ -195,6 +201,7 @@ class EMA:
 
     def _begin(self) -> None:
         self._check_not_swapped("start the average")
+        self.shadow.synchronize()
         self.shadow.reset()
         self.started = True
 
@@ -243,6 +250,7 @@ class EMA:
         if self._swapped:
             raise RuntimeError("ema.swapped() is already active: swaps cannot be nested")
         self._swapped = True
+        self.shadow.synchronize()
         try:
             if not self.started:
                 yield self.model
@@ -262,6 +270,7 @@ class EMA:
         """A plain state dict of the averaged weights (names and dtypes as the model's, no
         wrapper prefixes): ``model.load_state_dict(ema.ema_state_dict())`` just works.
         Frozen parameters and integer buffers come from the live model."""
+        self.shadow.synchronize()
         return self.shadow.export(started=self.started and not self._swapped)
 
     # checkpoints -------------------------------------------------------------------------
@@ -275,6 +284,7 @@ class EMA:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly; loads with ``torch.load(weights_only=True)``."""
+        self.shadow.synchronize()
         return {
             "version": _STATE_VERSION,
             "config": self._config(),
@@ -297,6 +307,7 @@ class EMA:
         if state["version"] != _STATE_VERSION:
             raise ValueError(f"state: version {state['version']!r} is not {_STATE_VERSION}")
         self._check_not_swapped("load a state")
+        self.shadow.synchronize()
         self.shadow.load(state["average"], what="EMA state_dict['average']")
         self.clock.load_state_dict(state["clock"])
         self.num_updates = int(state["num_updates"])
@@ -336,6 +347,7 @@ class EMAModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         ema: EMA = self._ema
         model = ema.model
+        ema.shadow.synchronize()
         mapping = ema.shadow.mapping(started=ema.started and not ema._swapped)
         if self.training:
             # Train-mode BatchNorm writes running statistics in place: keep the average safe.

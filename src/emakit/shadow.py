@@ -17,12 +17,14 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from .functional import all_finite, check_same_names, copy_, unwrap_model
+from .streams import SideStream
 
 __all__ = ["Shadow", "BUFFER_MODES"]
 
@@ -49,6 +51,94 @@ def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
+def _successors(stored: list[_Entry]) -> dict[int, _Entry]:
+    """id(entry) -> the stored entry laid out right after it in the same flat buffer."""
+    by_storage: dict[tuple, list[_Entry]] = {}
+    for e in stored:
+        key = (e.view.device, e.view.untyped_storage().data_ptr())
+        by_storage.setdefault(key, []).append(e)
+    nxt: dict[int, _Entry] = {}
+    for es in by_storage.values():
+        es.sort(key=lambda e: e.view.storage_offset())
+        for a, b in zip(es, es[1:], strict=False):
+            nxt[id(a)] = b
+    return nxt
+
+
+def _tiles(a: _Entry, b: _Entry, successor: dict[int, _Entry], members: set[int]) -> bool:
+    """Whether ``b`` continues ``a``'s span: ``b`` follows ``a`` in the average with nothing
+    stored between them, and their sources sit in one buffer at the same relative offsets."""
+    if successor.get(id(a)) is not b or id(b) not in members:
+        return False
+    sa, sb = a.source().detach(), b.source().detach()
+    if type(sa) is not Tensor or type(sb) is not Tensor:  # e.g. DTensor shards
+        return False
+    return (
+        (sa.device, sa.dtype) == (sb.device, sb.dtype)
+        and sa.is_contiguous()
+        and sb.is_contiguous()
+        and sa.untyped_storage().data_ptr() == sb.untyped_storage().data_ptr()
+        and sb.storage_offset() - sa.storage_offset()
+        == b.view.storage_offset() - a.view.storage_offset()
+    )
+
+
+@torch.no_grad()
+def _zero_gaps(run: list[_Entry]) -> None:
+    """Zero the padding between the views of a span: it is lerped along with the span."""
+    for a, b in zip(run, run[1:], strict=False):
+        start = a.view.storage_offset() + a.view.numel()
+        gap = b.view.storage_offset() - start
+        if gap:
+            a.view.as_strided((gap,), (1,), start).zero_()
+
+
+def _run(ops: list[tuple], weight: float) -> None:
+    for op in ops:
+        if op[0] == "lerp":
+            torch._foreach_lerp_(op[1], op[2], weight)
+        else:
+            for views, sources, staging in op[1]:
+                torch._foreach_copy_(staging, sources)
+                torch._foreach_lerp_(views, staging, weight)
+
+
+class _Offload:
+    """A CPU average of CUDA sources: a pinned host buffer in the source dtype that the
+    sources are copied into without blocking, and the CPU operations that lerp from it."""
+
+    def __init__(self, views: list[Tensor], sources: list[Tensor], stage, side: bool) -> None:
+        self.device = sources[0].device
+        self.side = side
+        self.sources = sources
+        total = sum(_align(s.numel()) for s in sources)
+        self.pinned = torch.empty(total, dtype=sources[0].dtype, pin_memory=True)
+        self.host: list[Tensor] = []
+        offset = 0
+        for s in sources:
+            self.host.append(self.pinned[offset : offset + s.numel()].view(s.shape))
+            offset += _align(s.numel())
+        if self.pinned.dtype == views[0].dtype:
+            self.ops: list[tuple] = [("lerp", views, self.host)]
+        else:
+            self.ops = [("staged", stage(views, self.host))]
+
+    def launch(self) -> None:
+        torch._foreach_copy_(self.host, self.sources, non_blocking=True)
+
+    def nbytes(self) -> int:
+        return self.pinned.numel() * self.pinned.element_size()
+
+
+def _finish_offloads(offloads: list[_Offload], events: list, weight: float) -> None:
+    """Worker thread: wait for the device-to-host copies, then the CPU arithmetic."""
+    with torch.no_grad():
+        for event in events:
+            event.synchronize()
+        for off in offloads:
+            _run(off.ops, weight)
+
+
 class Shadow:
     """Averaged copies of a model's tensors, with the kernels that update, swap and export them.
 
@@ -57,6 +147,8 @@ class Shadow:
         dtype: storage dtype of stored tensors; ``None`` keeps each tensor's own dtype.
         device: where stored tensors live; ``None`` keeps each tensor's own device.
         buffers: ``"average"`` or ``"copy"`` for floating buffers.
+        side_stream: on CUDA, update parameters on a side stream (see :mod:`emakit.streams`);
+            ignored for tensors not on CUDA.
     """
 
     def __init__(
@@ -65,6 +157,7 @@ class Shadow:
         dtype: torch.dtype | None = torch.float32,
         device: torch.device | str | None = None,
         buffers: str = "average",
+        side_stream: bool = False,
     ) -> None:
         if buffers not in BUFFER_MODES:
             raise ValueError(f"buffers: expected one of {BUFFER_MODES}, got {buffers!r}")
@@ -75,6 +168,13 @@ class Shadow:
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else None
         self.buffers = buffers
+        self.side_stream = bool(side_stream)
+        self._sides: dict[torch.device, SideStream] = {}
+        self._workspace: list[Tensor] = []
+        # (source, data_ptr) for every source that an op reads through a view made at plan time
+        self._layout_checks: list[tuple[Tensor, int]] = []
+        self._future: Future | None = None
+        self._executor: ThreadPoolExecutor | None = None
         self.entries = self._classify()
         self.stored = [e for e in self.entries if e.kind != "live"]
         self._allocate()
@@ -125,70 +225,186 @@ class Shadow:
         self.reset()
 
     def _plan(self) -> None:
-        """Build the tensor lists that one update runs over."""
-        direct: dict[tuple, tuple[list, list]] = {}
-        staged: dict[tuple, list[_Entry]] = {}
+        """Build the operations that one update runs, once, so that an update is a fixed set
+        of kernel calls over lists made here.
+
+        Averaged entries are grouped by (source device and dtype, storage device and dtype).
+        Within a group, a run of entries whose sources tile one buffer with the same offsets
+        as their views tile the average (see :func:`emakit.flatten_parameters`) becomes one
+        pair of 1-D spans: one ``lerp`` for the whole run. Same device and dtype: one
+        ``_foreach_lerp_`` per group. Another dtype or device: chunked staging
+        (:meth:`_stage`). A CUDA source with a CPU average: pinned staging, a non-blocking
+        copy, and the CPU arithmetic on a worker thread (:class:`_Offload`). With
+        ``side_stream``, CUDA parameters are updated on a :class:`~emakit.streams.SideStream`;
+        buffers stay on the current stream, since the forward pass writes them.
+        """
+        self.synchronize()  # pending work may still use the lists about to be dropped
+        self._workspace = []
+        self._layout_checks = []
+        position = _successors(self.stored)
+        main: list[_Entry] = []
+        side: dict[torch.device, list[_Entry]] = {}
         copies: tuple[list, list] = ([], [])
         for e in self.stored:
             src = e.source()
             if e.kind == "copy":
                 copies[0].append(e.view)
                 copies[1].append(src)
-            elif (src.device, src.dtype) == (e.view.device, e.view.dtype):
-                lists = direct.setdefault((src.device, src.dtype), ([], []))
-                lists[0].append(e.view)
-                lists[1].append(src)
+            elif self.side_stream and e.is_param and src.device.type == "cuda":
+                side.setdefault(src.device, []).append(e)
             else:
-                key = (src.device, src.dtype, e.view.device, e.view.dtype)
-                staged.setdefault(key, []).append(e)
-        self._direct = list(direct.values())
+                main.append(e)
+        self._offloads: list[_Offload] = []
+        self._ops = self._lerp_ops(main, position, side=False)
+        self._side_ops = {d: self._lerp_ops(es, position, side=True) for d, es in side.items()}
+        for d in side:
+            if d not in self._sides:
+                self._sides[d] = SideStream(d)
         self._copies = copies
-        self._staged = [self._stage(es) for es in staged.values()]
         self._buffer_refs = [(e, e.source()) for e in self.stored if not e.is_param]
 
-    def _stage(self, entries: list[_Entry]) -> list[tuple[list, list, list]]:
+    def _lerp_ops(
+        self, entries: list[_Entry], position: dict[int, _Entry], side: bool
+    ) -> list[tuple]:
+        groups: dict[tuple, tuple[list, list]] = {}
+        members = {id(e) for e in entries}
+        i = 0
+        while i < len(entries):
+            run = [entries[i]]
+            while i + len(run) < len(entries) and _tiles(
+                run[-1], entries[i + len(run)], position, members
+            ):
+                run.append(entries[i + len(run)])
+            i += len(run)
+            first, last = run[0], run[-1]
+            if len(run) > 1:
+                src = first.source().detach()
+                n = last.view.storage_offset() + last.view.numel() - first.view.storage_offset()
+                view = first.view.as_strided((n,), (1,), first.view.storage_offset())
+                src = src.as_strided((n,), (1,), src.storage_offset())
+                _zero_gaps(run)
+                self._layout_checks += [
+                    (first.source(), first.source().data_ptr()),
+                    (last.source(), last.source().data_ptr()),
+                ]
+            else:
+                view, src = first.view, first.source()
+            key = (src.device, src.dtype, view.device, view.dtype)
+            lists = groups.setdefault(key, ([], []))
+            lists[0].append(view)
+            lists[1].append(src)
+        ops: list[tuple] = []
+        for (s_dev, s_dtype, v_dev, v_dtype), (views, sources) in groups.items():
+            if (s_dev, s_dtype) == (v_dev, v_dtype):
+                ops.append(("lerp", views, sources))
+            elif s_dev.type == "cuda" and v_dev.type == "cpu":
+                self._offloads.append(_Offload(views, sources, self._stage, side))
+            else:
+                ops.append(("staged", self._stage(views, sources)))
+        return ops
+
+    def _stage(self, views: list[Tensor], sources: list[Tensor]) -> list[tuple[list, list, list]]:
         """Chunks of (views, sources, staging views): sources are converted into a staging
-        buffer in the storage dtype and device, then lerped, chunk by chunk."""
-        view = entries[0].view
-        largest = max(_align(e.view.numel()) for e in entries)
-        total = sum(_align(e.view.numel()) for e in entries)
-        size = min(total, max(largest, _STAGING_ELEMENTS))
-        pin = view.device.type == "cpu" and entries[0].source().device.type == "cuda"
-        staging = torch.empty(size, dtype=view.dtype, device=view.device, pin_memory=pin)
+        buffer in the storage dtype and device, then lerped, chunk by chunk. The staging holds
+        at most ``max(_STAGING_ELEMENTS, largest non-contiguous tensor)`` elements: tensors
+        larger than that are split into 1-D pieces."""
+        pairs = list(zip(views, sources, strict=True))
+        whole = [_align(v.numel()) for v, s in pairs if not s.is_contiguous()]
+        total = sum(_align(v.numel()) for v in views)
+        size = min(total, max(whole + [_STAGING_ELEMENTS]))
+        pieces: list[tuple[Tensor, Tensor]] = []
+        for v, s in pairs:
+            if v.numel() > size and s.is_contiguous():
+                self._layout_checks.append((s, s.data_ptr()))
+                v, s = v.reshape(-1), s.detach().reshape(-1)
+                pieces += [(v[k : k + size], s[k : k + size]) for k in range(0, v.numel(), size)]
+            else:
+                pieces.append((v, s))
+        staging = torch.empty(size, dtype=views[0].dtype, device=views[0].device)
+        self._workspace.append(staging)
         chunks: list[tuple[list, list, list]] = []
         used = size  # forces a new chunk first
-        for e in entries:
-            n = _align(e.view.numel())
+        for v, s in pieces:
+            n = _align(v.numel())
             if used + n > size:
                 chunks.append(([], [], []))
                 used = 0
-            chunks[-1][0].append(e.view)
-            chunks[-1][1].append(e.source())
-            chunks[-1][2].append(staging[used : used + e.view.numel()].view(e.view.shape))
+            chunks[-1][0].append(v)
+            chunks[-1][1].append(s)
+            chunks[-1][2].append(staging[used : used + v.numel()].view(v.shape))
             used += n
         return chunks
 
     # the update --------------------------------------------------------------------------
 
     def _refresh(self) -> None:
-        """Rebuild the lists if a buffer was replaced (``module.to()`` replaces buffers)."""
+        """Rebuild the lists if a buffer was replaced (``module.to()`` replaces buffers) or a
+        flattened parameter's storage moved (``p.data = ...``)."""
         for e, t in self._buffer_refs:
             if e.source() is not t:
+                self._plan()
+                return
+        for t, ptr in self._layout_checks:
+            if t.data_ptr() != ptr:
                 self._plan()
                 return
 
     @torch.no_grad()
     def update(self, weight: float) -> None:
-        """``stored <- stored + weight * (source - stored)``; ``copy`` entries take the source."""
+        """``stored <- stored + weight * (source - stored)``; ``copy`` entries take the source.
+
+        With a side stream or a CPU average of a CUDA model this returns before the work is
+        done; :meth:`synchronize` (called by the EMA before it reads or swaps the average, and
+        before every optimizer step) orders it.
+        """
         self._refresh()
-        for views, sources in self._direct:
-            torch._foreach_lerp_(views, sources, weight)
-        for chunks in self._staged:
-            for views, sources, staging in chunks:
-                torch._foreach_copy_(staging, sources)
-                torch._foreach_lerp_(views, staging, weight)
+        self._wait_host()
+        for device, ops in self._side_ops.items():
+            with self._sides[device].launch():
+                _run(ops, weight)
+        _run(self._ops, weight)
+        if self._offloads:
+            self._launch_offloads(weight)
         if self._copies[0]:
             torch._foreach_copy_(self._copies[0], self._copies[1])
+
+    def _launch_offloads(self, weight: float) -> None:
+        events = []
+        for off in self._offloads:
+            device = off.device
+            # parameters only: buffers are written by the next forward pass
+            side = self._sides[device] if off.side else None
+            if side is not None:
+                with side.launch():
+                    off.launch()
+                events.append(side.done)
+            else:
+                event = torch.cuda.Event()
+                off.launch()
+                event.record(torch.cuda.current_stream(device))
+                events.append(event)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emakit")
+        self._future = self._executor.submit(_finish_offloads, self._offloads, events, weight)
+
+    def _wait_host(self) -> None:
+        future, self._future = self._future, None
+        if future is not None:
+            future.result()
+
+    def synchronize(self) -> None:
+        """Order every pending update before what comes next: the current CUDA streams wait
+        for the side streams (on the device, the host is not blocked) and the host waits for
+        the CPU arithmetic of a CPU average. A no-op when nothing is pending."""
+        self._wait_host()
+        for side in self._sides.values():
+            side.join()
+
+    def workspace_nbytes(self) -> int:
+        """Bytes of staging buffers (dtype/device conversion, pinned host copies)."""
+        return sum(t.numel() * t.element_size() for t in self._workspace) + sum(
+            off.nbytes() for off in self._offloads
+        )
 
     @torch.no_grad()
     def reset(self) -> None:
