@@ -137,7 +137,7 @@ def test_plain_model_direct_path():
 
 def test_staged_span_bf16_model_fp32_average(monkeypatch):
     # a tiny staging bound forces chunking and the splitting of a span into pieces
-    monkeypatch.setattr(shadow_mod, "_STAGING_ELEMENTS", 32)
+    monkeypatch.setattr(shadow_mod, "_STAGING_ELEMENTS_CPU", 32)
     model = nn.Sequential(*[nn.Linear(6, 6) for _ in range(5)]).to(torch.bfloat16)
     ref = copy.deepcopy(model)
     emakit.flatten_parameters(model)
@@ -147,7 +147,7 @@ def test_staged_span_bf16_model_fp32_average(monkeypatch):
 
 
 def test_staged_plain_bf16_model(monkeypatch):
-    monkeypatch.setattr(shadow_mod, "_STAGING_ELEMENTS", 40)
+    monkeypatch.setattr(shadow_mod, "_STAGING_ELEMENTS_CPU", 40)
     model = _net(torch.bfloat16)
     _check(model, copy.deepcopy(model), WEIGHTS)
 
@@ -295,7 +295,7 @@ def test_cuda_side_stream_swap_sees_the_latest_update():
 def test_split_staging_sees_moved_parameters(monkeypatch):
     """A tensor larger than the staging bound is read through 1-D pieces made at plan time:
     replacing the parameter's storage must be noticed."""
-    monkeypatch.setattr(shadow_mod, "_STAGING_ELEMENTS", 16)
+    monkeypatch.setattr(shadow_mod, "_STAGING_ELEMENTS_CPU", 16)
     model = nn.Linear(8, 8).to(torch.bfloat16)
     sh = Shadow(model)
     with torch.no_grad():
