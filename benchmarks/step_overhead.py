@@ -13,6 +13,10 @@ A step is ``zero_grad``, forward, backward and ``AdamW.step()`` on the benchmark
     python benchmarks/step_overhead.py
     python benchmarks/step_overhead.py --device cuda
 
+Long-lived objects are frozen out of Python's garbage collector while timing (``gc.freeze``):
+otherwise full collections over the thousands of modules held by the model copies land on
+whichever call happens to allocate next (seen as +17% to +32% on one peer's "every 10").
+
 ``emakit + flatten_parameters`` runs on its own flattened copy of the model, against that
 copy's own step time. Threads: ``BENCH_THREADS`` (default 1, see update_cost.py).
 """
@@ -85,6 +89,10 @@ def cpu_overheads(model, batch, factories, every: int, steps: int) -> dict[str, 
     train = make_step(model, batch, "cpu")
     train()
     emas = {label: f(model, every) for label, f in factories.items()}
+    # Long-lived objects (the models and their copies) out of the collector's way: otherwise
+    # a full collection over thousands of modules lands on whichever call allocates next.
+    gc.collect()
+    gc.freeze()
     t_train, t_ema = [], {label: [] for label in emas}
     labels = list(emas)
     for k in range(steps):
@@ -97,6 +105,7 @@ def cpu_overheads(model, batch, factories, every: int, steps: int) -> dict[str, 
             update()
             drain()
             t_ema[label].append(time.perf_counter() - start)
+    gc.unfreeze()
     return {label: sum(ts) / sum(t_train) for label, ts in t_ema.items()}
 
 
@@ -107,6 +116,8 @@ def cuda_overheads(model, batch, factories, every, steps, repeats=3) -> dict[str
     out = {}
     for label, factory in factories.items():
         update, drain = factory(model, every)
+        gc.collect()
+        gc.freeze()
         base, withema = [], []
         for _ in range(repeats):
             sync("cuda")
@@ -122,6 +133,7 @@ def cuda_overheads(model, batch, factories, every, steps, repeats=3) -> dict[str
             drain()
             sync("cuda")
             withema.append(time.perf_counter() - start)
+        gc.unfreeze()
         out[label] = median(withema) / median(base) - 1.0
         del update, drain
         gc.collect()

@@ -58,6 +58,8 @@ def measure(model, setup, floor, repeats: int, device: str, block: int = 1):
     for _ in range(block):  # warm-up
         update()
     drain()
+    gc.collect()
+    gc.freeze()  # long-lived objects out of the collector's way (see step_overhead.py)
     ts, fs = [], []
 
     def run():
@@ -68,6 +70,7 @@ def measure(model, setup, floor, repeats: int, device: str, block: int = 1):
     for _ in range(repeats):
         fs.append(timed(floor, device))
         ts.append(timed(run, device) / block)
+    gc.unfreeze()
     return median([t / f for t, f in zip(ts, fs, strict=True)]), median(ts), median(fs)
 
 
