@@ -307,3 +307,38 @@ def test_split_staging_sees_moved_parameters(monkeypatch):
     sh.update(0.5)
     lerp_([avg], [model.weight.detach()], 0.5)
     assert torch.equal(sh.tensors()["weight"], avg)
+
+
+def _small_and_big() -> nn.Module:
+    layers = [nn.Linear(3, 5) for _ in range(12)] + [nn.Linear(64, 64)]
+    layers += [nn.Linear(5, 3) for _ in range(12)]
+    return nn.Sequential(*layers)
+
+
+def test_gather_path_small_cpu_tensors_bitwise():
+    model = _small_and_big()
+    sh = _check(model, copy.deepcopy(model), WEIGHTS)
+    kinds = [op[0] for op in sh._ops]
+    assert kinds.count("gather") == 2 and "lerp" in kinds  # the big layer breaks the run
+
+
+def test_gather_runs_split_at_the_staging_bound(monkeypatch):
+    monkeypatch.setattr(shadow_mod, "_STAGING_ELEMENTS_CPU", 160)
+    model = nn.Sequential(*[nn.Linear(3, 5) for _ in range(40)])
+    sh = _check(model, copy.deepcopy(model), WEIGHTS)
+    gathers = [op for op in sh._ops if op[0] == "gather"]
+    assert len(gathers) > 1 and all(op[3].numel() <= 160 for op in gathers)
+
+
+def test_gather_sees_moved_parameters():
+    model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(10)])
+    sh = Shadow(model)
+    assert sh._ops[0][0] == "gather"
+    avg = {n: t.clone() for n, t in sh.tensors().items()}
+    with torch.no_grad():
+        model[4].weight.data = torch.randn(3, 3)  # one parameter's storage replaced
+    sh.update(0.5)
+    sd = model.state_dict()
+    for n, t in avg.items():
+        lerp_([t], [sd[n]], 0.5)
+        assert torch.equal(sh.tensors()[n], t), n
