@@ -140,6 +140,12 @@ def _gather_runs(
     return groups
 
 
+def _span_numel(group: list[tuple[list[_Entry], Tensor, Tensor]]) -> int:
+    """Elements from the first view of a gather group to the end of its last."""
+    first, last = group[0][0][0].view, group[-1][0][-1].view
+    return last.storage_offset() + last.numel() - first.storage_offset()
+
+
 def _run(ops: list[tuple], weight: float) -> None:
     for op in ops:
         if op[0] == "lerp":
@@ -345,11 +351,20 @@ class Shadow:
                 items.append((run, first.view, first.source()))
         ops: list[tuple] = []
         rest: list[tuple[Tensor, Tensor]] = []
+        gathers = []
         for group in _gather_runs(items, position):
             if len(group) >= _GATHER_MIN:
-                ops.append(self._gather(group))
+                gathers.append(group)
             else:
                 rest += [(view, src) for _, view, src in group]
+        # runs are gathered one after another: one staging buffer per dtype serves them all
+        staging: dict[torch.dtype, Tensor] = {}
+        for group in gathers:
+            dtype, n = group[0][1].dtype, _span_numel(group)
+            if dtype not in staging or staging[dtype].numel() < n:
+                staging[dtype] = torch.empty(n, dtype=dtype)
+        self._workspace += list(staging.values())
+        ops += [self._gather(group, staging[group[0][1].dtype]) for group in gathers]
         groups: dict[tuple, tuple[list, list]] = {}
         for view, src in rest:
             key = (src.device, src.dtype, view.device, view.dtype)
@@ -365,14 +380,14 @@ class Shadow:
                 ops.append(("staged", self._stage(views, sources)))
         return ops
 
-    def _gather(self, group: list[tuple[list[_Entry], Tensor, Tensor]]) -> tuple:
+    def _gather(self, group: list[tuple[list[_Entry], Tensor, Tensor]], staging: Tensor) -> tuple:
         """One op for a run of small CPU tensors laid out back to back in the average:
         ``torch.cat`` of the sources (and zeros for the padding) into a staging buffer, then
         one ``lerp_`` over the run's span of the average."""
         entries = [e for run, _, _ in group for e in run]
         _zero_gaps(entries)
-        first, last = entries[0].view, entries[-1].view
-        n = last.storage_offset() + last.numel() - first.storage_offset()
+        first = entries[0].view
+        n = _span_numel(group)
         span = first.as_strided((n,), (1,), first.storage_offset())
         zeros = torch.zeros(_ALIGN, dtype=first.dtype, device=first.device)
         parts: list[Tensor] = []
@@ -384,9 +399,7 @@ class Shadow:
                 while gap > 0:  # alignment padding between two views
                     parts.append(zeros[: min(gap, _ALIGN)])
                     gap -= _ALIGN
-        staging = torch.empty(n, dtype=first.dtype, device=first.device)
-        self._workspace.append(staging)
-        return ("gather", span, parts, staging)
+        return ("gather", span, parts, staging[:n])
 
     def _stage(self, views: list[Tensor], sources: list[Tensor]) -> list[tuple[list, list, list]]:
         """Chunks of (views, sources, staging views): sources are converted into a staging
