@@ -455,8 +455,8 @@ class Shadow:
         """``stored <- stored + weight * (source - stored)``; ``copy`` entries take the source.
 
         With a side stream or a CPU average of a CUDA model this returns before the work is
-        done; :meth:`synchronize` (called by the EMA before it reads or swaps the average, and
-        before every optimizer step) orders it.
+        done; :meth:`synchronize` (called by the EMA before it reads, swaps, saves or loads the
+        average) orders it, and side streams are also joined before every optimizer step.
         """
         self._refresh()
         self._wait_host()
@@ -500,6 +500,11 @@ class Shadow:
         self._wait_host()
         for side in self._sides.values():
             side.join()
+
+    def __del__(self) -> None:
+        # Pending side-stream work must not outlive the buffers it writes.
+        with contextlib.suppress(Exception):
+            self.synchronize()
 
     def workspace_nbytes(self) -> int:
         """Bytes of staging buffers (dtype/device conversion, pinned host copies)."""
