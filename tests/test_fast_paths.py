@@ -210,6 +210,18 @@ def test_side_stream_is_a_noop_without_cuda():
     sh = _check(model, copy.deepcopy(model), WEIGHTS[:2], side_stream=True)
     if not CUDA:
         assert sh._sides == {}
+    a, b = _net(), _net()
+    ea, eb = emakit.EMA(a, smoothing=0.5), emakit.EMA(b, smoothing=0.5, side_stream=True)
+    g1, g2 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    for _ in range(3):
+        _perturb(a, g1)
+        _perturb(b, g2)
+        ea.step()
+        eb.step()
+    for (n, x), (_, y) in zip(
+        ea.ema_state_dict().items(), eb.ema_state_dict().items(), strict=True
+    ):
+        assert torch.equal(x, y), n
 
 
 # CUDA ------------------------------------------------------------------------------------
@@ -328,6 +340,9 @@ def test_gather_runs_split_at_the_staging_bound(monkeypatch):
     sh = _check(model, copy.deepcopy(model), WEIGHTS)
     gathers = [op for op in sh._ops if op[0] == "gather"]
     assert len(gathers) > 1 and all(op[3].numel() <= 160 for op in gathers)
+    # the runs share one staging buffer
+    assert len({op[3].untyped_storage().data_ptr() for op in gathers}) == 1
+    assert sh.workspace_nbytes() <= 160 * 4
 
 
 def test_gather_sees_moved_parameters():
