@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -33,7 +34,7 @@ def test_time_parse_tolerates_spaces_and_case(value, unit, space):
 @given(st.floats(min_value=1e-3, max_value=1e7), st.floats(min_value=1e-3, max_value=1e3))
 def test_half_life_round_trip(half_life, interval):
     s = emakit.smoothing_from_half_life(half_life, interval)
-    if 0.0 < s < 1.0:
+    if sys.float_info.min < s < 1.0:  # a subnormal s has lost its precision
         back = emakit.half_life_from_smoothing(s, interval)
         assert math.isclose(back, half_life, rel_tol=1e-6)
         # The definition: after one half-life the old average keeps weight 1/2.

@@ -9,6 +9,7 @@
 """
 
 from .ema import EMA, EMAModule
+from .flat import flatten_parameters
 from .functional import compute_ema
 from .posthoc import PostHocEMA, synthesize
 from .schedules import (
@@ -31,6 +32,7 @@ __all__ = [
     "PowerWarmup",
     "Time",
     "compute_ema",
+    "flatten_parameters",
     "gamma_to_sigma_rel",
     "half_life_from_smoothing",
     "sigma_rel_to_gamma",

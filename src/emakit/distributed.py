@@ -30,10 +30,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from .functional import all_finite, check_same_names, copy_, lerp_, unwrap_model
-from .shadow import BUFFER_MODES, _Entry, classify
+from .shadow import BUFFER_MODES, DTensor, _Entry, classify
 
 if TYPE_CHECKING:
     from .ema import EMA
@@ -314,6 +313,9 @@ class ShardedShadow:
         copy_(dst, src)
 
     @torch.no_grad()
+    def synchronize(self) -> None:
+        """Nothing to join: updates of the slice run on the training stream."""
+
     def export(self, started: bool = True, rank0_only: bool = False) -> OrderedDict[str, Tensor]:
         """A plain state dict of the averaged model (gathered; a collective). ``rank0_only``:
         only rank 0 keeps the tensors, on the CPU; other ranks get an empty dict."""

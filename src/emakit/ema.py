@@ -62,6 +62,9 @@ class EMA:
         skip_nonfinite: skip (count, warn) an update whose source holds NaN or Inf. Costs one
             host-device sync per update (and one all-reduce of one element when distributed,
             so that every rank skips the same updates).
+        side_stream: on CUDA, run updates on a side stream that overlaps the next forward and
+            backward pass; joined before every optimizer step and before the average is read
+            (:mod:`emakit.streams`). Results are bitwise those of the plain path.
         shard: for a DDP (replicated) model, keep only 1/world of the average on each rank
             (see :mod:`emakit.distributed`); needs an initialized process group. FSDP2
             models need no flag: their average is always kept shard by shard.
@@ -100,6 +103,7 @@ class EMA:
         device: torch.device | str | None = None,
         warmup: PowerWarmup | None = None,
         skip_nonfinite: bool = False,
+        side_stream: bool = False,
         shard: bool = False,
     ) -> None:
         if half_life is not None and smoothing is not None:
@@ -167,11 +171,15 @@ class EMA:
             check_same_model(self.model, self._group)
         self.shadow: Shadow | ShardedShadow
         if shard:
+            if side_stream:
+                raise ValueError("side_stream: not supported with shard=True")
             self.shadow = ShardedShadow(
                 self.model, dtype=dtype, device=device, buffers=buffers, group=self._group
             )
         else:
-            self.shadow = Shadow(self.model, dtype=dtype, device=device, buffers=buffers)
+            self.shadow = Shadow(
+                self.model, dtype=dtype, device=device, buffers=buffers, side_stream=side_stream
+            )
         self.clock = Clock(batches_per_epoch, self.total)
         self.num_updates = 0
         self.skipped_updates = 0
@@ -216,6 +224,7 @@ class EMA:
 
     def _begin(self) -> None:
         self._check_not_swapped("start the average")
+        self.shadow.synchronize()
         self.shadow.reset()
         self.started = True
 
@@ -268,6 +277,7 @@ class EMA:
         if self._swapped:
             raise RuntimeError("ema.swapped() is already active: swaps cannot be nested")
         self._swapped = True
+        self.shadow.synchronize()
         try:
             if not self.started:
                 yield self.model
@@ -297,6 +307,7 @@ class EMA:
         loads into an unsharded model; this is a collective (every rank calls it).
         ``rank0_only=True``: only rank 0 keeps the tensors, on the CPU; other ranks get {}.
         """
+        self.shadow.synchronize()
         return self.shadow.export(
             started=self.started and not self._swapped, rank0_only=rank0_only
         )
@@ -312,6 +323,7 @@ class EMA:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly; loads with ``torch.load(weights_only=True)``."""
+        self.shadow.synchronize()
         return {
             "version": _STATE_VERSION,
             "config": self._config(),
@@ -334,6 +346,7 @@ class EMA:
         if state["version"] != _STATE_VERSION:
             raise ValueError(f"state: version {state['version']!r} is not {_STATE_VERSION}")
         self._check_not_swapped("load a state")
+        self.shadow.synchronize()
         self.shadow.load(state["average"], what="EMA state_dict['average']")
         self.clock.load_state_dict(state["clock"])
         self.num_updates = int(state["num_updates"])
@@ -373,6 +386,7 @@ class EMAModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         ema: EMA = self._ema
         model = ema.model
+        ema.shadow.synchronize()
         if getattr(ema.shadow, "fsdp", False):
             return self._forward_fsdp(args, kwargs)
         mapping = ema.shadow.mapping(started=ema.started and not ema._swapped)

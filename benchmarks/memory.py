@@ -1,0 +1,71 @@
+"""Bytes of EMA state per averaged element, for fp32 and bf16 models and each option.
+
+Measured from the Shadow's own buffers on ResNet-50 (parameters and BatchNorm statistics)
+and 1000 x Linear(32, 32): ``state`` is the flat average (padding included), ``workspace``
+the staging buffers an update uses. Rows for a CUDA model are measured where a GPU is
+present and computed from the same rules otherwise (marked "rule").
+
+    python benchmarks/memory.py
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from _common import ResNet50, averaged_numel, many_linear, table
+
+import emakit
+from emakit import shadow as shadow_mod
+
+
+def row(label, model, **kw):
+    model = copy.deepcopy(model)
+    flatten = kw.pop("flatten", False)
+    if flatten:
+        emakit.flatten_parameters(model)
+    sh = shadow_mod.Shadow(model, **kw)
+    n = averaged_numel(model)
+    state = sum(f.numel() * f.element_size() for f in sh.flat.values())
+    work = sh.workspace_nbytes()
+    where = ", ".join(sorted({str(k[0]) for k in sh.flat}))
+    return [label, f"{state / n:.3f}", f"{work / n:.3f} ({work / 2**20:.1f} MiB)", where]
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    rows = []
+    for name, build in (("ResNet-50", ResNet50), ("1000 x Linear(32,32)", many_linear)):
+        fp32 = build()
+        bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+        rows += [
+            row(f"{name}, fp32 model, default (dtype=float32)", fp32),
+            row(f"{name}, fp32 model, flatten_parameters", fp32, flatten=True),
+            row(f"{name}, fp32 model, buffers='copy'", fp32, buffers="copy"),
+            row(f"{name}, bf16 model, default (dtype=float32)", bf16),
+            row(f"{name}, bf16 model, dtype=None (bf16 average)", bf16, dtype=None),
+            row(f"{name}, bf16 model, flatten_parameters", bf16, flatten=True),
+        ]
+        if torch.cuda.is_available():
+            for label, m in (("fp32", fp32), ("bf16", bf16)):
+                rows.append(
+                    row(f"{name}, {label} CUDA model, device='cpu'", m.cuda(), device="cpu")
+                )
+                rows.append(
+                    row(f"{name}, {label} CUDA model, side_stream=True", m.cuda(),
+                        side_stream=True)
+                )
+    if not torch.cuda.is_available():
+        rule = "rule"
+        rows += [
+            ["fp32 CUDA model, device='cpu'", "4 (host)", "4 pinned host (1 copy of the "
+             "model in its dtype)", rule],
+            ["bf16 CUDA model, device='cpu'", "4 (host)", "2 pinned host + conversion "
+             "staging <= 4 MiB host", rule],
+            ["any CUDA model, side_stream=True", "as without", "0 (as without)", rule],
+        ]
+    print(table(["model and option", "state B/element", "workspace B/element", "device"], rows))
+
+
+if __name__ == "__main__":
+    main()
