@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .ema import EMA
+from .io import atomic_file
 from .posthoc import PostHocEMA, supported_sigma_rels, synthesize
 from .posthoc import list_snapshots as _list_snapshots
 from .schedules import PowerWarmup
@@ -186,10 +187,9 @@ def plot_sweep(
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(path) as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def format_table(rows: list[dict[str, float]]) -> str:
@@ -224,10 +224,9 @@ def plot(rows: list[dict[str, float]], path: Path) -> None:
         ax.legend()
     fig.suptitle("emakit demo: digits, SGD lr high enough to be noisy")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(path) as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 class _NoBar:

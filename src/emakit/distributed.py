@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .functional import all_finite, check_same_names, copy_, lerp_, unwrap_model
-from .shadow import BUFFER_MODES, DTensor, _Entry, classify
+from .shadow import DTensor, _Entry, check_storage, classify
 
 if TYPE_CHECKING:
     from .ema import EMA
@@ -159,18 +159,10 @@ class ShardedShadow:
         buffers: str = "average",
         group: Any = None,
     ) -> None:
-        if buffers not in BUFFER_MODES:
-            raise ValueError(f"buffers: expected one of {BUFFER_MODES}, got {buffers!r}")
-        if dtype is not None and not (
-            isinstance(dtype, torch.dtype) and dtype.is_floating_point
-        ):
-            raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+        self.dtype, self.device, self.buffers = check_storage(dtype, device, buffers)
         if not _initialized():
             raise ValueError("shard=True needs an initialized torch.distributed process group")
         self.model = unwrap_model(model)
-        self.dtype = dtype
-        self.device = torch.device(device) if device is not None else None
-        self.buffers = buffers
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)

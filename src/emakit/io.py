@@ -20,14 +20,17 @@ import os
 import sys
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "DTYPE_CODES",
+    "atomic_file",
+    "save_torch",
     "write_safetensors",
     "read_metadata",
     "read_tensors",
@@ -114,6 +117,34 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
     os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, overwrite: bool = True) -> Iterator[BinaryIO]:
+    """Open a temporary file beside ``path`` for binary writing; on a clean exit flush and
+    ``fsync`` it and give it the name ``path``. A writer that fails or is killed leaves no file
+    under ``path`` (only, if killed, a hidden temporary). Without ``overwrite`` an existing
+    ``path`` raises FileExistsError and is left untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
+    try:
+        with open(tmp, "xb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        _publish(tmp, path, overwrite)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    _fsync_dir(path.parent)
+
+
+def save_torch(obj: object, path: str | os.PathLike, overwrite: bool = True) -> None:
+    """``torch.save`` through :func:`atomic_file`: a reader sees the old file or the new one,
+    never half of one."""
+    with atomic_file(path, overwrite=overwrite) as f:
+        torch.save(obj, f)
+
+
 def write_safetensors(
     path: str | os.PathLike,
     tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor] | tuple[str, Tensor, torch.dtype]],
@@ -150,34 +181,24 @@ def write_safetensors(
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(len(blob).to_bytes(8, "little"))
-            f.write(blob)
-            for name, t, dtype in items:
-                if t.numel() == 0:
-                    continue
-                data = t.detach().to(device="cpu", dtype=dtype).contiguous()
-                if (dtype != t.dtype and data.is_floating_point()
-                        and not bool(torch.isfinite(data).all())):
-                    warnings.warn(
-                        f"emakit: tensor {name!r} holds values that are not finite in {dtype} "
-                        f"(overflow from {t.dtype}?) in {path.name}; store a wider dtype",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-                nbytes = data.numel() * data.element_size()
-                f.write(memoryview((ctypes.c_ubyte * nbytes).from_address(data.data_ptr())))
-                del data
-            f.flush()
-            os.fsync(f.fileno())
-        _publish(tmp, path, overwrite)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    _fsync_dir(path.parent)
+    with atomic_file(path, overwrite=overwrite) as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name, t, dtype in items:
+            if t.numel() == 0:
+                continue
+            data = t.detach().to(device="cpu", dtype=dtype).contiguous()
+            if (dtype != t.dtype and data.is_floating_point()
+                    and not bool(torch.isfinite(data).all())):
+                warnings.warn(
+                    f"emakit: tensor {name!r} holds values that are not finite in {dtype} "
+                    f"(overflow from {t.dtype}?) in {path.name}; store a wider dtype",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            nbytes = data.numel() * data.element_size()
+            f.write(memoryview((ctypes.c_ubyte * nbytes).from_address(data.data_ptr())))
+            del data
     return path
 
 

@@ -116,6 +116,17 @@ def _gather(t: Tensor) -> Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def check_storage(
+    dtype: torch.dtype | None, device: torch.device | str | None, buffers: str
+) -> tuple[torch.dtype | None, torch.device | None, str]:
+    """Validate the storage arguments shared by every shadow; return them normalized."""
+    if buffers not in BUFFER_MODES:
+        raise ValueError(f"buffers: expected one of {BUFFER_MODES}, got {buffers!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+    return dtype, (torch.device(device) if device is not None else None), buffers
+
+
 def classify(model: nn.Module, buffers: str) -> list[_Entry]:
     """The model's state-dict entries as ``average`` / ``copy`` / ``live`` entries, tied
     tensors merged (the first name is canonical), extra state left out."""
@@ -309,15 +320,8 @@ class Shadow:
         buffers: str = "average",
         side_stream: bool = False,
     ) -> None:
-        if buffers not in BUFFER_MODES:
-            raise ValueError(f"buffers: expected one of {BUFFER_MODES}, got {buffers!r}")
-        floating = isinstance(dtype, torch.dtype) and dtype.is_floating_point
-        if dtype is not None and not floating:
-            raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
         self.model = unwrap_model(model)
-        self.dtype = dtype
-        self.device = torch.device(device) if device is not None else None
-        self.buffers = buffers
+        self.dtype, self.device, self.buffers = check_storage(dtype, device, buffers)
         self.side_stream = bool(side_stream)
         self._sides: dict[torch.device, SideStream] = {}
         self._workspace: list[Tensor] = []

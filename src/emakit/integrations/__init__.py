@@ -13,17 +13,16 @@ Nothing in the core imports this package.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..ema import EMA
 from ..time import Time
 
-__all__ = ["check_ema_arguments", "atomic_torch_save"]
+__all__ = ["check_ema_arguments", "callback_arguments", "EVALUATE_WITH"]
+
+EVALUATE_WITH = ("ema", "model", "both")
 
 
 def check_ema_arguments(kwargs: dict[str, Any]) -> None:
@@ -40,18 +39,19 @@ def check_ema_arguments(kwargs: dict[str, Any]) -> None:
     EMA(nn.Linear(1, 1), **probe)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, flushed, then renamed over
-    ``path``: a reader sees the old file or the new one, never half of one."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def callback_arguments(
+    trainer: str, evaluate_with: str, allowed: tuple[str, ...] = EVALUATE_WITH, **ema_kwargs: Any
+) -> dict[str, Any]:
+    """Check a trainer callback's arguments at its construction and return the EMA keyword
+    arguments. ``trainer`` names the trainer in messages; callbacks count optimizer steps and
+    epochs, so times in samples or tokens are refused."""
+    if evaluate_with not in allowed:
+        raise ValueError(f"evaluate_with: expected one of {allowed}, got {evaluate_with!r}")
+    start = ema_kwargs.get("start", "0ba")
+    if Time.parse(start, "start").unit in ("sp", "tok"):
+        raise ValueError(
+            f"start={str(start)!r}: the {trainer} callback counts optimizer steps and epochs, "
+            "not samples or tokens"
+        )
+    check_ema_arguments(ema_kwargs)
+    return ema_kwargs

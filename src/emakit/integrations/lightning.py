@@ -30,11 +30,10 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from ..ema import EMA
 from ..time import Time
-from . import check_ema_arguments
+from . import callback_arguments
 
 __all__ = ["EMACallback", "TRAINING_WEIGHTS_KEY"]
 
-EVALUATE_WITH = ("ema", "model", "both")
 #: Checkpoint key holding the training weights when ``save_ema_weights=True`` put the
 #: averaged ones under ``"state_dict"``.
 TRAINING_WEIGHTS_KEY = "emakit_training_state_dict"
@@ -81,22 +80,13 @@ class EMACallback(pl.Callback):
         copy_on_fit_end: bool = False,
     ) -> None:
         super().__init__()
-        if evaluate_with not in EVALUATE_WITH:
-            raise ValueError(
-                f"evaluate_with: expected one of {EVALUATE_WITH}, got {evaluate_with!r}"
-            )
-        if Time.parse(start, "start").unit in ("sp", "tok"):
-            raise ValueError(
-                f"start={str(start)!r}: the Lightning callback counts batches and epochs, "
-                "not samples or tokens"
-            )
-        self.ema_kwargs: dict[str, Any] = dict(
+        self.ema_kwargs: dict[str, Any] = callback_arguments(
+            "Lightning", evaluate_with,
             half_life=half_life, smoothing=smoothing, start=start,
             update_interval=update_interval, total=total, batches_per_epoch=batches_per_epoch,
             buffers=buffers, dtype=dtype, device=device, warmup=warmup,
             skip_nonfinite=skip_nonfinite,
         )
-        check_ema_arguments(self.ema_kwargs)
         self.evaluate_with = evaluate_with
         self.save_ema_weights = bool(save_ema_weights)
         self.copy_on_fit_end = bool(copy_on_fit_end)

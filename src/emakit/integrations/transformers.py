@@ -38,8 +38,9 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..ema import EMA
+from ..io import save_torch
 from ..time import Time
-from . import atomic_torch_save, check_ema_arguments
+from . import callback_arguments
 
 __all__ = ["EMACallback", "EMA_STATE_NAME", "EMA_MODEL_DIR"]
 
@@ -94,22 +95,13 @@ class EMACallback(TrainerCallback):
         evaluate_with: str = "ema",
         save_ema_model: bool = True,
     ) -> None:
-        if evaluate_with not in EVALUATE_WITH:
-            raise ValueError(
-                f"evaluate_with: expected one of {EVALUATE_WITH}, got {evaluate_with!r}"
-            )
-        if Time.parse(start, "start").unit in ("sp", "tok"):
-            raise ValueError(
-                f"start={str(start)!r}: the Transformers callback counts optimizer steps and "
-                "epochs, not samples or tokens"
-            )
-        self.ema_kwargs: dict[str, Any] = dict(
+        self.ema_kwargs: dict[str, Any] = callback_arguments(
+            "Transformers", evaluate_with, allowed=EVALUATE_WITH,
             half_life=half_life, smoothing=smoothing, start=start,
             update_interval=update_interval, total=total, batches_per_epoch=batches_per_epoch,
             buffers=buffers, dtype=dtype, device=device, warmup=warmup,
             skip_nonfinite=skip_nonfinite,
         )
-        check_ema_arguments(self.ema_kwargs)
         self.evaluate_with = evaluate_with
         self.save_ema_model = bool(save_ema_model)
         self.ema: EMA | None = None
@@ -230,7 +222,7 @@ class EMACallback(TrainerCallback):
                 stacklevel=2,
             )
             return
-        atomic_torch_save(
+        save_torch(
             {"ema": self.ema.state_dict(), "global_step": state.global_step},
             os.path.join(folder, EMA_STATE_NAME),
         )
