@@ -31,7 +31,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .functional import all_finite, check_same_names, copy_, lerp_, unwrap_model
+from .functional import (
+    all_finite,
+    check_same_names,
+    copy_,
+    lerp_,
+    unwrap_model,
+    values_swapped,
+)
 from .shadow import DTensor, _Entry, check_storage, classify
 
 if TYPE_CHECKING:
@@ -346,15 +353,8 @@ class ShardedShadow:
         values are restored bitwise after it, also when it raises."""
         full = self._gathered()
         sources = [e.source() for e in self.stored]
-        with torch.no_grad():
-            backup = [s.detach().clone() for s in sources]
-            copy_(sources, [full[id(e)] for e in self.stored])
-        del full
-        try:
+        with values_swapped(sources, [full.pop(id(e)) for e in self.stored]):
             yield
-        finally:
-            with torch.no_grad():
-                copy_(sources, backup)
 
     def state_nbytes(self) -> int:
         """Bytes of the average held on this rank (its slices)."""

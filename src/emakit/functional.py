@@ -6,7 +6,8 @@ scalars as weights, so none of them synchronizes the host with an accelerator.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +17,7 @@ from .schedules import check_smoothing
 __all__ = [
     "lerp_",
     "copy_",
+    "values_swapped",
     "all_finite",
     "compute_ema",
     "unwrap_model",
@@ -55,6 +57,21 @@ def copy_(dst: Sequence[Tensor], src: Sequence[Tensor], non_blocking: bool = Fal
     """In place, ``dst[i] <- src[i]`` (converting dtype and device) for every i."""
     for ds, ss in _groups(dst, src).values():
         torch._foreach_copy_(ds, ss, non_blocking=non_blocking)
+
+
+@contextlib.contextmanager
+def values_swapped(targets: Sequence[Tensor], values: Sequence[Tensor]) -> Iterator[None]:
+    """Inside the block ``targets[i]`` hold ``values[i]``; after it (also when it raises) they
+    hold their own values again, bitwise. Costs one backup copy of ``targets``."""
+    with torch.no_grad():
+        backup = [t.detach().clone() for t in targets]
+        copy_(targets, values)
+    del values  # the caller may drop its copies (gathered shards) while the block runs
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            copy_(targets, backup)
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover - depends on the torch build
 
         distribute_tensor = None  # type: ignore[assignment]
 
-from .functional import all_finite, check_same_names, copy_, unwrap_model
+from .functional import all_finite, check_same_names, copy_, unwrap_model, values_swapped
 from .streams import SideStream
 
 __all__ = ["Shadow", "BUFFER_MODES", "classify"]
@@ -678,15 +678,8 @@ class Shadow:
     def swapped(self) -> Iterator[None]:
         """Averaged values in the model's tensors inside the block; the training values are
         restored bitwise after it, also when it raises. Tensor identity is kept."""
-        sources = [e.source() for e in self.stored]
-        with torch.no_grad():
-            backup = [s.detach().clone() for s in sources]
-            copy_(sources, [e.view for e in self.stored])
-        try:
+        with values_swapped([e.source() for e in self.stored], [e.view for e in self.stored]):
             yield
-        finally:
-            with torch.no_grad():
-                copy_(sources, backup)
 
     def state_nbytes(self) -> int:
         """Bytes held by the stored average (flat buffers), staging excluded."""
