@@ -57,7 +57,8 @@ def _local(model: nn.Module) -> list[torch.Tensor]:
     return [p.to_local().detach().clone() for p in model.parameters()]
 
 
-def fsdp(out: str, rank: int, world: int) -> None:
+def _fsdp_setup():
+    """The test model under FSDP2 (each Linear, then the root), its optimizer and its EMA."""
     from torch.distributed.fsdp import fully_shard
 
     model = make_model()
@@ -65,7 +66,13 @@ def fsdp(out: str, rank: int, world: int) -> None:
     fully_shard(model[2])
     fully_shard(model)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    ema = emakit.EMA(model, half_life=HALF_LIFE)
+    return model, opt, emakit.EMA(model, half_life=HALF_LIFE)
+
+
+def fsdp(out: str, rank: int, world: int) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    model, opt, ema = _fsdp_setup()
     local_avg = sum(e.view.numel() for e in ema.shadow.stored)
     total_avg = sum(e.shape.numel() for e in ema.shadow.stored)
     per_rank: list = [None] * world
@@ -193,14 +200,8 @@ def ddp(out: str, rank: int, world: int) -> None:
 def fsdp_resume(out: str, rank: int, world: int) -> None:
     """Load the checkpoint that ``fsdp`` wrote on 2 ranks into ``world`` ranks; go on."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.fsdp import fully_shard
 
-    model = make_model()
-    fully_shard(model[0])
-    fully_shard(model[2])
-    fully_shard(model)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    ema = emakit.EMA(model, half_life=HALF_LIFE)
+    model, opt, ema = _fsdp_setup()
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=os.path.join(out, "ckpt-model"))
     model.load_state_dict(state["model"])
