@@ -152,10 +152,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _inspect_folder(path, max_error: float) -> int:
     from .io import is_temporary
-    from .posthoc import _scan, list_snapshots, supported_sigma_rels
+    from .posthoc import list_snapshots, scan, supported_sigma_rels
 
     snaps = list_snapshots(path)
-    every = len(_scan(path))
+    every = len(scan(path))
     temporary = [p for p in path.iterdir() if is_temporary(p)]
     last = snaps[-1]
     profiles = ", ".join(f"{s:g} (gamma {g:.4g})" for s, g in zip(last.sigma_rels, last.gammas,

@@ -1,0 +1,197 @@
+"""Post-hoc synthesis: an EMA of any width from the snapshots, after training."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, overload
+
+import torch
+from torch import Tensor
+
+from ..io import dtype_from_name, read_tensors
+from ..schedules import sigma_rel_to_gamma
+from .profiles import MAX_SIGMA_REL, check_sigma_rel, solve_coefficients
+from .snapshots import SnapshotInfo, list_snapshots
+
+__all__ = ["synthesize", "plan_synthesis", "SynthesisPlan", "supported_sigma_rels",
+           "DEFAULT_MAX_ERROR"]
+
+#: Largest relative L2 error of the synthesized profile that synthesize() accepts by default.
+DEFAULT_MAX_ERROR = 0.05
+
+
+def _select(infos: list[SnapshotInfo], at: int | None) -> list[SnapshotInfo]:
+    """The snapshots at or before ``at`` (default: the last); ``at`` must be a snapshot step."""
+    if at is None:
+        return infos
+    if isinstance(at, bool) or not isinstance(at, int):
+        raise TypeError(f"at: expected a step (int) or None, got {type(at).__name__}")
+    chosen = [s for s in infos if s.step <= at]
+    if not chosen or chosen[-1].step != at:
+        before = chosen[-1].step if chosen else None
+        after = next((s.step for s in infos if s.step > at), None)
+        raise ValueError(
+            f"at: no snapshot at step {at}; the nearest are {before} (before) and {after} "
+            f"(after). Synthesis needs a snapshot at the target step, since later weights "
+            f"are in no earlier snapshot"
+        )
+    return chosen
+
+
+def _rows(snaps: list[SnapshotInfo]) -> tuple[list[tuple[int, int]], list[float], list[float]]:
+    rows = [(i, k) for i, s in enumerate(snaps) for k in range(len(s.gammas))]
+    ts = [snaps[i].t for i, _ in rows]
+    gammas = [snaps[i].gammas[k] for i, k in rows]
+    return rows, ts, gammas
+
+
+def supported_sigma_rels(
+    snapshots: list[SnapshotInfo], max_error: float = DEFAULT_MAX_ERROR, points: int = 400
+) -> tuple[float, float] | None:
+    """The range of sigma_rel whose profile at the last snapshot's time the snapshots
+    reproduce with a relative L2 error at most ``max_error`` (scanned on a log grid), or None.
+    """
+    _, ts, gammas = _rows(snapshots)
+    grid = torch.logspace(math.log10(0.002), math.log10(MAX_SIGMA_REL * 0.999), points,
+                          dtype=torch.float64)
+    g_out = [sigma_rel_to_gamma(float(s)) for s in grid]
+    _, err = solve_coefficients(ts, gammas, snapshots[-1].t, g_out)
+    ok = grid[err <= max_error]
+    if ok.numel() == 0:
+        return None
+    return float(ok.min()), float(ok.max())
+
+
+# --------------------------------------------------------------------------------------
+# synthesis
+
+
+@dataclass
+class SynthesisPlan:
+    """Which snapshots enter a synthesis and with which coefficients."""
+
+    snapshots: list[SnapshotInfo]
+    sigma_rels: list[float]
+    coefficients: Tensor  # [rows, targets], float64; row r is (snapshot, profile) rows[r]
+    rows: list[tuple[int, int]]
+    errors: Tensor  # [targets], relative L2 error of each synthesized profile
+
+
+def plan_synthesis(
+    directory: str | os.PathLike,
+    sigma_rels: Sequence[float],
+    at: int | None = None,
+    max_error: float | None = DEFAULT_MAX_ERROR,
+) -> SynthesisPlan:
+    """Pass 1 of :func:`synthesize`: headers only, the Gram system and its solution."""
+    sigma_rels = [check_sigma_rel(s) for s in sigma_rels]
+    if max_error is not None and (isinstance(max_error, bool)
+                                  or not isinstance(max_error, (int, float))
+                                  or not max_error > 0):
+        raise ValueError(f"max_error: expected a number > 0 or None, got {max_error!r}")
+    snaps = _select(list_snapshots(directory), at)
+    rows, ts, gammas = _rows(snaps)
+    g_out = [sigma_rel_to_gamma(s) for s in sigma_rels]
+    coefs, errors = solve_coefficients(ts, gammas, snaps[-1].t, g_out)
+    if max_error is not None:
+        bad = [(s, float(e)) for s, e in zip(sigma_rels, errors, strict=True) if not e <= max_error]
+        if bad:
+            rng = supported_sigma_rels(snaps, max_error)
+            where = (f"between {rng[0]:.4f} and {rng[1]:.4f}" if rng else "nowhere")
+            raise ValueError(
+                f"sigma_rel: {', '.join(f'{s:g} (profile error {e:.3f})' for s, e in bad)} "
+                f"cannot be represented by the {len(snaps)} snapshots up to step "
+                f"{snaps[-1].step} within max_error={max_error:g}; they support sigma_rel "
+                f"{where}. Take snapshots more often, or pass a larger max_error"
+            )
+    return SynthesisPlan(snaps, sigma_rels, coefs, rows, errors)
+
+
+@overload
+def synthesize(
+    directory: str | os.PathLike, sigma_rel: float, at: int | None = None, **kw: Any
+) -> dict[str, Tensor]: ...
+@overload
+def synthesize(
+    directory: str | os.PathLike, sigma_rel: Sequence[float], at: int | None = None, **kw: Any
+) -> list[dict[str, Tensor]]: ...
+
+
+def synthesize(
+    directory: str | os.PathLike,
+    sigma_rel: float | Sequence[float],
+    at: int | None = None,
+    *,
+    max_error: float | None = DEFAULT_MAX_ERROR,
+    dtype: torch.dtype | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    r"""The post-hoc EMA of relative width ``sigma_rel`` at step ``at``, as a model state dict.
+
+    .. math:: \hat\theta = \sum_i c_i \bar\theta_i, \quad
+              c = \arg\min_{\sum c_i = 1} \|\textstyle\sum_i c_i p_i - p_{target}\|_2
+
+    over every stored profile ``p_i`` of every snapshot at or before ``at`` (a snapshot
+    step; default the last). Pass 1 reads headers only and solves in float64; pass 2 reads
+    one tensor at a time and accumulates in float32, so the peak memory is about one fp32
+    model per target plus one snapshot tensor, whatever the number of snapshots. Buffers that
+    are copied, not averaged, and frozen tensors come from the snapshot at ``at``.
+
+    Args:
+        directory: the ``snapshot_dir`` of a :class:`PostHocEMA`.
+        sigma_rel: target relative width in (0, sqrt(1/12)), or a sequence of them (one pass
+            over the files; a list of state dicts is returned).
+        at: the step to synthesize at; must be the step of a snapshot.
+        max_error: largest accepted relative L2 error of the synthesized profile
+            (``None``: accept any).
+        dtype: dtype of the returned tensors (default: the model's own, per tensor).
+        progress: called as ``progress(files_done, files_total)`` after each file.
+
+    Raises:
+        ValueError: empty folder, truncated or foreign file, snapshots of different models
+            or runs, ``at`` not a snapshot step, or a target the snapshots cannot represent.
+    """
+    single = not isinstance(sigma_rel, Sequence)
+    targets = [sigma_rel] if single else list(sigma_rel)
+    if not targets:
+        raise ValueError("sigma_rel: expected at least one value")
+    plan = plan_synthesis(directory, targets, at, max_error)
+    layout = plan.snapshots[-1].layout
+    averaged = [n for n, kind, _, _ in layout if kind == "average"]
+    f32 = torch.float32
+    acc: list[dict[str, Tensor]] = [{} for _ in targets]
+    total = len(plan.snapshots)
+    for i, snap in enumerate(plan.snapshots):
+        rows = [(r, k) for r, (j, k) in enumerate(plan.rows) if j == i]
+        with read_tensors(snap.path, what="snapshot_dir") as f:
+            for name in averaged:
+                for r, k in rows:
+                    x = f.get_tensor(f"p{k}/{name}").to(f32)
+                    for j in range(len(targets)):
+                        c = float(plan.coefficients[r, j])
+                        if name not in acc[j]:
+                            acc[j][name] = x * c
+                        else:
+                            acc[j][name].add_(x, alpha=c)
+                    del x
+            if i == total - 1:  # copied and live tensors from the target snapshot
+                rest = {n: f.get_tensor(f"{kind}/{n}") for n, kind, _, _ in layout
+                        if kind in ("copy", "live")}
+        if progress is not None:
+            progress(i + 1, total)
+    results = []
+    for j in range(len(targets)):
+        out: dict[str, Tensor] = {}
+        for name, kind, model_dtype, aliases in layout:
+            t = acc[j].pop(name) if kind == "average" else rest[name].clone()
+            want = dtype or dtype_from_name(model_dtype, "layout")
+            if t.is_floating_point():
+                t = t.to(want)
+            for n in (name, *aliases):
+                out[n] = t
+        results.append({n: out[n] for n in plan.snapshots[-1].order})
+    return results[0] if single else results
+

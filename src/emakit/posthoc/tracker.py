@@ -1,0 +1,360 @@
+"""PostHocEMA: power-function EMA profiles tracked during training, with snapshots."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..functional import unwrap_model
+from ..io import dtype_name, dumps, model_fingerprint, write_safetensors
+from ..schedules import power_smoothing, sigma_rel_to_gamma
+from ..shadow import Shadow
+from ..time import Clock, Time
+from .profiles import check_sigma_rel
+from .snapshots import FORMAT, FORMAT_VERSION, PREFIX, SUFFIX, scan
+
+__all__ = ["PostHocEMA"]
+
+_STATE_VERSION = 1
+_INTERVAL_UNITS = ("ba", "ep")
+
+
+def _interval(value: str | Time | None, name: str) -> Time | None:
+    if value is None:
+        return None
+    t = Time.parse(value, name)
+    if t.unit not in _INTERVAL_UNITS or not isinstance(t.value, int) or t.value < 1:
+        raise ValueError(f"{name}: expected a whole number >= 1 of ba or ep, got {str(t)!r}")
+    return t
+
+
+class PostHocEMA:
+    r"""Power-function EMAs of a model's weights, one per ``sigma_rel``, with periodic
+    snapshots from which :func:`synthesize` builds an EMA of any length after training.
+
+    At each update at time ``t`` (batches or epochs since the start; the previous update at
+    ``t - dt``) every profile runs
+
+    .. math:: \bar\theta \leftarrow \beta\,\bar\theta + (1 - \beta)\,\theta, \quad
+              \beta = (1 - dt / t)^{\gamma + 1}
+
+    in the storage ``dtype`` with emakit's kernels, so the average is exactly
+    ``sum_k w_k theta_k`` with ``w_k = (t_k^(gamma+1) - t_{k-1}^(gamma+1)) / t^(gamma+1)``.
+    ``gamma = sigma_rel_to_gamma(sigma_rel)``.
+
+    Snapshots: every ``snapshot_every`` (and at each :meth:`snapshot` call) one safetensors
+    file ``phema-<step>.safetensors`` in ``snapshot_dir`` holds every profile in
+    ``snapshot_dtype``, with the metadata synthesis needs. Files are written to a temporary
+    name, flushed and renamed; an existing file is never replaced (a resumed run that
+    reaches a step again writes ``phema-<step>.r1.safetensors``, and synthesis follows the
+    latest history).
+
+    Args:
+        model: the model being trained (DDP and ``torch.compile`` wrappers are seen through).
+        sigma_rels: relative widths of the tracked profiles, each in (0, sqrt(1/12)).
+            EDM2 tracks 0.05 and 0.10 and synthesizes 0.01 to 0.25 from them.
+        snapshot_every: ``"1000ba"``, ``"1ep"``, or None (snapshots only on request).
+            Synthesis resolution: with N snapshots over training, widths well below 0.05
+            need N in the tens.
+        snapshot_dir: folder for the snapshots, created when the first one is written.
+        snapshot_dtype: dtype of the stored profiles (None: the storage ``dtype``). fp16
+            halves the files; a stored profile then comes back to ~2e-4 (relative).
+        update_interval: time between updates, ``"1ba"`` by default; in ba or ep.
+        batches_per_epoch: unused by the math; kept for symmetry with :class:`~emakit.EMA`.
+        buffers, dtype, device: as for :class:`~emakit.EMA`.
+
+    Example:
+        >>> import torch, emakit, tempfile
+        >>> model = torch.nn.Linear(4, 2)
+        >>> folder = tempfile.mkdtemp()
+        >>> ph = emakit.PostHocEMA(model, snapshot_every="10ba", snapshot_dir=folder)
+        >>> for _ in range(40):
+        ...     with torch.no_grad():
+        ...         _ = model.weight.add_(0.01 * torch.randn(2, 4))
+        ...     ph.step()
+        >>> len(ph.snapshots)
+        4
+        >>> sd = emakit.synthesize(folder, sigma_rel=0.08)
+        >>> model.load_state_dict(sd)
+        <All keys matched successfully>
+        >>> import shutil; shutil.rmtree(folder)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sigma_rels: Sequence[float] = (0.05, 0.10),
+        snapshot_every: str | Time | None = "1000ba",
+        snapshot_dir: str | os.PathLike = "ema-snapshots",
+        snapshot_dtype: torch.dtype | None = torch.float16,
+        update_interval: str | Time = "1ba",
+        batches_per_epoch: int | None = None,
+        buffers: str = "average",
+        dtype: torch.dtype | None = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if isinstance(sigma_rels, (int, float)) or not isinstance(sigma_rels, Sequence):
+            raise TypeError(f"sigma_rels: expected a sequence of floats, got {sigma_rels!r}")
+        self.sigma_rels = tuple(check_sigma_rel(s, "sigma_rels") for s in sigma_rels)
+        if not self.sigma_rels or len(set(self.sigma_rels)) != len(self.sigma_rels):
+            raise ValueError(f"sigma_rels: expected distinct values, got {sigma_rels!r}")
+        self.gammas = tuple(sigma_rel_to_gamma(s) for s in self.sigma_rels)
+        self.update_interval = _interval(update_interval, "update_interval")
+        if self.update_interval is None:
+            raise ValueError("update_interval: expected a time such as '1ba', got None")
+        self.snapshot_every = _interval(snapshot_every, "snapshot_every")
+        if not isinstance(snapshot_dir, (str, os.PathLike)):
+            raise TypeError(f"snapshot_dir: expected a path, got {type(snapshot_dir).__name__}")
+        self.snapshot_dir = Path(snapshot_dir)
+        if snapshot_dtype is not None and (
+            not isinstance(snapshot_dtype, torch.dtype) or not snapshot_dtype.is_floating_point
+        ):
+            raise TypeError(f"snapshot_dtype: expected a floating torch.dtype or None, "
+                            f"got {snapshot_dtype!r}")
+        self.snapshot_dtype = snapshot_dtype
+        self.model = unwrap_model(model)
+        self.shadows = [Shadow(self.model, dtype=dtype, device=device, buffers=buffers)
+                        for _ in self.gammas]
+        self.clock = Clock(batches_per_epoch)
+        self.t = 0  # time of the last update, in update_interval's unit
+        self.num_updates = 0
+        self.run_id = uuid.uuid4().hex
+        self._segment = uuid.uuid4().hex
+        self._resumed_at = -1
+        self.snapshots: list[Path] = []
+        self._dir_checked = False
+        entries = self.shadows[0].entries
+        self.fingerprint = model_fingerprint(
+            (n, e.source().shape) for e in entries for n in e.names
+        )
+        self._layout = [
+            (e.names[0], e.kind, dtype_name(e.source().dtype), e.names[1:]) for e in entries
+        ]
+        names = {n for e in entries for n in e.names}
+        self._order = [n for n in self.model.state_dict(keep_vars=True) if n in names]
+        self._check_folder_model()
+
+    # the loop's side ---------------------------------------------------------------------
+
+    def step(self, samples: int | None = None, tokens: int | None = None) -> None:
+        """Call once per optimizer step: advances the clock, updates and snapshots when due."""
+        self.clock.advance_batch(samples, tokens)
+        self._on_event("ba")
+
+    def epoch_end(self) -> None:
+        """Call once at the end of each epoch."""
+        self.clock.advance_epoch()
+        self._on_event("ep")
+
+    def _on_event(self, unit: str) -> None:
+        count = self.clock.counts[unit]
+        if self.update_interval.unit == unit and count % self.update_interval.value == 0:
+            self.update()
+        every = self.snapshot_every
+        if every is not None and every.unit == unit and count % every.value == 0:
+            self.snapshot()
+
+    def update(self) -> None:
+        """Update every profile at the current clock time (a no-op if already done at it)."""
+        t = self.clock.counts[self.update_interval.unit]
+        if t == self.t:
+            return
+        if t <= 0:
+            raise RuntimeError("PostHocEMA.update: the clock is at 0; call step() first")
+        dt = t - self.t
+        for shadow, gamma in zip(self.shadows, self.gammas, strict=True):
+            if self.t == 0:
+                shadow.reset()  # beta = 0: the average starts as an exact copy
+            else:
+                shadow.update(1.0 - power_smoothing(t, dt, gamma))
+        self.t = t
+        self.num_updates += 1
+
+    # the averages ------------------------------------------------------------------------
+
+    def _index(self, sigma_rel: float | None) -> int:
+        if sigma_rel is None:
+            return 0
+        for i, s in enumerate(self.sigma_rels):
+            if math.isclose(s, sigma_rel, rel_tol=1e-9):
+                return i
+        raise ValueError(f"sigma_rel: {sigma_rel!r} is not tracked; tracked: {self.sigma_rels}")
+
+    def ema_state_dict(self, sigma_rel: float | None = None) -> dict[str, Tensor]:
+        """A plain model state dict of one tracked profile (default: the first)."""
+        return self.shadows[self._index(sigma_rel)].export(started=self.num_updates > 0)
+
+    # snapshots ---------------------------------------------------------------------------
+
+    def _check_folder_model(self) -> None:
+        if not self.snapshot_dir.is_dir():
+            return
+        for s in scan(self.snapshot_dir):
+            if s.fingerprint != self.fingerprint:
+                raise ValueError(
+                    f"snapshot_dir: {str(self.snapshot_dir)!r} holds snapshots of another "
+                    f"model ({s.path.name}); use another folder"
+                )
+
+    def _check_folder_run(self) -> None:
+        if self._dir_checked:
+            return
+        if self.snapshot_dir.is_dir():
+            others = [s for s in scan(self.snapshot_dir) if s.run_id != self.run_id]
+            if others:
+                raise ValueError(
+                    f"snapshot_dir: {str(self.snapshot_dir)!r} holds snapshots of another "
+                    f"training run ({others[0].path.name}); a resumed run must call "
+                    "load_state_dict() before its first snapshot, a new run needs its own folder"
+                )
+        self._dir_checked = True
+
+    def _metadata(self) -> dict[str, str]:
+        from .. import __version__
+
+        dtype = self.snapshot_dtype or self.shadows[0].dtype
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "emakit_version": __version__,
+            "step": str(self.clock.counts["ba"]),
+            "samples": str(self.clock.counts["sp"]),
+            "tokens": str(self.clock.counts["tok"]),
+            "epoch": str(self.clock.counts["ep"]),
+            "t": repr(float(self.t)),
+            "time_unit": self.update_interval.unit,
+            "num_updates": str(self.num_updates),
+            "sigma_rels": dumps(list(self.sigma_rels)),
+            "gammas": dumps(list(self.gammas)),
+            "dtype": dtype_name(dtype) if dtype is not None else "model",
+            "fingerprint": self.fingerprint,
+            "layout": dumps(self._layout),
+            "order": dumps(self._order),
+            "run_id": self.run_id,
+            "segment": self._segment,
+            "resumed_at": str(self._resumed_at),
+            "written_ns": str(time.time_ns()),
+        }
+
+    def _items(self) -> list[tuple[str, Tensor, torch.dtype]]:
+        items = []
+        for k, shadow in enumerate(self.shadows):
+            for e in shadow.stored:
+                if e.kind == "average":
+                    dtype = self.snapshot_dtype or e.view.dtype
+                    items.append((f"p{k}/{e.names[0]}", e.view, dtype))
+        for e in self.shadows[0].entries:
+            if e.kind == "copy":
+                items.append((f"copy/{e.names[0]}", e.view, e.source().dtype))
+            elif e.kind == "live":
+                items.append((f"live/{e.names[0]}", e.source(), e.source().dtype))
+        return items
+
+    def snapshot(self) -> Path | None:
+        """Write a snapshot of every profile now; returns its path. Never replaces a file.
+
+        Under ``torch.distributed`` only rank 0 writes (the averages are the same on every
+        rank with DDP); other ranks return None."""
+        if self.num_updates == 0:
+            raise RuntimeError("PostHocEMA.snapshot: no update yet, nothing to store")
+        if self.clock.counts["ba"] == 0:
+            raise RuntimeError("PostHocEMA.snapshot: snapshots are keyed by step; call step() "
+                               "after every optimizer step (also with update_interval in ep)")
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return None
+        self._check_folder_run()
+        step = self.clock.counts["ba"]
+        items = self._items()
+        for revision in range(10_000):
+            tag = "" if revision == 0 else f".r{revision}"
+            path = self.snapshot_dir / f"{PREFIX}{step:010d}{tag}{SUFFIX}"
+            if path.exists():
+                continue
+            try:
+                write_safetensors(path, items, self._metadata())
+            except FileExistsError:  # another writer took the name meanwhile
+                continue
+            self.snapshots.append(path)
+            return path
+        raise RuntimeError(f"snapshot_dir: too many snapshots of step {step}")
+
+    # checkpoints -------------------------------------------------------------------------
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "sigma_rels": list(self.sigma_rels),
+            "update_interval": str(self.update_interval),
+            "snapshot_every": None if self.snapshot_every is None else str(self.snapshot_every),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly; loads with ``torch.load(weights_only=True)``."""
+        return {
+            "version": _STATE_VERSION,
+            "config": self._config(),
+            "clock": self.clock.state_dict(),
+            "t": self.t,
+            "num_updates": self.num_updates,
+            "run_id": self.run_id,
+            "fingerprint": self.fingerprint,
+            "averages": [
+                {n: t.detach().clone() for n, t in s.tensors().items()} for s in self.shadows
+            ],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (same sigma_rels and update_interval)."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state: expected a mapping from PostHocEMA.state_dict(), "
+                            f"got {type(state).__name__}")
+        keys = ("version", "config", "clock", "t", "num_updates", "run_id", "averages")
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise ValueError(f"state: not a PostHocEMA.state_dict(); missing keys {missing}")
+        if state["version"] != _STATE_VERSION:
+            raise ValueError(f"state: version {state['version']!r} is not {_STATE_VERSION}")
+        cfg = state["config"]
+        mine = self._config()
+        for key in ("sigma_rels", "update_interval"):
+            if cfg.get(key) != mine[key]:
+                raise ValueError(f"state: saved with {key}={cfg.get(key)!r}, this PostHocEMA "
+                                 f"has {key}={mine[key]!r}")
+        if len(state["averages"]) != len(self.shadows):
+            raise ValueError("state: number of profiles differs")
+        for k, (shadow, tensors) in enumerate(zip(self.shadows, state["averages"], strict=True)):
+            shadow.load(tensors, what=f"PostHocEMA state_dict['averages'][{k}]")
+        self.clock.load_state_dict(state["clock"])
+        self.t = int(state["t"])
+        self.num_updates = int(state["num_updates"])
+        self.run_id = str(state["run_id"])
+        self._segment = uuid.uuid4().hex
+        self._resumed_at = self.clock.counts["ba"]
+        self._dir_checked = False
+        if self.snapshot_dir.is_dir():
+            later = [s.path.name for s in scan(self.snapshot_dir)
+                     if s.run_id == self.run_id and s.step > self.clock.counts["ba"]]
+            if later:
+                warnings.warn(
+                    f"emakit: {str(self.snapshot_dir)!r} holds {len(later)} snapshots past the "
+                    f"resumed step {self.clock.counts['ba']} ({later[0]}, ...); they are kept, "
+                    "and left out of synthesis once this run writes its first snapshot",
+                    UserWarning,
+                    stacklevel=2,
+                )
+
+    def __repr__(self) -> str:
+        sig = ", ".join(f"{s:g}" for s in self.sigma_rels)
+        return (f"PostHocEMA(sigma_rels=({sig}), snapshot_every={self.snapshot_every}, "
+                f"snapshot_dir={str(self.snapshot_dir)!r}, num_updates={self.num_updates})")
+
+
