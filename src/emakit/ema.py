@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .distributed import ShardedShadow, all_ranks, check_same_model, process_group
+from .distributed import all_ranks, check_same_model, process_group
 from .functional import unwrap_model
 from .schedules import PowerWarmup, check_smoothing, smoothing_from_half_life
-from .shadow import Shadow
+from .store import Store
 from .time import Clock, Time, convert
 
 __all__ = ["EMA", "EMAModule"]
@@ -169,17 +169,10 @@ class EMA:
         self.model = unwrap_model(model)
         if self._group is not None:
             check_same_model(self.model, self._group)
-        self.shadow: Shadow | ShardedShadow
-        if shard:
-            if side_stream:
-                raise ValueError("side_stream: not supported with shard=True")
-            self.shadow = ShardedShadow(
-                self.model, dtype=dtype, device=device, buffers=buffers, group=self._group
-            )
-        else:
-            self.shadow = Shadow(
-                self.model, dtype=dtype, device=device, buffers=buffers, side_stream=side_stream
-            )
+        self.shadow = Store(
+            self.model, dtype=dtype, device=device, buffers=buffers, side_stream=side_stream,
+            shard=shard, group=self._group,
+        )
         self.clock = Clock(batches_per_epoch, self.total)
         self.num_updates = 0
         self.skipped_updates = 0
@@ -387,7 +380,7 @@ class EMAModule(nn.Module):
         ema: EMA = self._ema
         model = ema.model
         ema.shadow.synchronize()
-        if getattr(ema.shadow, "fsdp", False):
+        if ema.shadow.model_forward:
             return self._forward_fsdp(args, kwargs)
         mapping = ema.shadow.mapping(started=ema.started and not ema._swapped)
         if self.training:

@@ -91,6 +91,7 @@ class Slot:
     key: Key  # (device, dtype) of the flat that holds the average
     avg: Tensor | None = None  # this rank's part of the average (a view of the flat)
     src: Tensor | None = None  # the matching part of the model's tensor
+    comp: Tensor | None = None  # compensation, laid out as ``avg`` in a second flat
     start: int = 0  # where ``avg`` starts in the tensor's flattened elements
     meta: Any = None  # the placement's own data (DTensor spec, virtual offset, ...)
 
@@ -129,11 +130,25 @@ class Placement:
     def bind(self, slot: Slot) -> None:
         slot.src = self.local(slot.entry.tensor())
 
-    def values(self, slots: Sequence[Slot]) -> list[Tensor]:
-        return [s.avg for s in slots]
+    def part(self, s: Slot, attr: str = "avg", convert: bool = False) -> Tensor:
+        """``slot.avg`` (or ``slot.comp``), cast to the model's dtype and device with
+        ``convert``."""
+        t = getattr(s, attr)
+        if convert:
+            src = self.local(s.entry.tensor())
+            if (t.device, t.dtype) != (src.device, s.dtype):
+                t = t.to(device=src.device, dtype=s.dtype)
+        return t
 
-    def gather(self, slots: Sequence[Slot], rank0_only: bool = False) -> list[Tensor | None]:
-        return [s.avg for s in slots]
+    def values(
+        self, slots: Sequence[Slot], attr: str = "avg", convert: bool = False
+    ) -> list[Tensor]:
+        return [self.part(s, attr, convert) for s in slots]
+
+    def gather(
+        self, slots: Sequence[Slot], rank0_only: bool = False, attr: str = "avg"
+    ) -> list[Tensor | None]:
+        return [getattr(s, attr) for s in slots]
 
     def scatter(self, slot: Slot, value: Tensor) -> Tensor:
         return value.full_tensor() if isinstance(value, DTensor) else value
@@ -182,13 +197,17 @@ class DTensorShard(Placement):
             local, mesh, placements, run_check=False, shape=shape, stride=stride
         )
 
-    def values(self, slots: Sequence[Slot]) -> list[Tensor]:
-        return [self._wrap(s, s.avg) for s in slots]
+    def values(
+        self, slots: Sequence[Slot], attr: str = "avg", convert: bool = False
+    ) -> list[Tensor]:
+        return [self._wrap(s, self.part(s, attr, convert)) for s in slots]
 
-    def gather(self, slots: Sequence[Slot], rank0_only: bool = False) -> list[Tensor | None]:
-        out = []
+    def gather(
+        self, slots: Sequence[Slot], rank0_only: bool = False, attr: str = "avg"
+    ) -> list[Tensor | None]:
+        out: list[Tensor | None] = []
         for s in slots:
-            t = self._wrap(s, s.avg)
+            t = self._wrap(s, getattr(s, attr))
             out.append(t.full_tensor() if isinstance(t, DTensor) else t)
         return out
 
@@ -220,7 +239,6 @@ class ReplicaSlice(Placement):
         self.collective = True
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
-        self.flats: dict[Key, Tensor] = {}
         self.bounds: dict[Key, tuple[int, int, int, int]] = {}  # lo, hi, N, c
 
     def allocate(self, slots: Sequence[Slot]) -> dict[Key, Tensor]:
@@ -233,19 +251,20 @@ class ReplicaSlice(Placement):
                 )
             s.meta = totals.get(s.key, 0)  # offset in the virtual vector
             totals[s.key] = s.meta + align(math.prod(s.shape))
-        self.bounds, self.flats = {}, {}
+        self.bounds = {}
+        flats: dict[Key, Tensor] = {}
         for key, n in totals.items():
             c = align(math.ceil(n / self.world))
             lo, hi = min(self.rank * c, n), min((self.rank + 1) * c, n)
             self.bounds[key] = (lo, hi, n, c)
-            self.flats[key] = torch.empty(hi - lo, device=key[0], dtype=key[1])
+            flats[key] = torch.empty(hi - lo, device=key[0], dtype=key[1])
         for s in slots:
             lo, hi, _, _ = self.bounds[s.key]
             off, n = s.meta, math.prod(s.shape)
             a, b = max(lo, off), min(hi, off + n)
             s.start = max(a - off, 0)
-            s.avg = self.flats[s.key][a - lo : b - lo] if a < b else None
-        return dict(self.flats)
+            s.avg = flats[s.key][a - lo : b - lo] if a < b else None
+        return flats
 
     def bind(self, slot: Slot) -> None:
         t = slot.entry.tensor()
@@ -256,12 +275,23 @@ class ReplicaSlice(Placement):
             raise ValueError(f"model: {slot.entry.name} is not contiguous; shard=True needs it")
         slot.src = t.detach().view(-1)[slot.start : slot.start + slot.avg.numel()]
 
-    def gather(self, slots: Sequence[Slot], rank0_only: bool = False) -> list[Tensor | None]:
+    def gather(
+        self, slots: Sequence[Slot], rank0_only: bool = False, attr: str = "avg"
+    ) -> list[Tensor | None]:
+        """One ``all_gather`` (``gather`` to rank 0 with ``rank0_only``) per storage key of
+        this rank's slice, rebuilt from the slots' parts (gaps are zero)."""
+        slices: dict[Key, Tensor] = {}
+        for s in slots:
+            lo, hi, n, c = self.bounds[s.key]
+            if s.key not in slices:
+                slices[s.key] = torch.zeros(c, device=s.key[0], dtype=s.key[1])
+            part = getattr(s, attr)
+            if part is not None:
+                a = s.meta + s.start - lo
+                slices[s.key][a : a + part.numel()].copy_(part.reshape(-1))
         full: dict[Key, Tensor] = {}
-        for key, flat in self.flats.items():
-            lo, hi, n, c = self.bounds[key]
-            padded = torch.zeros(c, device=flat.device, dtype=flat.dtype)
-            padded[: hi - lo].copy_(flat)
+        for key, padded in slices.items():
+            n = self.bounds[key][2]
             parts = [torch.empty_like(padded) for _ in range(self.world)]
             if rank0_only:
                 dst = dist.get_global_rank(self.group, 0) if self.group is not None else 0
@@ -274,10 +304,20 @@ class ReplicaSlice(Placement):
         out: list[Tensor | None] = []
         for s in slots:
             f = full.get(s.key)
-            out.append(None if f is None else f[s.meta : s.meta + math.prod(s.shape)].view(s.shape))
+            n = math.prod(s.shape)
+            out.append(None if f is None else f[s.meta : s.meta + n].view(s.shape))
         return out
 
-    values = gather  # type: ignore[assignment]
+    def values(
+        self, slots: Sequence[Slot], attr: str = "avg", convert: bool = False
+    ) -> list[Tensor]:
+        full = self.gather(slots, attr=attr)
+        if convert:
+            full = [
+                f.to(device=s.entry.tensor().device, dtype=s.dtype)
+                for s, f in zip(slots, full, strict=True)
+            ]
+        return full  # type: ignore[return-value]
 
     def scatter(self, slot: Slot, value: Tensor) -> Tensor:
         value = super().scatter(slot, value)
@@ -285,7 +325,7 @@ class ReplicaSlice(Placement):
         return value.reshape(-1)[slot.start : slot.start + n]
 
     def swap_pairs(self, slots: Sequence[Slot]) -> tuple[list[Tensor], list[Tensor]]:
-        return [s.entry.tensor() for s in slots], list(self.gather(slots))  # type: ignore[arg-type]
+        return [s.entry.tensor() for s in slots], self.values(slots)
 
 
 def choose(model: nn.Module, shard: bool = False, group: Any = None) -> Placement:
