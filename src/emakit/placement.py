@@ -114,7 +114,7 @@ class Placement:
         sizes: dict[Key, int] = {}
         for s in slots:
             sizes[s.key] = sizes.get(s.key, 0) + align(self._local_numel(s))
-        flats = {k: torch.empty(n, device=k[0], dtype=k[1]) for k, n in sizes.items()}
+        flats = {k: torch.zeros(n, device=k[0], dtype=k[1]) for k, n in sizes.items()}
         offsets = dict.fromkeys(sizes, 0)
         for s in slots:
             local = self.local(s.entry.tensor())
@@ -257,7 +257,7 @@ class ReplicaSlice(Placement):
             c = align(math.ceil(n / self.world))
             lo, hi = min(self.rank * c, n), min((self.rank + 1) * c, n)
             self.bounds[key] = (lo, hi, n, c)
-            flats[key] = torch.empty(hi - lo, device=key[0], dtype=key[1])
+            flats[key] = torch.zeros(hi - lo, device=key[0], dtype=key[1])
         for s in slots:
             lo, hi, _, _ = self.bounds[s.key]
             off, n = s.meta, math.prod(s.shape)
