@@ -80,11 +80,12 @@ class Store:
         >>> import torch
         >>> model = torch.nn.Linear(2, 1)
         >>> store = Store(model)
+        >>> before = store.tensors()["weight"].clone()
         >>> with torch.no_grad():
         ...     _ = model.weight.fill_(1.0)
-        >>> store.update(0.5)
-        >>> torch.equal(store.tensors()["weight"], (model.weight + store.tensors()["weight"]) * 0)
-        False
+        >>> store.update(0.25)  # avg <- avg + 0.25 * (1 - avg)
+        >>> torch.allclose(store.tensors()["weight"], before + 0.25 * (1.0 - before))
+        True
     """
 
     def __init__(
