@@ -53,6 +53,11 @@ def _device(value: Any) -> torch.device | None:
     if isinstance(value, bool) or not isinstance(value, (str, int, torch.device)):
         raise TypeError(f"device: expected a device string such as 'cpu' or 'cuda:0', a "
                         f"torch.device or None, got {value!r}")
+    if isinstance(value, int):  # an index means an accelerator, as torch.device(0) does
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {value!r} (an accelerator index) is not available in this "
+                             "process: torch sees no CUDA device")
+        value = f"cuda:{value}"
     try:
         device = torch.device(value)
     except (RuntimeError, ValueError, TypeError) as err:
