@@ -157,8 +157,7 @@ class Store:
             if comps is not None and s.avg is not None:
                 a = s.avg
                 s.comp = comps[s.key].as_strided(a.shape, a.stride(), a.storage_offset())
-        local = None if type(p).local is Placement.local else p.local
-        watch = Watch([s.entry for s in slots], local)
+        watch = Watch([s.entry for s in slots], p.watch_local(slots))
         self.entries, self.slots, self.flat, self.comps = entries, slots, flats, comps
         self._signature = _signature(entries)
         self.plan: Plan = build(slots, watch, comps, self.side_stream)
