@@ -355,3 +355,26 @@ def test_gather_sees_moved_parameters():
     for n, t in avg.items():
         lerp_([t], [sd[n]], 0.5)
         assert torch.equal(sh.tensors()[n], t), n
+
+
+@cuda
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_cuda_tensor_weight_equals_float_weight(device):
+    """A 0-d CUDA weight (the GradScaler mask's form) gives the float weight's average on
+    the plain path and through a CPU offload (copied to a pinned host scalar, no sync)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Linear(32, 4)).cuda()
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    sa, sb = Store(a, device=device), Store(b, device=device)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for w in (0.3, 0.01, 0.5):
+        _perturb(a.cpu(), g1)
+        _perturb(b.cpu(), g2)
+        a.cuda()
+        b.cuda()
+        sa.update(w)
+        sb.update(torch.tensor(w, device="cuda"))
+    sa.synchronize()
+    sb.synchronize()
+    for n, t in sa.tensors().items():
+        torch.testing.assert_close(sb.tensors()[n], t, rtol=1e-6, atol=1e-7)
