@@ -528,6 +528,13 @@ class EMAModule(nn.Module):
     storage dtype or device differs from the model's). For teacher networks (BYOL, DINO,
     mean teacher) while training goes on. Runs without autograd; in eval mode unless
     ``.train()`` is called, whatever mode the trained model is in.
+
+    Threads: a call puts the averaged tensors into the trained model's modules for its
+    duration (``functional_call`` swaps them in and back), so it must not run while another
+    thread runs the trained model (a forward or an optimizer step there would see, or write
+    into, the averaged values). Call it from the training thread, as teacher networks do; to
+    evaluate in another thread, give it its own copy (``model2.load_state_dict(
+    ema.ema_state_dict())``).
     """
 
     def __init__(self, ema: EMA) -> None:
