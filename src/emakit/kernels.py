@@ -216,34 +216,29 @@ def lerp_(
     torch._foreach_copy_(comp, rest)
 
 
-def _fused_body(
-    avg: list[Tensor], src: list[Tensor], comp: list[Tensor] | None, weight: Tensor
-) -> None:
-    # One fused pass per tensor: read avg, src, comp once, write avg and comp once. The
-    # arithmetic runs in at least fp32 (``acc``); TwoSum (not Fast2Sum) because it is exact
-    # for any magnitudes and costs nothing in a memory-bound kernel.
-    for i in range(len(avg)):
-        a, s = avg[i], src[i]
-        acc = torch.promote_types(a.dtype, torch.float32)
-        hi, x = a.to(acc), s.to(acc)
-        w = weight.to(acc)
-        if comp is None:
-            new = torch.where(w == 1.0, x, hi + w * (x - hi)).to(a.dtype)
-            a.copy_(torch.where(w == 0.0, a, new))
-            continue
-        c = comp[i]
-        lo = c.to(acc)
-        y = lo + w * ((x - hi) - lo)
-        t = hi + y
-        bp = t - hi
-        err = (hi - (t - bp)) + (y - bp)  # TwoSum: t + err == hi + y exactly
-        t = torch.where(w == 1.0, x, t)
-        err = torch.where(w == 1.0, torch.zeros_like(err), err)
-        new_hi = t.to(a.dtype)
-        new_lo = ((t - new_hi.to(acc)) + err).to(c.dtype)
-        keep = w == 0.0
-        a.copy_(torch.where(keep, a, new_hi))
-        c.copy_(torch.where(keep, c, new_lo))
+def _fused_one(a: Tensor, s: Tensor, c: Tensor | None, weight: Tensor) -> None:
+    # One fused pass over one tensor: read a, s, c once, write a and c once. The arithmetic
+    # runs in at least fp32 (``acc``); TwoSum (not Fast2Sum) because it is exact for any
+    # magnitudes and costs nothing in a memory-bound kernel.
+    acc = torch.promote_types(a.dtype, torch.float32)
+    hi, x = a.to(acc), s.to(acc)
+    w = weight.to(acc)
+    if c is None:
+        new = torch.where(w == 1.0, x, hi + w * (x - hi)).to(a.dtype)
+        a.copy_(torch.where(w == 0.0, a, new))
+        return
+    lo = c.to(acc)
+    y = lo + w * ((x - hi) - lo)
+    t = hi + y
+    bp = t - hi
+    err = (hi - (t - bp)) + (y - bp)  # TwoSum: t + err == hi + y exactly
+    t = torch.where(w == 1.0, x, t)
+    err = torch.where(w == 1.0, torch.zeros_like(err), err)
+    new_hi = t.to(a.dtype)
+    new_lo = ((t - new_hi.to(acc)) + err).to(c.dtype)
+    keep = w == 0.0
+    a.copy_(torch.where(keep, a, new_hi))
+    c.copy_(torch.where(keep, c, new_lo))
 
 
 def compilation_available(device: torch.device | str) -> bool:
@@ -268,17 +263,20 @@ def compilation_available(device: torch.device | str) -> bool:
 class FusedLerp:
     """``lerp_`` (same arguments, same semantics) as one compiled kernel per tensor: the
     source is read once, the average (and compensation) read once and written once, e.g.
-    10 bytes per element for a bf16 model into an fp32 average instead of about 18 eagerly.
+    10 bytes per element for a bf16 model into an fp32 average (about 18 eagerly), 20 for
+    an fp32 model with an fp32 compensation (about 68 eagerly).
 
-    The weight always reaches the compiled code as a 0-d float32 device tensor (a float is
-    written into one kept per device), so a new weight value never recompiles: warmup and
-    schedules reuse one compiled kernel. Each instance compiles its own copy of the body
-    (its own dynamo cache), once per list layout it is called with: build one per group
-    of the update plan. Where compiling is unavailable, or the first compile fails, calls
-    fall back to the eager ``lerp_`` and ``compiled`` reads False.
+    One kernel serves every tensor of a dtype combination: it is compiled with dynamic
+    shapes over 1-D views, so the compile count does not grow with the model (a compile
+    over a whole list of tensors took minutes for 292 tensors). The weight always reaches
+    it as a 0-d float32 device tensor (a float is written into one kept per device), so a
+    new weight value never recompiles: warmup and schedules reuse one kernel. Each call
+    still launches one kernel per tensor from Python (tens of microseconds each on a host):
+    on CUDA put it in a ``CUDAGraphUpdate`` when there are many tensors, or call it on flat
+    buffers. Each instance compiles its own copy of the body (its own dynamo cache).
 
-    ``combo_kernels=True`` asks inductor to fuse many small tensors' kernels horizontally
-    (fewer launches; longer compile).
+    Where compiling is unavailable or the first compile fails, calls fall back to the eager
+    ``lerp_`` and ``compiled`` reads False.
 
     >>> import torch
     >>> fused = FusedLerp(compile=False)  # eager here, to keep the doctest fast
@@ -289,19 +287,18 @@ class FusedLerp:
 
     _count = 0
 
-    def __init__(self, *, compile: bool = True, combo_kernels: bool = False) -> None:
+    def __init__(self, *, compile: bool = True) -> None:
         self.compiled = bool(compile)
         self._weights: dict[torch.device, Tensor] = {}
+        self._checked: set[torch.device] = set()
         self._fn: Callable[..., None] | None = None
         if compile:
             FusedLerp._count += 1
             # A fresh code object: dynamo keeps its compile cache per code object, so
-            # instances with other layouts never evict each other's kernels.
-            code = _fused_body.__code__.replace(co_name=f"_fused_lerp_{FusedLerp._count}")
-            body = types.FunctionType(code, _fused_body.__globals__, code.co_name)
-            options = {"combo_kernels": True} if combo_kernels else None
-            self._fn = torch.compile(body, fullgraph=True, dynamic=False, options=options)
-            self._checked: set[torch.device] = set()
+            # instances never evict each other's kernels.
+            code = _fused_one.__code__.replace(co_name=f"_fused_lerp_{FusedLerp._count}")
+            body = types.FunctionType(code, _fused_one.__globals__, code.co_name)
+            self._fn = torch.compile(body, fullgraph=True, dynamic=True)
 
     def _device_weight(self, weight: Weight, device: torch.device) -> Tensor:
         if isinstance(weight, Tensor):
@@ -333,13 +330,23 @@ class FusedLerp:
             lerp_(avg, src, weight, comp)
             return
         w = self._device_weight(weight, device)
-        try:
-            self._fn(list(avg), list(src), None if comp is None else list(comp), w)
-        except torch._dynamo.exc.TorchDynamoException as e:
-            # raised while compiling, before anything ran: nothing was written yet
-            _log.warning("FusedLerp: compiling failed (%s); using the eager lerp_", e)
-            self.compiled = False
-            lerp_(avg, src, weight, comp)
+        fn = self._fn
+        for i in range(len(avg)):
+            a, s = avg[i], src[i]
+            c = None if comp is None else comp[i]
+            if a.is_contiguous() and s.is_contiguous() and (c is None or c.is_contiguous()):
+                a, s = a.view(-1), s.view(-1)  # one compiled kernel for every shape
+                c = None if c is None else c.view(-1)
+            try:
+                fn(a, s, c, w)
+            except torch._dynamo.exc.TorchDynamoException as e:
+                if i:  # tensors before i were updated: finish eagerly, never half an update
+                    raise
+                # raised while compiling, before anything ran: nothing was written yet
+                _log.warning("FusedLerp: compiling failed (%s); using the eager lerp_", e)
+                self.compiled = False
+                lerp_(avg, src, weight, comp)
+                return
 
 
 class CUDAGraphUpdate:
