@@ -229,12 +229,18 @@ def cost_table(n: int, reps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    parser.add_argument(
+        "--only", choices=("frozen", "walk", "cost"), default=None, help="one table only"
+    )
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     half_lives = (1e4, 1e5) if args.quick else (1e4, 1e5, 1e6, 1e7)
-    frozen_table(half_lives, args.quick)
-    random_walk_table(1000 if args.quick else 10_000, 100 if args.quick else 1000, 1e5)
-    cost_table(1 << (18 if args.quick else 23), 3 if args.quick else 9)
+    if args.only in (None, "frozen"):
+        frozen_table(half_lives, args.quick)
+    if args.only in (None, "walk"):
+        random_walk_table(1000 if args.quick else 10_000, 100 if args.quick else 1000, 1e5)
+    if args.only in (None, "cost"):
+        cost_table(1 << (18 if args.quick else 23), 3 if args.quick else 9)
 
 
 if __name__ == "__main__":

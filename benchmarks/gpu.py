@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import time
@@ -79,7 +80,7 @@ def build_models(quick: bool, small: bool) -> dict[str, Callable[[], nn.Module]]
     layers = 4 if quick else 24
     return {
         "ResNet-50 fp32": ResNet50,
-        "encoder fp32": (lambda: Encoder(vocab=1000, d=128)) if small else Encoder,
+        "encoder fp32": (lambda: Encoder(vocab=1000, d=192)) if small else Encoder,
         "GPT bf16 (fp32 avg)": lambda: GPT(
             layers=layers, **(dict(d=128, vocab=1000, ctx=128) if small else {})
         ).to(torch.bfloat16),
@@ -229,6 +230,8 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: use --device cpu")
+    if device.type == "cpu":  # see docs/performance.md, "Threads"
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     reps = args.reps or (5 if args.quick else 20)
     timer = Timer(device, reps)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -245,8 +248,12 @@ def main() -> None:
     summary = []
     for mname, build in models.items():
         t0 = time.perf_counter()
-        with torch.device(device):  # initialized where it lives: fast for the 1.3B GPT
-            model = build()
+        try:
+            with torch.device(device):  # initialized where it lives: fast for the 1.3B GPT
+                model = build()
+        except Exception as e:
+            print(f"## {mname}: could not be built: {type(e).__name__}: {e}\n", flush=True)
+            continue
         tensors = averaged(model)
         numel = sum(t.numel() for t in tensors)
         floor_bpe = tensors[0].element_size() + 8
