@@ -221,13 +221,13 @@ def _fused_one(a: Tensor, s: Tensor, c: Tensor | None, weight: Tensor) -> None:
     # runs in at least fp32 (``acc``); TwoSum (not Fast2Sum) because it is exact for any
     # magnitudes and costs nothing in a memory-bound kernel.
     acc = torch.promote_types(a.dtype, torch.float32)
-    hi, x = a.to(acc), s.to(acc)
+    hi, x = a.to(acc, copy=True), s.to(acc, copy=True)  # never an alias of a mutated input
     w = weight.to(acc)
     if c is None:
         new = torch.where(w == 1.0, x, hi + w * (x - hi)).to(a.dtype)
         a.copy_(torch.where(w == 0.0, a, new))
         return
-    lo = c.to(acc)
+    lo = c.to(acc, copy=True)
     y = lo + w * ((x - hi) - lo)
     t = hi + y
     bp = t - hi
