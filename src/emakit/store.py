@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from .executors import Eager
 from .functional import all_finite, check_same_names, copy_, unwrap_model, values_swapped
 from .layout import Entry, Selector, check_storage, classify
-from .placement import DTensor, Placement, Slot, choose, rank
+from .placement import Placement, Slot, choose, rank
 from .plan import Plan, Watch, build
 
 __all__ = ["Store", "EntryInfo"]
@@ -159,7 +159,7 @@ class Store:
             if comps is not None and s.avg is not None:
                 a = s.avg
                 s.comp = comps[s.key].as_strided(a.shape, a.stride(), a.storage_offset())
-        watch = Watch([s.entry for s in slots], p.watch_local(slots))
+        watch = Watch([s.entry for s in slots], [p.watch_local(s) for s in slots])
         self.entries, self.slots, self.flat, self.comps = entries, slots, flats, comps
         self._signature = _signature(entries)
         self.plan: Plan = build(slots, watch, comps, self.side_stream)
@@ -359,8 +359,7 @@ class Store:
                         continue
                     value = value.to(dtype=hit[0].dtype, copy=True)
                 else:
-                    t = tensor.detach()
-                    value = (t.full_tensor() if isinstance(t, DTensor) else t).clone()
+                    value = self.placement.full(tensor).clone()
                 done[key] = value.cpu() if rank0_only else value
             if keep:
                 out[name] = done[key]
@@ -383,8 +382,7 @@ class Store:
             if e.kind not in kinds:
                 continue
             if e.kind == "live":
-                t = e.tensor().detach()
-                value = t.full_tensor() if isinstance(t, DTensor) else t
+                value = self.placement.full(e.tensor())
             else:
                 value = full[id(e)]
             out.append((e.name, e.kind, value))
