@@ -11,7 +11,7 @@ from typing import Any, overload
 import torch
 from torch import Tensor
 
-from ..io import dtype_from_name, read_tensors
+from ..io import dtype_from_name, read_tensors, verify_checksum
 from ..schedules import sigma_rel_to_gamma
 from .profiles import MAX_SIGMA_REL, check_sigma_rel, solve_coefficients
 from .snapshots import SnapshotInfo, list_snapshots
@@ -234,7 +234,11 @@ def synthesize(
         with read_tensors(snap.path, what="snapshot_dir") as f:
             for name in averaged:
                 for r, k in rows:
-                    x = f.get_tensor(f"p{k}/{name}").to(f32)
+                    key = f"p{k}/{name}"
+                    raw = f.get_tensor(key)
+                    verify_checksum(raw, key, snap.checksums, snap.path, "snapshot_dir")
+                    x = raw.to(f32)
+                    del raw
                     for j in range(len(targets)):
                         c = float(plan.coefficients[r, j])
                         if name not in acc[j]:
@@ -243,8 +247,12 @@ def synthesize(
                             acc[j][name].add_(x, alpha=c)
                     del x
             if i == total - 1:  # copied and live tensors from the target snapshot
-                rest = {n: f.get_tensor(f"{kind}/{n}") for n, kind, _, _ in layout
-                        if kind in ("copy", "live")}
+                rest = {}
+                for n, kind, _, _ in layout:
+                    if kind in ("copy", "live"):
+                        rest[n] = f.get_tensor(f"{kind}/{n}")
+                        verify_checksum(rest[n], f"{kind}/{n}", snap.checksums, snap.path,
+                                        "snapshot_dir")
         if progress is not None:
             progress(i + 1, total)
     results = []
