@@ -19,8 +19,10 @@ A file that names anything else is a ValueError naming the file; nothing in it r
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +32,7 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from .ema import EMA
 
-__all__ = ["save", "load", "read_metadata"]
+__all__ = ["save", "load", "read_metadata", "write_state", "read_state"]
 
 _METADATA_CLASSES = {
     "torch.distributed.checkpoint.metadata": {
@@ -246,3 +248,118 @@ def load(ema: EMA, checkpoint_id: str | os.PathLike) -> None:
         raise ValueError(f"checkpoint_id: {path!r} could not be loaded into this EMA: "
                          f"{line}") from None
     ema.load_state_dict(state["ema"])
+
+
+# one-file states without pickle ------------------------------------------------------------
+
+STATE_FORMAT = "emakit.state"
+
+
+def _encode(value: Any, where: str, tensors: list[tuple[str, torch.Tensor]]) -> Any:
+    """The JSON tree of a state: tensors become ``{"__tensor__": key}``."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        raise TypeError(f"state{where}: a DTensor (sharded under FSDP2); write sharded states "
+                        "with emakit.checkpoint.save")
+    if isinstance(value, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors.append((key, value))
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"state{where}: key {bad[0]!r} is not a string")
+        if "__tensor__" in value or "__tuple__" in value or "__float__" in value:
+            raise ValueError(f"state{where}: a key is reserved by the file format")
+        return {k: _encode(v, f"{where}[{k!r}]", tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_encode(v, f"{where}[{i}]", tensors) for i, v in enumerate(value)]
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, f"{where}[{i}]", tensors) for i, v in enumerate(value)]}
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": repr(value)}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"state{where}: a {type(value).__name__} cannot be stored (tensors, dicts, "
+                    "lists, tuples, numbers, strings and None can)")
+
+
+def _decode(node: Any, tensors: dict[str, torch.Tensor], path: Path) -> Any:
+    if isinstance(node, dict):
+        if set(node) == {"__tensor__"}:
+            try:
+                return tensors[node["__tensor__"]]
+            except (KeyError, TypeError):
+                raise ValueError(f"path: {path}: its state names a tensor it does not "
+                                 "hold") from None
+        if set(node) == {"__tuple__"}:
+            return tuple(_decode(v, tensors, path) for v in node["__tuple__"])
+        if set(node) == {"__float__"}:
+            return float(node["__float__"])
+        return {k: _decode(v, tensors, path) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_decode(v, tensors, path) for v in node]
+    return node
+
+
+def write_state(state: Mapping[str, Any], path: str | os.PathLike, overwrite: bool = True) -> Path:
+    """Write a state dict (``EMA.state_dict()``, ``PostHocEMA.state_dict()``, ...) to one
+    safetensors file, atomically: tensors as safetensors tensors with a checksum each, the
+    rest as JSON in the header. Nothing is pickled, so :func:`read_state` runs no code whoever
+    wrote the file. Tensors must be whole (no DTensors: see :func:`save`).
+
+    >>> import tempfile, os, torch, emakit
+    >>> ema = emakit.EMA(torch.nn.Linear(3, 2), half_life="10ba"); ema.step()
+    >>> path = os.path.join(tempfile.mkdtemp(), "ema.safetensors")
+    >>> _ = write_state(ema.state_dict(), path)
+    >>> again = emakit.EMA(torch.nn.Linear(3, 2), half_life="10ba")
+    >>> again.load_state_dict(read_state(path))
+    >>> all(torch.equal(a, b) for a, b in zip(again.state_dict()["average"].values(),
+    ...                                       ema.state_dict()["average"].values()))
+    True
+    """
+    import json
+
+    from .io import write_safetensors
+
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state: expected a mapping, got {type(state).__name__}")
+    tensors: list[tuple[str, torch.Tensor]] = []
+    tree = _encode(dict(state), "", tensors)
+    meta = {"format": STATE_FORMAT, "format_version": "1",
+            "state": json.dumps(tree, separators=(",", ":"), allow_nan=False)}
+    return write_safetensors(path, tensors, meta, overwrite=overwrite, checksums=True)
+
+
+def read_state(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a state written by :func:`write_state` (tensors on ``device``), checking every
+    tensor's checksum. A foreign, truncated or corrupted file is a ValueError naming it."""
+    import json
+
+    from .io import CHECKSUMS_KEY, read_header, read_tensors, verify_checksum
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"path: {str(path)!r} is not a file")
+    meta, shapes = read_header(path, what="path")
+    if meta.get("format") != STATE_FORMAT or meta.get("format_version") != "1":
+        raise ValueError(f"path: {path} is not an emakit state file (format "
+                         f"{meta.get('format')!r}, version {meta.get('format_version')!r})")
+    try:
+        tree = json.loads(meta["state"])
+        sums = json.loads(meta[CHECKSUMS_KEY])
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"path: {path}: bad header ({err!r})") from None
+    if not isinstance(sums, dict) or set(sums) != set(shapes):
+        raise ValueError(f"path: {path}: its checksums do not cover its tensors")
+    tensors = {}
+    with read_tensors(path, what="path") as f:
+        for key in shapes:
+            t = f.get_tensor(key)
+            verify_checksum(t, key, sums, path, "path")
+            tensors[key] = t.to(device)
+    state = _decode(tree, tensors, path)
+    if not isinstance(state, dict):
+        raise ValueError(f"path: {path}: its state is not a mapping")
+    return state
