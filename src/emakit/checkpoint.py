@@ -174,12 +174,9 @@ def _everywhere(flag: bool) -> bool:
     """Whether ``flag`` holds on every rank (one all-reduce), or here without a group."""
     if not _initialized():
         return flag
-    backend = str(dist.get_backend())
-    device = (torch.device("cuda", torch.cuda.current_device())
-              if "nccl" in backend and torch.cuda.is_available() else torch.device("cpu"))
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item() > 0.5)
+    from .distributed import all_ranks
+
+    return all_ranks(flag)
 
 
 def save(ema: EMA, checkpoint_id: str | os.PathLike, overwrite: bool = False) -> None:
