@@ -519,3 +519,11 @@ def test_two_runs_writing_one_folder_are_refused(tmp_path):
     import json
 
     assert json.loads((folder / LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+def test_a_garbage_lock_is_taken_over(tmp_path):
+    (tmp_path / LOCK_NAME).write_text("not json")
+    ph = emakit.PostHocEMA(nn.Linear(3, 2), snapshot_every=None, snapshot_dir=tmp_path)
+    ph.step()
+    assert ph.snapshot().exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [LOCK_NAME]

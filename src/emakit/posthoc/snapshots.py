@@ -243,6 +243,8 @@ def _host() -> str:
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:  # os.kill(0 or -1, 0) would ask about whole process groups
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -264,52 +266,72 @@ def _release_all() -> None:
 atexit.register(_release_all)
 
 
+def _owner(lock: Path) -> tuple[int, str, str] | None:
+    """(pid, host, run) written in a lock file; None if it is gone; (-1, host, "?") if it
+    cannot be read as a lock (garbage: treated as left by a dead process)."""
+    try:
+        owner = json.loads(lock.read_text())
+        return int(owner["pid"]), str(owner["host"]), str(owner.get("run_id", "?"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1, _host(), "?"
+
+
 def _lock(directory: Path, run_id: str) -> None:
     """Hold ``directory``'s writer lock for this process (until it exits), or raise.
 
-    The lock is a file created with ``O_EXCL`` holding pid, host and run; a lock whose
-    process is gone (same host) is taken over."""
+    The lock file holds pid, host and run. It is published complete and exclusively: written
+    under a unique temporary name, then hard-linked to :data:`LOCK_NAME`, which fails if the
+    name exists (the same exclusivity as ``O_EXCL``, without a moment where a reader sees an
+    empty lock). A lock whose process is gone (same host) is taken over."""
     key = directory.resolve()
     if key in _HELD and _HELD[key].exists():
         return
     lock = directory / LOCK_NAME
     me = {"pid": os.getpid(), "host": _host(), "run_id": run_id, "since": time.time()}
-    for _ in range(100):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+    tmp = directory / f"{LOCK_NAME}.{os.getpid()}.{time.time_ns()}.tmp"
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+    try:
+        for _ in range(100):
             try:
-                owner = json.loads(lock.read_text())
-                pid, host = int(owner["pid"]), str(owner["host"])
-            except FileNotFoundError:
+                os.link(tmp, lock)
+            except FileExistsError:
+                pass
+            else:
+                _HELD[key] = lock
+                return
+            owner = _owner(lock)
+            if owner is None:
                 continue  # released meanwhile
-            except (OSError, ValueError, KeyError, TypeError):
-                # being written this instant, or garbage: a live writer fills it at once
-                if time.time() - lock.stat().st_mtime < 10:
-                    time.sleep(0.01)
-                    continue
-                pid, host = -1, _host()
+            pid, host, run = owner
             if host == _host() and pid == os.getpid():
                 _HELD[key] = lock
                 return
             if host == _host() and not _alive(pid):
                 stale = lock.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
-                with contextlib.suppress(FileNotFoundError):  # another taker won: retry
+                try:
                     os.rename(lock, stale)
+                except FileNotFoundError:
+                    continue  # another process took it over first
+                if _owner(stale) != owner:  # a newer lock was renamed meanwhile: put it back
+                    with contextlib.suppress(OSError):
+                        os.link(stale, lock)
+                with contextlib.suppress(OSError):
                     stale.unlink()
                 continue
             raise ValueError(
                 f"snapshot_dir: {str(directory)!r} is being written by another process "
-                f"(pid {pid} on {host}, run {str(owner.get('run_id', '?'))[:12]}); two runs "
-                "writing one folder would mix their histories. Give this run its own folder, "
-                f"or stop the other (a lock left by a process that died on another machine: "
-                f"delete {str(lock)!r})"
-            ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        _HELD[key] = lock
-        return
-    raise ValueError(f"snapshot_dir: could not take the writer lock {str(lock)!r}")
+                f"(pid {pid} on {host}, run {run[:12]}); two runs writing one folder would "
+                "mix their histories. Give this run its own folder, or stop the other (a lock "
+                f"left by a process that died on another machine: delete {str(lock)!r})"
+            )
+        raise ValueError(f"snapshot_dir: could not take the writer lock {str(lock)!r}")
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def write_snapshot(
