@@ -157,22 +157,81 @@ def test_validation_and_test_run_on_the_average_and_restore_training_weights():
     assert_states_equal(model.state_dict(), before)  # bitwise back
 
 
-def test_evaluate_with_model_and_both():
-    model = Tiny()
+class BothLosses(Tiny):
+    """The documented way to log both losses in one validation pass: evaluate_with="model",
+    and the averaged model's loss from ``ema.module`` (no swap)."""
+
+    ema_cb: EMACallback
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self(x), y), reduce_fx="sum")
+        averaged = self.ema_cb.ema.module(x)
+        self.log("val_loss_ema", nn.functional.mse_loss(averaged, y), reduce_fx="sum")
+
+
+def test_evaluate_with_model_and_logging_both():
+    model = BothLosses()
     val = data(8, 2)
-    cb = EMACallback(half_life="4ba", evaluate_with="both")
+    cb = model.ema_cb = EMACallback(half_life="4ba", evaluate_with="model")
     t = trainer([cb], max_epochs=1)
     t.fit(model, loader(data(N_TRAIN, 1)), loader(val))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     metrics = t.validate(model, loader(val), verbose=False)[0]
-    assert set(metrics) == {"val_loss_model", "val_loss_ema"}
     assert metrics["val_loss_ema"] == pytest.approx(
         manual_loss(model, cb.ema.ema_state_dict(), val), rel=1e-6)
-    assert metrics["val_loss_model"] == pytest.approx(manual_loss(model, before, val), rel=1e-6)
+    assert metrics["val_loss"] == pytest.approx(manual_loss(model, before, val), rel=1e-6)
+    assert metrics["val_loss"] != pytest.approx(metrics["val_loss_ema"], rel=1e-4)
     assert_states_equal(model.state_dict(), before)
-    cb.evaluate_with = "model"
-    got = t.validate(model, loader(val), verbose=False)[0]["val_loss"]
-    assert got == pytest.approx(manual_loss(model, before, val), rel=1e-6)
+    with pytest.raises(ValueError, match="evaluate_with"):
+        EMACallback(evaluate_with="both")
+
+
+def ckpt_cb(d):
+    return pl.callbacks.ModelCheckpoint(dirpath=d, every_n_epochs=1, save_top_k=-1,
+                                        filename="{epoch}")
+
+
+def test_validate_and_test_with_ckpt_path_restore_the_ema(tmp_path):
+    model0 = Tiny()
+    train, val = loader(data(N_TRAIN, 1)), data(8, 2)
+    cb = EMACallback(half_life="3ba")
+    trainer([cb, ckpt_cb(tmp_path)], max_epochs=2, enable_checkpointing=True).fit(
+        copy.deepcopy(model0), train, loader(val))
+    ckpt = torch.load(tmp_path / "epoch=0.ckpt", weights_only=True)
+    averaged = {**ckpt["state_dict"], **ckpt["callbacks"][cb.state_key]["ema"]["average"]}
+    want = manual_loss(model0, averaged, val)
+    assert want != pytest.approx(manual_loss(model0, ckpt["state_dict"], val), rel=1e-4)
+    # a fresh trainer, callback and model, as a user evaluating a saved run would have them
+    model, cb2 = Tiny(), EMACallback(half_life="3ba")
+    t = trainer([cb2])
+    got = t.validate(model, loader(val), ckpt_path=tmp_path / "epoch=0.ckpt", verbose=False)
+    assert got[0]["val_loss"] == pytest.approx(want, rel=1e-6)
+    assert cb2.ema.state_dict()["clock"]["ba"] == 8
+    tested = t.test(model, loader(val), ckpt_path=tmp_path / "epoch=0.ckpt", verbose=False)
+    assert tested[0]["test_loss"] == pytest.approx(want, rel=1e-6)
+    assert_states_equal(model.state_dict(), ckpt["state_dict"])  # training weights back
+
+
+def test_checkpoint_without_ema_state_warns_and_says_what_happens(tmp_path):
+    model0 = Tiny()
+    train, val = loader(data(N_TRAIN, 1)), data(8, 2)
+    trainer([ckpt_cb(tmp_path)], max_epochs=1, enable_checkpointing=True).fit(
+        copy.deepcopy(model0), train)
+    path = tmp_path / "epoch=0.ckpt"
+    cb = EMACallback(half_life="3ba", start="10ba")
+    with pytest.warns(RuntimeWarning, match="restarts from the loaded weights") as record:
+        trainer([cb], max_epochs=2).fit(Tiny(), train, ckpt_path=path)
+    assert len([w for w in record if "emakit" in str(w.message)]) == 1  # once
+    # the clock stood at step 8, epoch 1: start at 10, then updates at 11..16
+    assert cb.ema.clock.counts["ba"] == 16 and cb.ema.clock.counts["ep"] == 2
+    assert cb.ema.num_updates == 6
+    ckpt = torch.load(path, weights_only=True)
+    with pytest.warns(RuntimeWarning, match="checkpoint's own weights"):
+        got = trainer([EMACallback()]).validate(Tiny(), loader(val), ckpt_path=path,
+                                                 verbose=False)
+    assert got[0]["val_loss"] == pytest.approx(manual_loss(model0, ckpt["state_dict"], val),
+                                               rel=1e-6)
 
 
 @pytest.mark.parametrize("save_ema_weights", [False, True])
@@ -180,10 +239,6 @@ def test_resume_from_checkpoint_is_exact(tmp_path, save_ema_weights):
     model0 = Tiny()
     kw = dict(half_life="3ba", start="3ba", save_ema_weights=save_ema_weights)
     train, val = loader(data(N_TRAIN, 1)), loader(data(8, 2))
-
-    def ckpt_cb(d):
-        return pl.callbacks.ModelCheckpoint(dirpath=d, every_n_epochs=1, save_top_k=-1,
-                                            filename="{epoch}")
 
     straight, cb = copy.deepcopy(model0), EMACallback(**kw)
     trainer([cb, ckpt_cb(tmp_path / "a")], max_epochs=2, enable_checkpointing=True).fit(

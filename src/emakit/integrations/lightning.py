@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -47,10 +48,11 @@ class EMACallback(pl.Callback):
             dtype, device, warmup, skip_nonfinite: as :class:`emakit.EMA` (times in ``ba``
             count optimizer steps, ``ep`` epochs). A ``dur`` time without ``total`` takes
             ``total`` from ``trainer.estimated_stepping_batches``.
-        evaluate_with: ``"ema"`` (validation and test on the averaged weights), ``"model"``
-            (on the training weights) or ``"both"``: each ``validation_step``/``test_step``
-            runs twice and every metric it logs appears as ``<name>_model`` and
-            ``<name>_ema``. Before the EMA has started, ``"ema"`` evaluates the model itself.
+        evaluate_with: ``"ema"`` (validation and test on the averaged weights) or ``"model"``
+            (on the training weights). Before the EMA has started, ``"ema"`` evaluates the
+            model itself. To log both in one pass, keep ``"model"`` and compute the averaged
+            model's metrics in your ``validation_step`` with ``ema_cb.ema.module(x)`` (no swap;
+            see docs/integrations.md).
         save_ema_weights: write the averaged weights as the checkpoint's ``"state_dict"``
             (what ``Module.load_from_checkpoint`` and ``trainer.test(ckpt_path=...)`` load),
             keeping the training weights under ``checkpoint["emakit_training_state_dict"]``;
@@ -59,6 +61,13 @@ class EMACallback(pl.Callback):
 
     The :class:`emakit.EMA` is built at ``on_fit_start`` (after the strategy has moved the
     model to its device) and exposed as ``.ema``.
+
+    Checkpoints: the EMA state is the callback's state in the Lightning checkpoint, restored
+    by ``fit``, ``validate``, ``test`` and ``predict`` with ``ckpt_path=...``. A ``fit``
+    resumed from a checkpoint without it warns once and restarts the average from the loaded
+    weights, its clock at the trainer's step and epoch (so ``start`` and ``dur`` times keep
+    their meaning); a ``validate``/``test`` of such a checkpoint warns that it evaluates the
+    checkpoint's own weights.
     """
 
     def __init__(
@@ -81,7 +90,7 @@ class EMACallback(pl.Callback):
     ) -> None:
         super().__init__()
         self.ema_kwargs: dict[str, Any] = callback_arguments(
-            "Lightning", evaluate_with,
+            "Lightning", evaluate_with, allowed=("ema", "model"),
             half_life=half_life, smoothing=smoothing, start=start,
             update_interval=update_interval, total=total, batches_per_epoch=batches_per_epoch,
             buffers=buffers, dtype=dtype, device=device, warmup=warmup,
@@ -92,6 +101,8 @@ class EMACallback(pl.Callback):
         self.copy_on_fit_end = bool(copy_on_fit_end)
         self.ema: EMA | None = None
         self._pending: dict[str, Any] | None = None
+        self._restored = False  # an EMA state came from this run's ckpt_path
+        self._warned = False
         self._last_global_step = 0
         self._epoch_counted = False
         self._swap = contextlib.ExitStack()
@@ -127,18 +138,38 @@ class EMACallback(pl.Callback):
         return EMA(pl_module, **kwargs)
 
     def _ensure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> EMA:
-        if self.ema is None or self.ema.model is not pl_module:
-            self.ema = self._build(trainer, pl_module)
-        if self._pending is not None:
-            self.ema.load_state_dict(self._pending)
-            self._pending = None
+        # Validate/test hooks run under torch.inference_mode: an average allocated there
+        # would be inference tensors, which a later load or update may not write.
+        with torch.inference_mode(False):
+            if self.ema is None or self.ema.model is not pl_module:
+                self.ema = self._build(trainer, pl_module)
+            if self._pending is not None:
+                self.ema.load_state_dict(self._pending)
+                self._pending = None
         return self.ema
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restored = False  # checkpoints are restored after setup, whatever the stage
+        self._warned = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._ensure(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_global_step = trainer.global_step
+        if trainer.ckpt_path is not None and not self._restored:
+            ema = self._ensure(trainer, pl_module)
+            counts = dict(ema.clock.state_dict())
+            counts.update(ba=trainer.global_step, ep=trainer.current_epoch)
+            ema.clock.load_state_dict(counts)
+            warnings.warn(
+                f"emakit: {trainer.ckpt_path} holds no state of this EMACallback "
+                f"(state_key {self.state_key!r}): the average restarts from the loaded weights, "
+                f"its clock at step {trainer.global_step}, epoch {trainer.current_epoch} "
+                "(start and dur times keep their meaning)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     # the loop ----------------------------------------------------------------------------
 
@@ -174,6 +205,21 @@ class EMACallback(pl.Callback):
 
     def _eval_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ema = self._ensure(trainer, pl_module)
+        if (
+            trainer.state.fn != TrainerFn.FITTING
+            and trainer.ckpt_path is not None
+            and not self._restored
+            and not self._warned
+            and self.evaluate_with == "ema"
+        ):
+            warnings.warn(
+                f"emakit: {trainer.ckpt_path} holds no state of this EMACallback "
+                f"(state_key {self.state_key!r}): {trainer.state.fn.value} runs on the "
+                "checkpoint's own weights",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._warned = True  # once per run
         if self.evaluate_with == "ema":
             self._swap.enter_context(ema.swapped())
 
@@ -197,77 +243,6 @@ class EMACallback(pl.Callback):
     ) -> None:
         self._swap.close()  # training weights back whatever happened
 
-    # evaluate_with="both": the step runs on the training weights with "_model" names, then
-    # the callback runs it again on the averaged weights with "_ema" names.
-
-    def _suffix_logs(self, pl_module: pl.LightningModule, suffix: str) -> None:
-        original = type(pl_module).log
-
-        def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
-            original(pl_module, name + suffix, value, *args, **kwargs)
-
-        object.__setattr__(pl_module, "log", log)
-
-    @staticmethod
-    def _unsuffix_logs(pl_module: pl.LightningModule) -> None:
-        pl_module.__dict__.pop("log", None)
-
-    def _both_batch_start(self, pl_module: pl.LightningModule) -> None:
-        if self.evaluate_with == "both":
-            self._suffix_logs(pl_module, "_model")
-
-    def _both_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: str, batch: Any,
-        batch_idx: int, dataloader_idx: int,
-    ) -> None:
-        if self.evaluate_with != "both":
-            return
-        assert self.ema is not None
-        n_loaders = len(
-            trainer.num_val_batches if step == "validation_step" else trainer.num_test_batches
-        )
-        args = (batch, batch_idx) + ((dataloader_idx,) if n_loaders > 1 else ())
-        context = (
-            trainer.precision_plugin.val_step_context()
-            if step == "validation_step"
-            else trainer.precision_plugin.test_step_context()
-        )
-        self._suffix_logs(pl_module, "_ema")
-        fx_name = pl_module._current_fx_name
-        pl_module._current_fx_name = step
-        try:
-            with self.ema.swapped(), context:
-                getattr(pl_module, step)(*args)
-        finally:
-            pl_module._current_fx_name = fx_name
-            self._unsuffix_logs(pl_module)
-
-    def on_validation_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._both_batch_start(pl_module)
-
-    def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-        batch_idx: int, dataloader_idx: int = 0,
-    ) -> None:
-        self._both_batch_end(
-            trainer, pl_module, "validation_step", batch, batch_idx, dataloader_idx
-        )
-
-    def on_test_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._both_batch_start(pl_module)
-
-    def on_test_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-        batch_idx: int, dataloader_idx: int = 0,
-    ) -> None:
-        self._both_batch_end(trainer, pl_module, "test_step", batch, batch_idx, dataloader_idx)
-
     # checkpoints -------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -278,6 +253,7 @@ class EMACallback(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "ema" not in state_dict:
             return
+        self._restored = True
         if self.ema is not None:
             self.ema.load_state_dict(state_dict["ema"])
         else:  # restored before on_fit_start: load once the EMA exists
