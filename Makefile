@@ -14,8 +14,8 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[demo,dev]"
-	# timm for tests/test_migrating.py, without its torchvision (which need not import
-	# beside a CPU torch); the tests load timm's model_ema.py, which imports only torch
+	# timm's model_ema.py is a test peer; timm's torchvision does not load beside a CPU
+	# torch from PyPI, and model_ema.py needs only torch: install timm without its deps
 	$(BIN)/pip install -q --no-deps "timm>=1.0"
 	touch $@
 

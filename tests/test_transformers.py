@@ -128,7 +128,7 @@ def test_average_follows_optimizer_steps_and_evaluations_in_training_use_it(tmp_
     trainer.train()
     assert len(rec.steps) == trainer.state.global_step == 8  # accumulation: 16 batches / 2
     ref = replay(rec.steps, half_life="2ba", start="1ba")
-    assert cb.ema.num_updates == ref.num_updates == 7
+    assert cb.ema.num_updates == ref.num_updates == 8  # the start copy counts
     assert cb.ema.clock.counts == ref.clock.counts == {"ba": 8, "ep": 2, "sp": 0, "tok": 0}
     got = cb.ema.ema_state_dict()
     assert_state_equal(got, ref.ema_state_dict())
@@ -224,7 +224,7 @@ def test_checkpoints_hold_the_ema(straight_run):
     out, cb = straight_run
     half = out / "checkpoint-4"  # end of epoch 1 of 2
     saved = torch.load(half / EMA_STATE_NAME, weights_only=True)
-    assert saved["global_step"] == 4 and saved["ema"]["num_updates"] == 2
+    assert saved["global_step"] == 4 and saved["ema"]["num_updates"] == 3
     loaded = AutoModelForSequenceClassification.from_pretrained(half / EMA_MODEL_DIR)
     for n, t in loaded.state_dict().items():
         if n in saved["ema"]["average"]:

@@ -8,6 +8,7 @@
 <All keys matched successfully>
 """
 
+from .config import EMAConfig, StoreConfig
 from .ema import EMA, EMAModule
 from .flat import flatten_parameters
 from .functional import compute_ema
@@ -27,6 +28,8 @@ __version__ = "0.1.0"
 __all__ = [
     "EMA",
     "EMAModule",
+    "EMAConfig",
+    "StoreConfig",
     "PostHocEMA",
     "CosineSmoothing",
     "PowerWarmup",
