@@ -1,6 +1,7 @@
 """EMACallback in a real lightning.pytorch Trainer (CPU, tiny model, no mocks)."""
 
 import copy
+import inspect
 import warnings
 
 import lightning.pytorch as pl
@@ -223,9 +224,9 @@ def test_checkpoint_without_ema_state_warns_and_says_what_happens(tmp_path):
     with pytest.warns(RuntimeWarning, match="restarts from the loaded weights") as record:
         trainer([cb], max_epochs=2).fit(Tiny(), train, ckpt_path=path)
     assert len([w for w in record if "emakit" in str(w.message)]) == 1  # once
-    # the clock stood at step 8, epoch 1: start at 10, then updates at 11..16
+    # the clock stood at step 8, epoch 1: the start copy at 10, then updates at 11..16
     assert cb.ema.clock.counts["ba"] == 16 and cb.ema.clock.counts["ep"] == 2
-    assert cb.ema.num_updates == 6
+    assert cb.ema.num_updates == 7
     ckpt = torch.load(path, weights_only=True)
     with pytest.warns(RuntimeWarning, match="checkpoint's own weights"):
         got = trainer([EMACallback()]).validate(Tiny(), loader(val), ckpt_path=path,
@@ -286,8 +287,8 @@ def test_copy_on_fit_end_and_bad_arguments():
         EMACallback(evaluate_with="average")
     with pytest.raises(ValueError, match="half_life"):
         EMACallback(half_life="0ba")
-    with pytest.raises(ValueError, match="start"):
-        EMACallback(start="100sp")
+    with pytest.raises(ValueError, match="start='100tok'.*not tokens"):
+        EMACallback(start="100tok")  # tokens need count_tokens
     with pytest.raises(TypeError, match="halflife"):
         EMACallback(halflife="10ba")
 
@@ -298,3 +299,40 @@ def test_dur_times_take_total_from_the_trainer():
     trainer([cb], max_steps=8).fit(model, loader(data(N_TRAIN, 1)))
     assert str(cb.ema.total) == "8ba" and cb.ema.num_updates == 5
     assert cb.ema.smoothing == pytest.approx(2 ** (-1 / 2))
+
+
+def test_every_ema_argument_reaches_the_callback():
+    ema_args = set(inspect.signature(emakit.EMA).parameters) - {"model"}
+    ours = inspect.signature(EMACallback).parameters
+    assert ema_args <= set(ours), ema_args - set(ours)
+    cb = EMACallback(half_life="4ba", buffers="copy", exclude="net.3.*", compensated=True)
+    model = Tiny()
+    trainer([cb], max_steps=3).fit(model, loader(data(N_TRAIN, 1)))
+    assert cb.ema.config.exclude == ("net.3.*",) and cb.ema.config.compensated
+    assert cb.ema.config.buffers == "copy"
+    config = emakit.EMAConfig(half_life="4ba")
+    assert EMACallback(config=config).config is config
+    with pytest.raises(TypeError, match="not both"):
+        EMACallback(config=config, start="2ba")
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_sample_and_token_times(accumulate):
+    """start in samples: Lightning's batch size of each micro-batch, summed; in tokens: what
+    count_tokens says. 4 samples (12 "tokens") per micro-batch."""
+    by_samples = EMACallback(half_life="4ba", start="40sp")
+    by_tokens = EMACallback(half_life="4ba", start="120tok",
+                            count_tokens=lambda batch: batch[0].numel())
+    model0 = Tiny()
+    trainer([by_samples, by_tokens], max_epochs=2, accumulate_grad_batches=accumulate).fit(
+        copy.deepcopy(model0), loader(data(N_TRAIN, 1)))
+    steps = 16 // accumulate
+    start_step = 10 // accumulate  # 40 samples = 10 micro-batches
+    for cb in (by_samples, by_tokens):
+        assert cb.ema.clock.counts["ba"] == steps
+        assert cb.ema.num_updates == steps - start_step + 1  # the start copy counts
+    assert by_samples.ema.clock.counts["sp"] == N_TRAIN * 2
+    assert by_tokens.ema.clock.counts["tok"] == N_TRAIN * 2 * 3
+    _, ref = plain_loop_ema(model0, epochs=2, accumulate=accumulate, half_life="4ba",
+                            start=f"{start_step}ba")
+    assert_states_equal(by_samples.ema.ema_state_dict(), ref.ema_state_dict(), exact=False)

@@ -255,7 +255,7 @@ def test_resume_is_exact_however_the_callback_was_added(straight_run, tmp_path, 
         if how == "add_callback":
             trainer.add_callback(cb)
         trainer.train(resume_from_checkpoint=True)
-    assert cb.ema.num_updates == straight_cb.ema.num_updates == 6
+    assert cb.ema.num_updates == straight_cb.ema.num_updates == 7  # the start copy counts
     a, b = straight_cb.ema.state_dict(), cb.ema.state_dict()
     assert a["clock"] == b["clock"]
     assert_state_equal(a["average"], b["average"])
@@ -284,7 +284,7 @@ def test_resume_without_ema_state_warns_and_keeps_the_clock(tmp_path):
         trainer.train(resume_from_checkpoint=True)
     assert str(cb.ema.total) == "6ba" and cb.ema.smoothing == pytest.approx(2 ** (-1 / 1.2))
     assert cb.ema.clock.counts["ba"] == 6  # the clock at the trainer's step: 4, then 5, 6
-    assert cb.ema.started and cb.ema.num_updates == 1  # copy at step 5, one update at 6
+    assert cb.ema.started and cb.ema.num_updates == 2  # copy at step 5, one update at 6
 
 
 @pytest.mark.parametrize("evaluate_with", ["ema", "model"])
@@ -312,6 +312,18 @@ def test_load_best_model_at_end_loads_the_measured_weights(tmp_path, evaluate_wi
         want = rec.steps[step - 1]
     for n, p in model.named_parameters():
         assert torch.equal(p, want[n].to(p.dtype)), n
+
+
+def test_every_ema_argument_reaches_the_callback():
+    ema_args = set(inspect.signature(emakit.EMA).parameters) - {"model"}
+    ours = inspect.signature(EMACallback).parameters
+    assert ema_args <= set(ours), ema_args - set(ours)
+    config = emakit.EMAConfig(half_life="4ba", exclude="classifier.*")
+    assert EMACallback(config=config).config is config
+    with pytest.raises(TypeError, match="not both"):
+        EMACallback(config=config, start="2ba")
+    with pytest.raises(ValueError, match="not samples"):
+        EMACallback(start="100sp")
 
 
 def test_bad_arguments():

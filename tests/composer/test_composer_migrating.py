@@ -42,7 +42,8 @@ class Both(Callback):
 
 @pytest.mark.parametrize("kwargs", [
     dict(half_life="3ba", ema_start="0.0dur"),
-    dict(half_life="4ba", ema_start="5ba", update_interval="2ba"),
+    # a start on the interval's grid (see docs/migrating.md for one off it)
+    dict(half_life="4ba", ema_start="6ba", update_interval="2ba"),
     dict(half_life="1ep", ema_start="1ep", update_interval="1ep"),
     # Composer needs update_interval with smoothing (without it its __init__ fails)
     dict(half_life=None, smoothing=0.9, ema_start="0.25dur", update_interval="1ba"),

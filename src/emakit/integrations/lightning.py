@@ -28,10 +28,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.data import extract_batch_size
 
+from ..config import EMAConfig, takes_config
 from ..ema import EMA
-from ..time import Time
-from . import callback_arguments
+from . import EVALUATE_WITH, adapter_config, with_total
 
 __all__ = ["EMACallback", "TRAINING_WEIGHTS_KEY"]
 
@@ -44,10 +45,11 @@ class EMACallback(pl.Callback):
     """Keeps an :class:`emakit.EMA` of the LightningModule's weights during ``fit``.
 
     Args:
-        half_life, smoothing, start, update_interval, total, batches_per_epoch, buffers,
-            dtype, device, warmup, skip_nonfinite: as :class:`emakit.EMA` (times in ``ba``
-            count optimizer steps, ``ep`` epochs). A ``dur`` time without ``total`` takes
-            ``total`` from ``trainer.estimated_stepping_batches``.
+        config: an :class:`~emakit.EMAConfig`, or its fields as keyword arguments: every
+            argument of :class:`emakit.EMA`. Times in ``ba`` count optimizer steps, ``ep``
+            epochs, ``sp`` the samples of all ranks (Lightning's ``extract_batch_size`` of
+            each micro-batch, summed), ``tok`` what ``count_tokens`` returns. A ``dur`` time
+            without ``total`` takes ``total`` from ``trainer.estimated_stepping_batches``.
         evaluate_with: ``"ema"`` (validation and test on the averaged weights) or ``"model"``
             (on the training weights). Before the EMA has started, ``"ema"`` evaluates the
             model itself. To log both in one pass, keep ``"model"`` and compute the averaged
@@ -58,6 +60,8 @@ class EMACallback(pl.Callback):
             keeping the training weights under ``checkpoint["emakit_training_state_dict"]``;
             ``trainer.fit(ckpt_path=...)`` puts the training weights back and trains on.
         copy_on_fit_end: at the end of ``fit``, copy the averaged weights into the model.
+        count_tokens: ``callable(batch) -> int``, the tokens in a micro-batch (e.g.
+            ``lambda b: int(b["attention_mask"].sum())``); needed for times in ``tok``.
 
     The :class:`emakit.EMA` is built at ``on_fit_start`` (after the strategy has moved the
     model to its device) and exposed as ``.ema``.
@@ -70,32 +74,34 @@ class EMACallback(pl.Callback):
     checkpoint's own weights.
     """
 
+    @takes_config(EMAConfig)
     def __init__(
         self,
-        half_life: str | Time | None = None,
-        smoothing: float | Callable[[int], float] | None = None,
-        start: str | Time = "0ba",
-        update_interval: str | Time | None = None,
-        total: str | Time | None = None,
-        batches_per_epoch: int | None = None,
-        buffers: str = "average",
-        dtype: torch.dtype | None = torch.float32,
-        device: torch.device | str | None = None,
-        warmup: Any = None,
-        skip_nonfinite: bool = False,
+        config: EMAConfig | None = None,
         *,
         evaluate_with: str = "ema",
         save_ema_weights: bool = False,
         copy_on_fit_end: bool = False,
+        count_tokens: Callable[[Any], int] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__()
-        self.ema_kwargs: dict[str, Any] = callback_arguments(
-            "Lightning", evaluate_with, allowed=("ema", "model"),
-            half_life=half_life, smoothing=smoothing, start=start,
-            update_interval=update_interval, total=total, batches_per_epoch=batches_per_epoch,
-            buffers=buffers, dtype=dtype, device=device, warmup=warmup,
-            skip_nonfinite=skip_nonfinite,
-        )
+        if evaluate_with not in EVALUATE_WITH:
+            raise ValueError(
+                f"evaluate_with: expected one of {EVALUATE_WITH}, got {evaluate_with!r}"
+                + (" (to log both, see the class docstring)" if evaluate_with == "both" else "")
+            )
+        if count_tokens is not None and not callable(count_tokens):
+            raise TypeError(f"count_tokens: expected callable(batch) -> int, got {count_tokens!r}")
+        counts = ("ba", "ep", "sp") + (("tok",) if count_tokens is not None else ())
+        self.config = adapter_config("Lightning", config, kwargs, counts=counts)
+        self.count_tokens = count_tokens
+        # sp/tok times need the counts each step: summed over micro-batches and ranks
+        units = {self.config.start.unit}
+        if self.config.total is not None and self.config.uses_dur():
+            units.add(self.config.total.unit)
+        self._counting = bool(units & {"sp", "tok"})
+        self._samples = self._tokens = 0
         self.evaluate_with = evaluate_with
         self.save_ema_weights = bool(save_ema_weights)
         self.copy_on_fit_end = bool(copy_on_fit_end)
@@ -110,32 +116,28 @@ class EMACallback(pl.Callback):
     @property
     def state_key(self) -> str:
         """Distinct per configuration, so that two EMA callbacks can share a checkpoint."""
-        kw = self.ema_kwargs
-        smoothing = kw["smoothing"]
+        c = self.config
+        smoothing = c.smoothing
         if smoothing is not None and not isinstance(smoothing, (int, float)):
             smoothing = type(smoothing).__name__
         return self._generate_state_key(
-            half_life=None if kw["half_life"] is None else str(kw["half_life"]),
-            smoothing=smoothing, start=str(kw["start"]),
-            update_interval=None if kw["update_interval"] is None else str(kw["update_interval"]),
+            half_life=None if c.half_life is None else str(c.half_life),
+            smoothing=smoothing, start=str(c.start), update_interval=str(c.update_interval),
         )
 
     # building the EMA --------------------------------------------------------------------
 
     def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> EMA:
-        kwargs = dict(self.ema_kwargs)
-        if kwargs["total"] is None and any(
-            kwargs[n] is not None and Time.parse(kwargs[n]).unit == "dur"
-            for n in ("half_life", "start")
-        ):
+        config = self.config
+        if config.total is None and config.uses_dur():
             steps = trainer.estimated_stepping_batches
             if not isinstance(steps, int) and not float(steps).is_integer():
                 raise ValueError(
                     "total: a 'dur' time needs the training length; the trainer cannot "
                     "estimate it (set max_steps or pass total)"
                 )
-            kwargs["total"] = f"{int(steps)}ba"
-        return EMA(pl_module, **kwargs)
+            config = with_total(config, f"{int(steps)}ba")
+        return EMA(pl_module, config=config)
 
     def _ensure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> EMA:
         # Validate/test hooks run under torch.inference_mode: an average allocated there
@@ -181,11 +183,21 @@ class EMACallback(pl.Callback):
         batch_idx: int,
     ) -> None:
         assert self.ema is not None
+        if self._counting:
+            self._samples += extract_batch_size(batch)
+            if self.count_tokens is not None:
+                self._tokens += int(self.count_tokens(batch))
         # global_step counts optimizer steps: with gradient accumulation it moves once per
         # accumulated group, and the EMA with it.
         if trainer.global_step > self._last_global_step:
             self._last_global_step = trainer.global_step
-            self.ema.step()
+            samples = tokens = None
+            if self._counting:
+                counts = torch.tensor([self._samples, self._tokens], device=pl_module.device)
+                counts = trainer.strategy.reduce(counts, reduce_op="sum")  # all ranks' batches
+                samples, tokens = (int(v) for v in counts.tolist())
+                self._samples = self._tokens = 0
+            self.ema.step(samples=samples, tokens=None if self.count_tokens is None else tokens)
         # Count the epoch here, on its last batch, so that the epoch-end validation (which
         # Lightning runs before on_train_epoch_end) already sees the epoch's update.
         if trainer.is_last_batch and not self._epoch_counted:

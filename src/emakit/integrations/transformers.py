@@ -38,7 +38,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -46,16 +46,15 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from ..config import EMAConfig, takes_config
 from ..ema import EMA
 from ..io import save_torch
-from ..time import Time
-from . import callback_arguments
+from . import EVALUATE_WITH, adapter_config, with_total
 
 __all__ = ["EMACallback", "EMATrainerMixin", "EMATrainer", "EMA_STATE_NAME", "EMA_MODEL_DIR"]
 
 EMA_STATE_NAME = "emakit_ema.pt"
 EMA_MODEL_DIR = "ema"
-EVALUATE_WITH = ("ema", "model")
 
 
 def _fingerprint(model: nn.Module) -> torch.Tensor:
@@ -74,10 +73,9 @@ class EMACallback(TrainerCallback):
     trains, evaluates with it during training, and checkpoints it.
 
     Args:
-        half_life, smoothing, start, update_interval, total, batches_per_epoch, buffers,
-            dtype, device, warmup, skip_nonfinite: as :class:`emakit.EMA` (``ba`` counts
-            optimizer steps, ``ep`` epochs). A ``dur`` time without ``total`` takes ``total``
-            from the trainer's ``max_steps``.
+        config: an :class:`~emakit.EMAConfig`, or its fields as keyword arguments: every
+            argument of :class:`emakit.EMA` (``ba`` counts optimizer steps, ``ep`` epochs).
+            A ``dur`` time without ``total`` takes ``total`` from the trainer's ``max_steps``.
         evaluate_with: ``"ema"`` (default): evaluations run on the averaged weights (the
             model's own before the EMA starts), and ``load_best_model_at_end`` loads the
             averaged weights of the best checkpoint; ``"model"``: on the training weights.
@@ -93,30 +91,20 @@ class EMACallback(TrainerCallback):
     restarts from the loaded weights with its clock at step ``N``.
     """
 
+    @takes_config(EMAConfig)
     def __init__(
         self,
-        half_life: str | Time | None = None,
-        smoothing: float | Callable[[int], float] | None = None,
-        start: str | Time = "0ba",
-        update_interval: str | Time | None = None,
-        total: str | Time | None = None,
-        batches_per_epoch: int | None = None,
-        buffers: str = "average",
-        dtype: torch.dtype | None = torch.float32,
-        device: torch.device | str | None = None,
-        warmup: Any = None,
-        skip_nonfinite: bool = False,
+        config: EMAConfig | None = None,
         *,
         evaluate_with: str = "ema",
         save_ema_model: bool = True,
+        **kwargs: Any,
     ) -> None:
-        self.ema_kwargs: dict[str, Any] = callback_arguments(
-            "Transformers", evaluate_with, allowed=EVALUATE_WITH,
-            half_life=half_life, smoothing=smoothing, start=start,
-            update_interval=update_interval, total=total, batches_per_epoch=batches_per_epoch,
-            buffers=buffers, dtype=dtype, device=device, warmup=warmup,
-            skip_nonfinite=skip_nonfinite,
-        )
+        if evaluate_with not in EVALUATE_WITH:
+            raise ValueError(
+                f"evaluate_with: expected one of {EVALUATE_WITH}, got {evaluate_with!r}"
+            )
+        self.config = adapter_config("Transformers", config, kwargs)
         self.evaluate_with = evaluate_with
         self.save_ema_model = bool(save_ema_model)
         self.ema: EMA | None = None
@@ -194,10 +182,10 @@ class EMACallback(TrainerCallback):
         if model is None:
             raise RuntimeError("EMACallback: the Trainer passed no model to on_train_begin")
         self._release()
-        ema_kwargs = dict(self.ema_kwargs)
-        if ema_kwargs["total"] is None and state.max_steps and state.max_steps > 0:
-            ema_kwargs["total"] = f"{state.max_steps}ba"
-        self.ema = EMA(model, **ema_kwargs)
+        config = self.config
+        if state.max_steps and state.max_steps > 0:
+            config = with_total(config, f"{state.max_steps}ba")
+        self.ema = EMA(model, config=config)
         if state.global_step > 0:
             self._resume(args, state)
         self._training = True
