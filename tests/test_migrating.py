@@ -23,23 +23,6 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
 
 
-def _warmup_counts_training_time() -> bool:
-    """Whether this emakit counts warmup as issue 10 documents (the start copy is update 1;
-    inv_gamma=1, power=1 gives the running mean)."""
-    m = nn.Linear(1, 1, bias=False)
-    ema = emakit.EMA(m, smoothing=1.0, warmup=emakit.PowerWarmup(inv_gamma=1.0, power=1.0))
-    for v in (1.0, 2.0, 3.0):
-        with torch.no_grad():
-            m.weight.fill_(v)
-        ema.step()
-    return abs(ema.ema_state_dict()["weight"].item() - 2.0) < 1e-6
-
-
-NEEDS_WARMUP_CONVENTION = pytest.mark.xfail(
-    not _warmup_counts_training_time(), strict=True,
-    reason="needs issue 10 warmup (start copy = update 1); flips when it lands",
-)
-
 STEPS = 24
 
 
@@ -127,7 +110,6 @@ def test_timm_v3_with_step_no_warmup(update_after_step):
     assert_moved(ema.ema_state_dict(), model)
 
 
-@NEEDS_WARMUP_CONVENTION
 @pytest.mark.parametrize("gamma,power,min_decay,after", [
     (1.0, 2 / 3, 0.0, 0), (1.0, 3 / 4, 0.0, 3), (10.0, 2 / 3, 0.3, 0), (1.0, 1.0, 0.0, 0),
 ])
@@ -160,7 +142,6 @@ def test_torch_averaged_model_ema():
     assert_moved(ema.ema_state_dict(), model)
 
 
-@NEEDS_WARMUP_CONVENTION
 def test_torch_averaged_model_swa_running_mean():
     from torch.optim.swa_utils import AveragedModel
 
@@ -235,7 +216,6 @@ def _diffusers_state(peer, model) -> dict:
     return {n: s for (n, _), s in zip(model.named_parameters(), peer.shadow_params, strict=True)}
 
 
-@NEEDS_WARMUP_CONVENTION
 @pytest.mark.parametrize("after", [0, 3])
 def test_diffusers_default_decay_schedule(after):
     """EMAModel without use_ema_warmup: the decay is min(decay, (1 + s) / (10 + s))."""
@@ -250,7 +230,6 @@ def test_diffusers_default_decay_schedule(after):
     assert_moved(ema.ema_state_dict(), model)
 
 
-@NEEDS_WARMUP_CONVENTION
 @pytest.mark.parametrize("gamma,power,min_decay,after", [
     (1.0, 2 / 3, 0.0, 0), (10.0, 3 / 4, 0.2, 2),
 ])
@@ -270,7 +249,6 @@ def test_diffusers_ema_warmup(gamma, power, min_decay, after):
 
 # ema-pytorch -------------------------------------------------------------------------------
 
-@NEEDS_WARMUP_CONVENTION
 @pytest.mark.parametrize("after,gamma,power,min_value", [
     (0, 1.0, 2 / 3, 0.0), (4, 1.0, 3 / 4, 0.0), (2, 10.0, 2 / 3, 0.3),
 ])
