@@ -8,6 +8,7 @@
 <All keys matched successfully>
 """
 
+from .bema import BEMA
 from .config import EMAConfig, StoreConfig
 from .ema import EMA, EMAModule
 from .flat import flatten_parameters
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EMA",
     "EMAModule",
+    "BEMA",
     "EMAConfig",
     "StoreConfig",
     "PostHocEMA",

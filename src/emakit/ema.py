@@ -52,6 +52,47 @@ def _count(value: Any, name: str, minimum: int = 0) -> int:
     return value
 
 
+class _ScalerWatch:
+    """Tells, on the device, whether the optimizer step a GradScaler just ran was skipped.
+
+    A step with Inf/NaN gradients is skipped and ``scaler.update()`` then multiplies the
+    scale by ``backoff_factor < 1``; otherwise the scale stays or grows (``growth_factor >
+    1``). So ``scale_now < scale_before`` marks a skipped step, decided on the device with
+    no host sync. ``ema.step()`` must come after ``scaler.update()``, as usual.
+    """
+
+    def __init__(self, scaler: Any) -> None:
+        self.scaler = scaler
+        # one sync here, at construction: the scale before the first step
+        self._before: Tensor | float = float(scaler.get_scale()) if scaler.is_enabled() else 0.0
+        self._skipped: Tensor | None = None
+
+    def masked(self, weight: float) -> float | Tensor:
+        """``weight``, or 0 when the step was skipped, as a 0-d tensor on the scale's device."""
+        if not self.scaler.is_enabled():
+            return weight
+        # torch keeps the scale tensor itself private; this reads it without a host sync
+        scale = self.scaler._get_scale_async()
+        if scale is None:  # the scaler has not scaled anything yet
+            return weight
+        before = self._before
+        if not isinstance(before, Tensor):
+            before = torch.full_like(scale, before)
+        ran = (scale >= before).to(torch.float32)
+        self._before = scale.detach().clone()
+        self._skipped = (1.0 - ran) if self._skipped is None else self._skipped + (1.0 - ran)
+        return ran * weight
+
+    def observe(self) -> None:
+        """Take the current scale as the one before the next step (at the start copy)."""
+        scale = self.scaler._get_scale_async() if self.scaler.is_enabled() else None
+        if scale is not None:
+            self._before = scale.detach().clone()
+
+    def skipped(self) -> int:
+        return 0 if self._skipped is None else int(self._skipped.item())
+
+
 def _warmup_product(warmup: PowerWarmup, first: int, last: int, cap: float) -> float:
     """The product of ``warmup(k, cap)`` for k = first..last; once a factor reaches the
     cap every later one does too (the warmup grows with k), so that tail is one power."""
@@ -155,13 +196,14 @@ class EMA:
             )
         self.clock = Clock(self.batches_per_epoch, self.total)
         self.num_updates = 0
-        self.skipped_updates = 0
+        self._skipped = 0
         self.started = False
         # Training time of the average, in units of the interval's unit: the start is k = 1;
         # _k is the k the average was last brought up to.
         self._origin = 0  # the clock count (interval's unit) at which k = 1
         self._k = 0
         self._warned_start = False
+        self._scaler = _ScalerWatch(config.grad_scaler) if config.grad_scaler is not None else None
         self.module = EMAModule(self)
 
     # the loop's side ---------------------------------------------------------------------
@@ -221,10 +263,17 @@ class EMA:
             return
         self.shadow.synchronize()
         self.shadow.reset()
+        if self._scaler is not None:
+            self._scaler.observe()
         self.started = True
         self.num_updates += 1
         self._origin = self._count()
         self._k = 1
+
+    @property
+    def _handout(self) -> Any:
+        """The store whose weights export, swap, ``module`` and ``copy_to`` hand out."""
+        return self.shadow
 
     @property
     def _in_swap(self) -> bool:
@@ -287,15 +336,32 @@ class EMA:
         first, last = self._span()
         self._k = last
         if self.skip_nonfinite and not self._sources_finite():
-            self.skipped_updates += 1
+            self._skipped += 1
             warnings.warn(
                 f"emakit: skipped an EMA update at {self._where()}: the model holds NaN or Inf",
                 RuntimeWarning,
                 stacklevel=2,
             )
             return
-        self.shadow.update(1.0 - self._factor(first, last))
+        weight: float | Tensor = 1.0 - self._factor(first, last)
+        if self._scaler is not None:
+            weight = self._scaler.masked(weight)
+        self._apply(weight, last)
         self.num_updates += 1
+
+    def _apply(self, weight: float | Tensor, k: int) -> None:
+        """Bring the average to training time ``k`` with the update weight ``1 - s``."""
+        self.shadow.update(weight)
+
+    @property
+    def skipped_updates(self) -> int:
+        """Updates skipped: non-finite sources (``skip_nonfinite``) and optimizer steps the
+        ``grad_scaler`` skipped (counted on the device; reading this synchronizes)."""
+        return self._skipped + (self._scaler.skipped() if self._scaler is not None else 0)
+
+    @skipped_updates.setter
+    def skipped_updates(self, value: int) -> None:
+        self._skipped = value - (self._scaler.skipped() if self._scaler is not None else 0)
 
     def _sources_finite(self) -> bool:
         finite = self.shadow.sources_finite()
@@ -335,7 +401,7 @@ class EMA:
             if not self.started:
                 yield self.model
             else:
-                with self.shadow.swapped():
+                with self._handout.swapped():
                     yield self.model
         finally:
             _SWAPPED.pop(self.model, None)
@@ -347,7 +413,7 @@ class EMA:
         if target is self.model:
             # Shard to shard under FSDP2 (the mapping holds DTensors); no full gather.
             if self.started:
-                target.load_state_dict(self.shadow.mapping(started=True), strict=False)
+                target.load_state_dict(self._handout.mapping(started=True), strict=False)
             return
         target.load_state_dict(self.ema_state_dict(), strict=True)
 
@@ -361,7 +427,7 @@ class EMA:
         ``rank0_only=True``: only rank 0 keeps the tensors, on the CPU; other ranks get {}.
         """
         self.shadow.synchronize()
-        return self.shadow.export(
+        return self._handout.export(
             started=self.started and not self._in_swap, rank0_only=rank0_only
         )
 
@@ -462,6 +528,13 @@ class EMAModule(nn.Module):
     storage dtype or device differs from the model's). For teacher networks (BYOL, DINO,
     mean teacher) while training goes on. Runs without autograd; in eval mode unless
     ``.train()`` is called, whatever mode the trained model is in.
+
+    Threads: a call puts the averaged tensors into the trained model's modules for its
+    duration (``functional_call`` swaps them in and back), so it must not run while another
+    thread runs the trained model (a forward or an optimizer step there would see, or write
+    into, the averaged values). Call it from the training thread, as teacher networks do; to
+    evaluate in another thread, give it its own copy (``model2.load_state_dict(
+    ema.ema_state_dict())``).
     """
 
     def __init__(self, ema: EMA) -> None:
@@ -476,7 +549,7 @@ class EMAModule(nn.Module):
         ema.shadow.synchronize()
         if getattr(ema.shadow, "fsdp", False):
             return self._forward_fsdp(args, kwargs)
-        mapping = ema.shadow.mapping(started=ema.started and not ema._in_swap)
+        mapping = ema._handout.mapping(started=ema.started and not ema._in_swap)
         if self.training:
             # Train-mode BatchNorm writes running statistics in place: keep the average safe.
             buffers = {n for n, _ in model.named_buffers()}
@@ -501,7 +574,7 @@ class EMAModule(nn.Module):
         saved = [b.detach().clone() for b in buffers]
         modes = [(m, m.training) for m in model.modules()]
         model.train(self.training)
-        swap = ema.shadow.swapped() if ema.started and not ema._in_swap else None
+        swap = ema._handout.swapped() if ema.started and not ema._in_swap else None
         try:
             with torch.no_grad(), swap or contextlib.nullcontext():
                 return model(*args, **kwargs)
