@@ -154,6 +154,12 @@ def test_validation_and_test_run_on_the_average_and_restore_training_weights():
     tested = t.test(model, loader(val), verbose=False)[0]["test_loss"]
     assert got == pytest.approx(manual_loss(model, averaged, val), rel=1e-6)
     assert tested == pytest.approx(got, rel=1e-6)
+    predicted = torch.cat(t.predict(model, DataLoader(val.tensors[0], batch_size=BATCH)))
+    m = copy.deepcopy(model)
+    m.load_state_dict(averaged)
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(predicted, m(val.tensors[0]))
     assert got != pytest.approx(manual_loss(model, before, val), rel=1e-4)
     assert_states_equal(model.state_dict(), before)  # bitwise back
 

@@ -50,11 +50,11 @@ class EMACallback(pl.Callback):
             epochs, ``sp`` the samples of all ranks (Lightning's ``extract_batch_size`` of
             each micro-batch, summed), ``tok`` what ``count_tokens`` returns. A ``dur`` time
             without ``total`` takes ``total`` from ``trainer.estimated_stepping_batches``.
-        evaluate_with: ``"ema"`` (validation and test on the averaged weights) or ``"model"``
-            (on the training weights). Before the EMA has started, ``"ema"`` evaluates the
-            model itself. To log both in one pass, keep ``"model"`` and compute the averaged
-            model's metrics in your ``validation_step`` with ``ema_cb.ema.module(x)`` (no swap;
-            see docs/integrations.md).
+        evaluate_with: ``"ema"`` (validation, test and predict on the averaged weights) or
+            ``"model"`` (on the training weights). Before the EMA has started, ``"ema"``
+            evaluates the model itself. To log both in one pass, keep ``"model"`` and compute
+            the averaged model's metrics in your ``validation_step`` with
+            ``ema_cb.ema.module(x)`` (no swap; see docs/integrations.md).
         save_ema_weights: write the averaged weights as the checkpoint's ``"state_dict"``
             (what ``Module.load_from_checkpoint`` and ``trainer.test(ckpt_path=...)`` load),
             keeping the training weights under ``checkpoint["emakit_training_state_dict"]``;
@@ -248,6 +248,12 @@ class EMACallback(pl.Callback):
         self._eval_start(trainer, pl_module)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_end()
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_start(trainer, pl_module)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._eval_end()
 
     def on_exception(
