@@ -237,15 +237,19 @@ def test_checkpoints_hold_the_ema(straight_run):
     assert not torch.equal(training.classifier.weight, loaded.classifier.weight)
 
 
-@pytest.mark.parametrize("how", ["constructor", "add_callback", "ema_trainer_elsewhere"])
+@pytest.mark.parametrize(
+    "how", ["constructor", "add_callback", "ema_trainer_elsewhere", "resume_from_elsewhere"])
 def test_resume_is_exact_however_the_callback_was_added(straight_run, tmp_path, how):
     out, straight_cb = straight_run
     cb = EMACallback(**KW)
-    if how == "ema_trainer_elsewhere":  # a checkpoint outside output_dir: the mixin says where
+    if how.endswith("elsewhere"):  # a checkpoint outside output_dir: say where
         src = tmp_path / "moved" / "checkpoint-4"
         shutil.copytree(out / "checkpoint-4", src)
-        trainer = EMATrainer(model=tiny_model(), args=args(tmp_path / "run", **CKPT),
-                             train_dataset=TRAIN, callbacks=[cb])
+        cls = EMATrainer if how == "ema_trainer_elsewhere" else Trainer
+        trainer = cls(model=tiny_model(), args=args(tmp_path / "run", **CKPT),
+                      train_dataset=TRAIN, callbacks=[cb])
+        if how == "resume_from_elsewhere":
+            cb.resume_from(src)  # a plain Trainer does not tell the callback
         trainer.train(resume_from_checkpoint=str(src))
     else:
         run = tmp_path / "run"
