@@ -330,6 +330,24 @@ def test_every_ema_argument_reaches_the_callback():
         EMACallback(start="100sp")
 
 
+def test_token_times_count_the_trainers_tokens(tmp_path):
+    """6 tokens a sample, 4 samples a micro-batch, 2 micro-batches a step: 48 tokens a step,
+    so start="150tok" is step 4."""
+    cb = EMACallback(half_life="2ba", start="150tok")
+    rec = Recorder(cb)
+    trainer = Trainer(model=tiny_model(), args=args(tmp_path, include_num_input_tokens_seen=True),
+                      train_dataset=TRAIN, callbacks=[rec, cb])
+    trainer.train()
+    assert cb.ema.clock.counts["tok"] == trainer.state.num_input_tokens_seen == 16 * 4 * 6
+    assert_state_equal(cb.ema.ema_state_dict(),
+                       replay(rec.steps, half_life="2ba", start="4ba").ema_state_dict())
+    assert cb.ema.num_updates == 8 - 4 + 1
+    trainer = Trainer(model=tiny_model(), args=args(tmp_path), train_dataset=TRAIN,
+                      callbacks=[EMACallback(start="150tok")])
+    with pytest.raises(ValueError, match="include_num_input_tokens_seen"):
+        trainer.train()
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="evaluate_with"):
         EMACallback(evaluate_with="both")

@@ -76,8 +76,10 @@ class EMACallback(TrainerCallback):
 
     Args:
         config: an :class:`~emakit.EMAConfig`, or its fields as keyword arguments: every
-            argument of :class:`emakit.EMA` (``ba`` counts optimizer steps, ``ep`` epochs).
-            A ``dur`` time without ``total`` takes ``total`` from the trainer's ``max_steps``.
+            argument of :class:`emakit.EMA` (``ba`` counts optimizer steps, ``ep`` epochs,
+            ``tok`` the Trainer's ``state.num_input_tokens_seen``, which needs
+            ``TrainingArguments(include_num_input_tokens_seen=True)``). A ``dur`` time
+            without ``total`` takes ``total`` from the trainer's ``max_steps``.
         evaluate_with: ``"ema"`` (default): evaluations run on the averaged weights (the
             model's own before the EMA starts), and ``load_best_model_at_end`` loads the
             averaged weights of the best checkpoint; ``"model"``: on the training weights.
@@ -106,7 +108,12 @@ class EMACallback(TrainerCallback):
             raise ValueError(
                 f"evaluate_with: expected one of {EVALUATE_WITH}, got {evaluate_with!r}"
             )
-        self.config = adapter_config("Transformers", config, kwargs)
+        self.config = adapter_config("Transformers", config, kwargs, counts=("ba", "ep", "tok"))
+        units = {self.config.start.unit}
+        if self.config.total is not None and self.config.uses_dur():
+            units.add(self.config.total.unit)
+        self._counting_tokens = "tok" in units
+        self._tokens_seen = 0
         self.evaluate_with = evaluate_with
         self.save_ema_model = bool(save_ema_model)
         self.ema: EMA | None = None
@@ -184,10 +191,17 @@ class EMACallback(TrainerCallback):
         if model is None:
             raise RuntimeError("EMACallback: the Trainer passed no model to on_train_begin")
         self._release()
+        if self._counting_tokens and args.include_num_input_tokens_seen in ("no", False):
+            raise ValueError(
+                f"start={str(self.config.start)!r}: the callback counts tokens with the "
+                "Trainer's state.num_input_tokens_seen; set "
+                "TrainingArguments(include_num_input_tokens_seen=True) (or 'non_padding')"
+            )
         config = self.config
         if state.max_steps and state.max_steps > 0:
             config = with_total(config, f"{state.max_steps}ba")
         self.ema = EMA(model, config=config)
+        self._tokens_seen = int(state.num_input_tokens_seen or 0)
         if state.global_step > 0:
             self._resume(args, state)
         self._training = True
@@ -202,9 +216,10 @@ class EMACallback(TrainerCallback):
         self._resume_dir = None  # good for one train() only
         path = os.path.join(folder, EMA_STATE_NAME)
         if not os.path.isfile(path):
-            self.ema.clock.load_state_dict(
-                {"ba": state.global_step, "ep": int(state.epoch or 0), "sp": 0, "tok": 0}
-            )
+            self.ema.clock.load_state_dict({
+                "ba": state.global_step, "ep": int(state.epoch or 0), "sp": 0,
+                "tok": int(state.num_input_tokens_seen or 0),
+            })
             warnings.warn(
                 f"emakit: training resumes at step {state.global_step} but {path} does not "
                 "exist: the EMA restarts from the loaded weights, its clock at that step "
@@ -246,7 +261,11 @@ class EMACallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.ema is None:
             return
-        self.ema.step()
+        tokens = None
+        if self._counting_tokens:  # all ranks' tokens, as the Trainer gathers them
+            seen = int(state.num_input_tokens_seen)
+            tokens, self._tokens_seen = seen - self._tokens_seen, seen
+        self.ema.step(tokens=tokens)
         # On an epoch's last step state.epoch is a whole number. Count the epoch now: the
         # checkpoint and evaluation of that step come before on_epoch_end.
         if state.epoch is not None and float(state.epoch).is_integer():
