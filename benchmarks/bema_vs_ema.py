@@ -28,8 +28,7 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
     averages = {
         "EMA (half-life 200ba, warmup 3/4)": emakit.EMA(
-            model, half_life="200ba", warmup=emakit.PowerWarmup(power=3 / 4)
-        ),
+            model, half_life="200ba", warmup=emakit.PowerWarmup(power=3 / 4)),
         "BEMA (defaults)": emakit.BEMA(model),
     }
     gen = torch.Generator().manual_seed(args.seed)

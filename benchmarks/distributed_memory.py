@@ -59,12 +59,8 @@ def worker(mode: str, width: int, depth: int) -> None:
     ema.update()
     grown = _rss() - before
     n = sum(p.numel() for p in model.parameters())
-    report = {
-        "rank": dist.get_rank(),
-        "ema_bytes": ema.shadow.state_nbytes(),
-        "rss": grown,
-        "params": n,
-    }
+    report = {"rank": dist.get_rank(), "ema_bytes": ema.shadow.state_nbytes(),
+              "rss": grown, "params": n}
     print("RESULT " + json.dumps(report), flush=True)
     dist.destroy_process_group()
 
@@ -76,24 +72,13 @@ def _port() -> int:
 
 
 def launch(mode: str, world: int, width: int, depth: int) -> list[dict]:
-    env = dict(
-        os.environ,
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_port()),
-        WORLD_SIZE=str(world),
-        OMP_NUM_THREADS="1",
-    )
-    cmd = [sys.executable, __file__, "--worker", mode, "--width", str(width), "--depth", str(depth)]
-    procs = [
-        subprocess.Popen(
-            cmd,
-            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(world)
-    ]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()),
+               WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, __file__, "--worker", mode, "--width", str(width),
+           "--depth", str(depth)]
+    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(world)]
     out = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=600)
@@ -118,20 +103,11 @@ def main() -> None:
     for mode in MODES:
         for world in args.worlds:
             res = launch(mode, world, args.width, args.depth)
-            rows.append(
-                (
-                    mode,
-                    world,
-                    max(r["ema_bytes"] for r in res) / mib,
-                    max(r["rss"] for r in res) / mib,
-                    res[0]["params"],
-                )
-            )
+            rows.append((mode, world, max(r["ema_bytes"] for r in res) / mib,
+                         max(r["rss"] for r in res) / mib, res[0]["params"]))
     n = rows[0][4]
-    print(
-        f"Model: {args.depth} x Linear({args.width}, {args.width}), {n:,} parameters, "
-        f"{4 * n / mib:.1f} MiB in fp32; EMA in fp32.\n"
-    )
+    print(f"Model: {args.depth} x Linear({args.width}, {args.width}), {n:,} parameters, "
+          f"{4 * n / mib:.1f} MiB in fp32; EMA in fp32.\n")
     print("| mode | ranks | EMA MiB per rank | RSS growth MiB per rank |")
     print("| --- | ---: | ---: | ---: |")
     for mode, world, ema_mib, rss_mib, _ in rows:

@@ -44,23 +44,12 @@ def measure(size: int, count: int) -> tuple[float, float, float]:
 def main() -> None:
     setup_threads()
     rows = []
-    for size, count in (
-        (32, 2000),
-        (1024, 1000),
-        (4096, 300),
-        (16384, 100),
-        (65536, 40),
-        (262144, 10),
-    ):
+    for size, count in ((32, 2000), (1024, 1000), (4096, 300), (16384, 100), (65536, 40),
+                        (262144, 10)):
         floor, foreach, gathered = measure(size, count)
-        rows.append(
-            [
-                f"{count} x {size}",
-                f"{floor * 1e3:.3f}",
-                f"{foreach * 1e3:.3f} ({foreach / floor:.1f}x)",
-                f"{gathered * 1e3:.3f} ({gathered / floor:.1f}x)",
-            ]
-        )
+        rows.append([f"{count} x {size}", f"{floor * 1e3:.3f}",
+                     f"{foreach * 1e3:.3f} ({foreach / floor:.1f}x)",
+                     f"{gathered * 1e3:.3f} ({gathered / floor:.1f}x)"])
     print(table(["tensors", "floor ms", "_foreach_lerp_ ms", "cat + lerp_ ms"], rows))
 
 

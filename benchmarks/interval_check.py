@@ -70,15 +70,11 @@ def main() -> None:
                 ema.step()
                 cost[key] += time.perf_counter() - start
     w = flat(model.state_dict(), names)
-    print(
-        f"emakit demo model, {steps} steps, half-life {h}, "
-        f"interval 10ba vs 1ba (smoothing {emakit.smoothing_from_half_life(200, 10):.6f} "
-        f"vs {emakit.smoothing_from_half_life(200, 1):.6f})\n"
-    )
-    print(
-        "| warmup | rel. diff / norm | rel. diff / travel | raw vs avg | test loss 1ba -> 10ba "
-        "| accuracy 1ba -> 10ba | EMA time per step, 10ba / 1ba |"
-    )
+    print(f"emakit demo model, {steps} steps, half-life {h}, "
+          f"interval 10ba vs 1ba (smoothing {emakit.smoothing_from_half_life(200, 10):.6f} "
+          f"vs {emakit.smoothing_from_half_life(200, 1):.6f})\n")
+    print("| warmup | rel. diff / norm | rel. diff / travel | raw vs avg | test loss 1ba -> 10ba "
+          "| accuracy 1ba -> 10ba | EMA time per step, 10ba / 1ba |")
     print("|---|---|---|---|---|---|---|")
     raw_loss, raw_acc = evaluate(model, x_test, y_test)
     for warm in (True, False):

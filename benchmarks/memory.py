@@ -52,23 +52,16 @@ def main() -> None:
                     row(f"{name}, {label} CUDA model, device='cpu'", m.cuda(), device="cpu")
                 )
                 rows.append(
-                    row(f"{name}, {label} CUDA model, side_stream=True", m.cuda(), side_stream=True)
+                    row(f"{name}, {label} CUDA model, side_stream=True", m.cuda(),
+                        side_stream=True)
                 )
     if not torch.cuda.is_available():
         rule = "rule"
         rows += [
-            [
-                "fp32 CUDA model, device='cpu'",
-                "4 (host)",
-                "4 pinned host (1 copy of the model in its dtype)",
-                rule,
-            ],
-            [
-                "bf16 CUDA model, device='cpu'",
-                "4 (host)",
-                "2 pinned host + conversion staging <= 4 MiB host",
-                rule,
-            ],
+            ["fp32 CUDA model, device='cpu'", "4 (host)", "4 pinned host (1 copy of the "
+             "model in its dtype)", rule],
+            ["bf16 CUDA model, device='cpu'", "4 (host)", "2 pinned host + conversion "
+             "staging <= 4 MiB host", rule],
             ["any CUDA model, side_stream=True", "as without", "0 (as without)", rule],
         ]
     print(table(["model and option", "state B/element", "workspace B/element", "device"], rows))

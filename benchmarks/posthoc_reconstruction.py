@@ -32,16 +32,10 @@ def run(steps: int, every: int, dtype: torch.dtype, interval: int = 1) -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 64)
     with tempfile.TemporaryDirectory() as d:
-        ph = emakit.PostHocEMA(
-            model,
-            snapshot_every=f"{every}ba",
-            snapshot_dir=d,
-            snapshot_dtype=dtype,
-            update_interval=f"{interval}ba",
-        )
-        direct = emakit.PostHocEMA(
-            model, sigma_rels=TARGETS, snapshot_every=None, update_interval=f"{interval}ba"
-        )
+        ph = emakit.PostHocEMA(model, snapshot_every=f"{every}ba", snapshot_dir=d,
+                               snapshot_dtype=dtype, update_interval=f"{interval}ba")
+        direct = emakit.PostHocEMA(model, sigma_rels=TARGETS, snapshot_every=None,
+                                   update_interval=f"{interval}ba")
         for _ in range(steps):
             with torch.no_grad():
                 for p in model.parameters():
@@ -56,26 +50,18 @@ def run(steps: int, every: int, dtype: torch.dtype, interval: int = 1) -> None:
         for s, out, err in zip(TARGETS, outs, plan.errors, strict=True):
             ref = flat(direct.ema_state_dict(s))
             diff = (flat(out) - ref).norm()
-            print(
-                f"| {steps} | {every} | {interval} | {n} | {name} | {s:g} | {float(err):.2e} "
-                f"| {float(diff / ref.norm()):.2e} | {float(diff / (ref - raw).norm()):.2e} |"
-            )
+            print(f"| {steps} | {every} | {interval} | {n} | {name} | {s:g} | {float(err):.2e} "
+                  f"| {float(diff / ref.norm()):.2e} | {float(diff / (ref - raw).norm()):.2e} |")
 
 
 def main() -> None:
     torch.set_num_threads(1)
-    print(
-        "| steps | snapshot every | update interval | snapshots | dtype | sigma_rel "
-        "| profile | abs(d)/abs(direct) | abs(d)/abs(direct-raw) |"
-    )
+    print("| steps | snapshot every | update interval | snapshots | dtype | sigma_rel "
+          "| profile | abs(d)/abs(direct) | abs(d)/abs(direct-raw) |")
     print("|---:|---:|---:|---:|---|---:|---:|---:|---:|")
-    for every, dtype, interval in (
-        (50, torch.float32, 1),
-        (50, torch.float16, 1),
-        (20, torch.float32, 1),
-        (100, torch.float32, 1),
-        (60, torch.float32, 3),
-    ):
+    for every, dtype, interval in ((50, torch.float32, 1), (50, torch.float16, 1),
+                                   (20, torch.float32, 1), (100, torch.float32, 1),
+                                   (60, torch.float32, 3)):
         run(1200 if interval == 3 else 1000, every, dtype, interval)
 
 

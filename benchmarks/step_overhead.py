@@ -67,9 +67,9 @@ def _every(setup: Callable) -> Callable:
 
 
 FACTORIES: dict[str, Callable] = {label: _every(setup) for label, setup in PEERS.items()}
-FACTORIES["ema-pytorch"] = lambda m, every: (lambda e: (e[0], e[1]))(
-    ema_pytorch_update(m, every=every)
-)  # native update_every
+FACTORIES["ema-pytorch"] = lambda m, every: (
+    lambda e: (e[0], e[1])
+)(ema_pytorch_update(m, every=every))  # native update_every
 FACTORIES["emakit"] = lambda m, every: emakit_update(m, f"{every}ba")
 FLAT = "emakit + flatten_parameters"
 
@@ -173,12 +173,16 @@ def main() -> None:
             else:
                 run = cpu_overheads
             result = run(model, batch, factories, every, steps)
-            result.update(run(flat_model, batch, {FLAT: FACTORIES["emakit"]}, every, steps))
+            result.update(
+                run(flat_model, batch, {FLAT: FACTORIES["emakit"]}, every, steps)
+            )
             for label, value in result.items():
                 cells[label].append(f"{100 * value:+.1f}%")
                 print(f"  {name} / {label} / every {every}: {cells[label][-1]}", flush=True)
             gc.collect()
-        rows.append([f"{name} ({describe(model)})"] + [" / ".join(c) for c in cells.values()])
+        rows.append(
+            [f"{name} ({describe(model)})"] + [" / ".join(c) for c in cells.values()]
+        )
         del model, flat_model
         gc.collect()
     print("\ncells: overhead with EMA every step / every 10 steps\n")
