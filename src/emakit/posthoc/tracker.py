@@ -15,12 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import unwrap_model
-from ..io import dtype_name, dumps, model_fingerprint, write_safetensors
+from ..io import dtype_name, dumps, model_fingerprint
 from ..schedules import power_smoothing, sigma_rel_to_gamma
 from ..shadow import Shadow
 from ..time import Clock, Time
 from .profiles import check_sigma_rel
-from .snapshots import FORMAT, FORMAT_VERSION, PREFIX, SUFFIX, scan
+from .snapshots import FORMAT, FORMAT_VERSION, scan, write_snapshot
 
 __all__ = ["PostHocEMA"]
 
@@ -273,20 +273,10 @@ class PostHocEMA:
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return None
         self._check_folder_run()
-        step = self.clock.counts["ba"]
-        items = self._items()
-        for revision in range(10_000):
-            tag = "" if revision == 0 else f".r{revision}"
-            path = self.snapshot_dir / f"{PREFIX}{step:010d}{tag}{SUFFIX}"
-            if path.exists():
-                continue
-            try:
-                write_safetensors(path, items, self._metadata())
-            except FileExistsError:  # another writer took the name meanwhile
-                continue
-            self.snapshots.append(path)
-            return path
-        raise RuntimeError(f"snapshot_dir: too many snapshots of step {step}")
+        path = write_snapshot(self.snapshot_dir, self.clock.counts["ba"], self._items(),
+                              self._metadata(), self.run_id)
+        self.snapshots.append(path)
+        return path
 
     # checkpoints -------------------------------------------------------------------------
 
