@@ -389,16 +389,18 @@ class CUDAGraphUpdate:
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def capture(self) -> None:
-        self.weight.fill_(0.0)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(self.warmup):
+        """Warm ``fn`` up at weight 0 (compiles, allocator pools) and capture it."""
+        with torch.cuda.device(self.device):
+            self.weight.fill_(0.0)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(self.warmup):
+                    self.fn(self.weight)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
                 self.fn(self.weight)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.fn(self.weight)
         self.graph = graph
 
     def recapture(self) -> None:
