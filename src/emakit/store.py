@@ -206,11 +206,6 @@ class Store:
         its forward gathers the parameters, so the averaged shards are swapped in)."""
         return self.placement.model_forward
 
-    @property
-    def fsdp(self) -> bool:
-        """The name :attr:`model_forward` had before placements (kept for callers)."""
-        return self.placement.model_forward
-
     @torch.no_grad()
     def update(self, weight: float | Tensor) -> None:
         """``avg <- avg + weight * (src - avg)`` on this rank's parts; ``copy`` entries take
