@@ -117,15 +117,7 @@ class PostHocEMA:
         config: StoreConfig | None = None,
         **kwargs: Any,
     ) -> None:
-        if config is None:
-            config = StoreConfig(**kwargs)
-        elif kwargs:
-            raise TypeError(f"PostHocEMA: pass either config or storage keyword arguments, not "
-                            f"both (got config and {sorted(kwargs)})")
-        elif not isinstance(config, StoreConfig):
-            raise TypeError(f"config: expected an emakit.StoreConfig, got "
-                            f"{type(config).__name__}")
-        self.config = config
+        self.config = config = StoreConfig.resolve(config, kwargs, "PostHocEMA")
         self.start = Time.parse(start, "start")
         if self.start.unit == "dur":
             raise ValueError(f"start: expected a time in ba, ep, sp or tok (PostHocEMA has no "
