@@ -38,12 +38,21 @@ ignore=()
 python3 -c "import composer" 2>/dev/null || ignore+=(--ignore=tests/composer)
 
 echo "== pytest (whole suite, 8 workers) =="
-timeout 190 python3 -m pytest -n 8 tests -p no:cacheprovider -p no:randomly \
+timeout 180 python3 -m pytest -n 8 tests -p no:cacheprovider -p no:randomly \
     --timeout 120 -v -rfEs "${ignore[@]}" > "$OUT/pytest.log" 2>&1
 echo "pytest exit: $?" | tee -a "$OUT/pytest.log"
 
 echo "== benchmarks/gpu.py =="
-timeout 130 python3 benchmarks/gpu.py --reps 10 "$@" > "$OUT/gpu.log" 2>&1
+# Without arguments: the engine's rows and the peers (the kernel-level rows of gpu_check.sh
+# are left out to fit the time); pass arguments to choose (e.g. --rows ... --models ...).
+if [ $# -eq 0 ]; then
+    set -- --reps 10 --rows "lerp_ eager" "CUDA graph: FusedLerp + comp" \
+        "emakit.EMA (default: compensated, executor auto)" "emakit.EMA compensated=False" \
+        "Store executor=eager + comp" "Store executor=fused + comp" \
+        "Store executor=graph" "Store executor=graph + comp" \
+        "timm ModelEmaV3" "torch AveragedModel" "ema-pytorch" "diffusers EMAModel" "torch_ema"
+fi
+timeout 140 python3 benchmarks/gpu.py "$@" > "$OUT/gpu.log" 2>&1
 echo "gpu.py exit: $?" | tee -a "$OUT/gpu.log"
 
 {
