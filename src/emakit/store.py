@@ -81,8 +81,8 @@ class Store:
             (:func:`emakit.kernels.lerp_`); doubles the state.
         placement: a :class:`~emakit.placement.Placement` to use instead of the default.
         executor: how updates run (:func:`emakit.executors.select`): ``"auto"`` (CUDA: fused
-            kernels replayed from a CUDA graph; CPU: eager), ``"eager"``, ``"fused"`` or
-            ``"graph"``.
+            kernels replayed from a CUDA graph; CPU: fused when compensated, else eager),
+            ``"eager"``, ``"fused"`` or ``"graph"``.
 
     Example:
         >>> import torch
@@ -169,7 +169,7 @@ class Store:
         if carry:
             self._check_shapes(slots, carry)
         self.executor.synchronize()  # pending work may still use the buffers being dropped
-        self.executor = select(self.executor_kind, {s.key[0] for s in slots})
+        self.executor = select(self.executor_kind, {s.key[0] for s in slots}, self.compensated)
         p = self.placement
         flats = p.allocate(slots)
         comps = {k: torch.zeros_like(f) for k, f in flats.items()} if self.compensated else None
