@@ -171,16 +171,12 @@ class EMA:
         self._max_smoothing = config.max_smoothing()  # per unit of the interval's unit
         check_initialized(model)
 
-        shard, side_stream = config.shard, config.side_stream
+        shard = config.shard
         self._group = process_group(model, shard)  # ValueError naming shard without one
         self.model = unwrap_model(model)
         if self._group is not None:
             check_same_model(self.model, self._group)
-        self.shadow = Store(
-            self.model, dtype=config.dtype, device=config.device, buffers=config.buffers,
-            side_stream=side_stream, shard=shard, group=self._group,
-            exclude=config.exclude, include=config.include, compensated=config.compensated,
-        )
+        self.shadow = Store(self.model, **config.store_arguments(), group=self._group)
         self.clock = Clock(self.batches_per_epoch, self.total)
         self.num_updates = 0
         self._skipped = 0
