@@ -332,13 +332,22 @@ def test_cuda_graph_update_matches_float64(fused):
 
 @cuda
 def test_cuda_fused_matches_eager():
+    # Both against a float64 replay: on a GPU the compiled kernel contracts multiply-adds
+    # (one rounding fewer), so the two agree to the compensated bound, not bitwise.
     src = [torch.randn(10_000, device="cuda", dtype=BF16)]
     a1, c1 = [torch.zeros(10_000, device="cuda")], [torch.zeros(10_000, device="cuda")]
     a2, c2 = [t.clone() for t in a1], [t.clone() for t in c1]
+    exact = torch.zeros(10_000, device="cuda", dtype=torch.float64)
+    path = torch.zeros_like(exact)
     fused = FusedLerp(eager_below=0)
     for w in (0.1, 0.2, 1e-7):
         fused(a1, src, w, c1)
         lerp_(a2, src, w, c2)
-    e1 = a1[0].double() + c1[0].double()
-    e2 = a2[0].double() + c2[0].double()
-    assert fused.compiled and (e1 - e2).abs().max().item() < 1e-12
+        step = w * (src[0].double() - exact)
+        exact += step
+        path += step.abs()
+    bound = 2.0**-22 * path + 1e-30
+    for a, c in ((a1, c1), (a2, c2)):
+        err = (a[0].double() + c[0].double() - exact).abs()
+        assert (err <= bound).all(), float((err / bound).max())
+    assert fused.compiled
