@@ -29,8 +29,10 @@ def free_port() -> int:
 
 
 def launch(worker: Path, scenario: str, out: Path, world: int, *args: str,
-           timeout: float = 180.0, env: dict[str, str] | None = None) -> dict:
-    """Run ``world`` ranks of ``worker SCENARIO OUT ARGS...``; return rank 0's result."""
+           timeout: float = 180.0, env: dict[str, str] | None = None,
+           result: str | None = None) -> dict:
+    """Run ``world`` ranks of ``worker SCENARIO OUT ARGS...``; return what rank 0 wrote to
+    ``OUT/<result>.pt`` (``result`` defaults to the scenario)."""
     base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                 WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
                 **(env or {}))
@@ -52,7 +54,7 @@ def launch(worker: Path, scenario: str, out: Path, world: int, *args: str,
         pytest.fail(f"{scenario} on {world} processes timed out after {timeout} s")
     for r, p in enumerate(procs):
         assert p.returncode == 0, f"rank {r} of {scenario} failed:\n{logs[r][-6000:]}"
-    return torch.load(out / f"{scenario}.pt", weights_only=True)
+    return torch.load(out / f"{result or scenario}.pt", weights_only=True)
 
 
 def replay(weights: list[dict[str, torch.Tensor]], averaged: set[str],

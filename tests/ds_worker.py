@@ -1,0 +1,207 @@
+"""One rank of a DeepSpeed test (CPU accelerator, gloo). Run by ``tests/test_deepspeed.py``:
+
+    python tests/ds_worker.py SCENARIO OUTDIR [OPTIONS...]  (RANK, WORLD_SIZE, MASTER_* set)
+
+Scenarios:
+
+- ``zero12 STAGE``: ZeRO-1 or ZeRO-2; the EMA of ``engine.module``, whole and ``shard=True``.
+- ``zero3 THRESHOLD ORDER``: ZeRO-3 with ``stage3_param_persistence_threshold`` THRESHOLD
+  (``0``, or ``default``), the EMA built ``before`` or ``after`` ``deepspeed.initialize``.
+  Writes a checkpoint after ``STEPS // 2`` steps (the model's full weights, and the EMA with
+  ``emakit.distributed.save``).
+- ``zero3_resume``: loads that checkpoint on this run's ranks and trains on.
+
+Every rank trains on its share of the same global batches. After each step rank 0 records
+the full weights, gathered with ``deepspeed.zero.GatheredParameters`` (DeepSpeed's gather,
+not emakit's), so the test replays a float64 EMA of them in one process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+
+import emakit  # noqa: E402
+from emakit import distributed as edist  # noqa: E402
+
+HALF_LIFE = "4ba"
+STEPS = 6
+BATCH = 8
+
+
+def make_model() -> nn.Module:
+    """One weight above ZeRO-3's default persistence threshold (1e5 elements), so that the
+    default partitions it and persists the rest; a frozen bias, not averaged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 300), nn.Tanh(), nn.Linear(300, 400), nn.Tanh(),
+                          nn.Linear(400, 5))
+    model[0].bias.requires_grad_(False)
+    return model
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3000 + step)
+    return torch.randn(BATCH, 6, generator=g), torch.randn(BATCH, 5, generator=g)
+
+
+def eval_input() -> torch.Tensor:
+    return torch.randn(3, 6, generator=torch.Generator().manual_seed(7))
+
+
+def config(stage: int, world: int, threshold: str = "0") -> dict:
+    zero: dict = {"stage": stage}
+    if stage == 3 and threshold != "default":
+        zero["stage3_param_persistence_threshold"] = int(threshold)
+    return {
+        "train_micro_batch_size_per_gpu": BATCH // world,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # a plain torch SGD
+        "steps_per_print": 10**9,
+    }
+
+
+def initialize(model: nn.Module, cfg: dict):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    return engine
+
+
+def train_step(engine, step: int, rank: int, world: int) -> None:
+    x, y = batch(step)
+    share = BATCH // world
+    x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+    loss = nn.functional.mse_loss(engine(x), y)
+    engine.backward(loss)
+    engine.step()
+
+
+def full_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict with full tensors, gathered by DeepSpeed (every rank)."""
+    params = list(module.parameters())
+    with torch.no_grad(), deepspeed.zero.GatheredParameters(params):
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _trainable(module: nn.Module) -> list[str]:
+    return [n for n, p in module.named_parameters() if p.requires_grad]
+
+
+def zero12(out: str, rank: int, world: int, stage: str) -> None:
+    engine = initialize(make_model(), config(int(stage), world))
+    whole = emakit.EMA(engine.module, half_life=HALF_LIFE)
+    sliced = emakit.EMA(engine.module, half_life=HALF_LIFE, shard=True)
+    weights = []
+    for step in range(STEPS):
+        train_step(engine, step, rank, world)
+        whole.step()
+        sliced.step()
+        weights.append(full_weights(engine.module))
+    result = {"weights": weights, "trainable": _trainable(engine.module)}
+    result["whole"] = whole.ema_state_dict()
+    result["shard"] = sliced.ema_state_dict()
+    result["shard_bytes"] = sliced.shadow.state_nbytes()
+    result["whole_bytes"] = whole.shadow.state_nbytes()
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    with torch.no_grad(), sliced.swapped():
+        result["swapped_out"] = engine.module(eval_input())
+    assert all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters(), strict=True))
+    result["module_out"] = sliced.module(eval_input())
+    if rank == 0:
+        torch.save(result, os.path.join(out, f"zero12-{stage}.pt"))
+
+
+def _record(result: dict, ema: emakit.EMA, engine, rank: int) -> None:
+    """What every ZeRO-3 scenario reports: exports, memory, swapped() and ema.module."""
+    world = dist.get_world_size()
+    full = ema.ema_state_dict()
+    only0 = ema.ema_state_dict(rank0_only=True)
+    if rank == 0:
+        assert only0.keys() == full.keys()
+        assert all(torch.equal(full[k], only0[k]) for k in full)
+    else:
+        assert only0 == {}, "rank0_only: other ranks must get nothing"
+    result["average"] = full
+    per_rank: list = [None] * world
+    dist.all_gather_object(per_rank, ema.shadow.state_nbytes())
+    result["ema_bytes"] = per_rank
+    # swapped(): ZeRO-3's gathered forward computes with the average; the partitions and
+    # the model's output come back bitwise after it
+    parts = [p.ds_tensor.detach().clone() for p in engine.module.parameters()]
+    with torch.no_grad():
+        engine.eval()
+        train_out = engine.module(eval_input())
+        with ema.swapped():
+            result["swapped_out"] = engine.module(eval_input())
+        assert torch.equal(engine.module(eval_input()), train_out), "training output changed"
+        engine.train()
+    assert all(torch.equal(a, p.ds_tensor) for a, p in zip(parts, engine.module.parameters(),
+                                                           strict=True))
+    result["train_out"] = train_out
+    result["module_out"] = ema.module(eval_input())
+
+
+def zero3(out: str, rank: int, world: int, threshold: str, order: str) -> None:
+    model = make_model()
+    ema = emakit.EMA(model, half_life=HALF_LIFE) if order == "before" else None
+    engine = initialize(model, config(3, world, threshold))
+    if ema is None:
+        ema = emakit.EMA(engine.module, half_life=HALF_LIFE)
+    weights = []
+    for step in range(STEPS):
+        train_step(engine, step, rank, world)
+        ema.step()
+        weights.append(full_weights(engine.module))
+        if step + 1 == STEPS // 2:
+            if rank == 0:
+                torch.save(weights[-1], os.path.join(out, "model-half.pt"))
+            edist.save(ema, os.path.join(out, "ema-half"))
+    result = {"weights": weights, "trainable": _trainable(engine.module)}
+    result["partitioned"] = [n for n, p in engine.module.named_parameters()
+                             if not getattr(p, "ds_persist", False)]
+    _record(result, ema, engine, rank)
+    # training goes on unharmed after the swaps: one more step equals DeepSpeed's own
+    train_step(engine, STEPS, rank, world)
+    result["after"] = full_weights(engine.module)
+    if rank == 0:
+        torch.save(result, os.path.join(out, f"zero3-{threshold}-{order}.pt"))
+
+
+def zero3_resume(out: str, rank: int, world: int) -> None:
+    model = make_model()
+    model.load_state_dict(torch.load(os.path.join(out, "model-half.pt"), weights_only=True))
+    engine = initialize(model, config(3, world))
+    ema = emakit.EMA(engine.module, half_life=HALF_LIFE)
+    edist.load(ema, os.path.join(out, "ema-half"))
+    for step in range(STEPS // 2, STEPS):
+        train_step(engine, step, rank, world)
+        ema.step()
+    result = {"average": ema.ema_state_dict(rank0_only=True)}
+    if rank == 0:
+        torch.save(result, os.path.join(out, f"zero3_resume-{world}.pt"))
+
+
+def main() -> None:
+    scenario, out, *args = sys.argv[1:]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        {"zero12": zero12, "zero3": zero3, "zero3_resume": zero3_resume}[scenario](
+            out, rank, world, *args
+        )
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""DeepSpeed ZeRO-1/2/3 (CPU accelerator, gloo), as real multi-process runs.
+
+The workers (``tests/ds_worker.py``) record the full weights after every step, gathered
+with DeepSpeed's own ``GatheredParameters``; the reference is the float64 EMA of those
+weights computed here in one process. Skipped where DeepSpeed is not installed
+(``pip install emakit[deepspeed]``). DeepSpeed compiles a shared-memory op at its first
+use on a machine (about 30 s); the compiled op is cached (``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``), so later runs and the other tests of a run reuse it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from multiproc import TOL, assert_close, launch, replay
+
+import emakit
+from emakit import distributed as edist
+
+if importlib.util.find_spec("deepspeed") is None:
+    pytest.skip("DeepSpeed is not installed (pip install emakit[deepspeed])",
+                allow_module_level=True)
+
+from ds_worker import HALF_LIFE, eval_input, make_model  # noqa: E402
+
+pytestmark = [
+    pytest.mark.multiprocess,
+    pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning"),
+]
+
+WORKER = Path(__file__).with_name("ds_worker.py")
+ENV = {"DS_ACCELERATOR": "cpu"}
+
+
+def _outputs(result: dict, want: dict[str, torch.Tensor]) -> None:
+    """swapped() and ema.module compute with the average; the training output is the
+    trained model's."""
+    avg_model = make_model()
+    avg_model.load_state_dict({k: v.float() for k, v in want.items()})
+    with torch.no_grad():
+        want_avg = avg_model(eval_input())
+    for key in ("swapped_out", "module_out"):
+        err = (result[key] - want_avg).abs().max().item()
+        assert err <= 1e-5, f"{key}: off by {err}"
+    if "train_out" in result:
+        trained = make_model()
+        trained.load_state_dict(result["weights"][-1])
+        with torch.no_grad():
+            err = (result["train_out"] - trained(eval_input())).abs().max().item()
+        assert err <= 1e-5, f"train_out: off by {err}"
+
+
+@pytest.mark.parametrize("stage", ["1", "2"])
+def test_zero_1_2(stage: str, tmp_path: Path) -> None:
+    result = launch(WORKER, "zero12", tmp_path, 2, stage, env=ENV, result=f"zero12-{stage}")
+    want = replay(result["weights"], set(result["trainable"]))
+    assert_close(result["whole"], want)
+    assert_close(result["shard"], want)
+    # shard=True keeps about half the average on each of the 2 ranks
+    assert result["shard_bytes"] <= 0.5 * result["whole_bytes"] + 64 * 4
+    _outputs(result, want)
+
+
+def _n_averaged(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(
+    ("world", "threshold", "order"),
+    [(2, "0", "after"), (2, "default", "before"), (4, "0", "before"), (4, "default", "after")],
+)
+def test_zero3(world: int, threshold: str, order: str, tmp_path: Path) -> None:
+    result = launch(WORKER, "zero3", tmp_path, world, threshold, order, env=ENV,
+                    result=f"zero3-{threshold}-{order}")
+    want = replay(result["weights"], set(result["trainable"]))
+    model = make_model()
+    # never an empty tensor: every exported shape is the model's
+    assert {k: v.shape for k, v in result["average"].items()} == {
+        k: v.shape for k, v in model.state_dict().items()
+    }
+    assert all(v.numel() > 0 for v in result["average"].values())
+    # the gathered average equals the one-process float64 EMA of the same weights
+    assert_close(result["average"], want)
+    # the default threshold persists the small parameters and partitions the large one
+    if threshold == "default":
+        assert result["partitioned"] == ["2.weight"]
+    else:
+        assert len(result["partitioned"]) == len(model.state_dict())
+    # each rank keeps about N / world of the average (fp32), padding and alignment aside
+    n = _n_averaged(model)
+    per_rank = result["ema_bytes"]
+    assert len(per_rank) == world
+    assert max(per_rank) <= 4 * (n / world + 16 * 6), per_rank
+    assert sum(per_rank) >= 4 * n, per_rank
+    _outputs(result, want)
+    # a training step after swapped() and ema.module: DeepSpeed's weights, untouched by the
+    # average (one SGD step from the recorded weights moves them, the average does not)
+    assert not torch.equal(result["after"]["2.weight"], result["weights"][-1]["2.weight"])
+
+
+def test_zero3_resume_on_1_and_4(tmp_path: Path) -> None:
+    """A ZeRO-3 checkpoint written on 2 ranks (the model's weights and the EMA's
+    ``emakit.distributed.save``) loads on 1 and on 4 ranks: training continued there ends
+    equal to the run that never stopped."""
+    full = launch(WORKER, "zero3", tmp_path, 2, "0", "after", env=ENV, result="zero3-0-after")
+    want = replay(full["weights"], set(full["trainable"]))
+    for world in (1, 4):
+        resumed = launch(WORKER, "zero3_resume", tmp_path, world, env=ENV,
+                         result=f"zero3_resume-{world}")
+        assert_close(resumed["average"], want, tol=TOL)
+        assert_close(resumed["average"], full["average"], tol=TOL)
+    # and in a process without DeepSpeed or a process group: the average of the first half
+    ema = emakit.EMA(make_model(), half_life=HALF_LIFE)
+    edist.load(ema, tmp_path / "ema-half")
+    assert ema.started
+    assert_close(ema.ema_state_dict(), replay(full["weights"][:3], set(full["trainable"])))
