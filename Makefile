@@ -14,6 +14,9 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[demo,dev]"
+	# timm's model_ema.py is a test peer; timm's torchvision does not load beside a CPU
+	# torch from PyPI, and model_ema.py needs only torch: install timm without its deps
+	$(BIN)/pip install -q --no-deps "timm>=1.0"
 	touch $@
 
 install: $(VENV)/.installed

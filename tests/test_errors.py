@@ -70,7 +70,7 @@ def test_conversion_errors():
 def test_schedule_out_of_range_names_the_update():
     ema = emakit.EMA(_model(), smoothing=lambda k: 2.0)
     ema.step()
-    with pytest.raises(ValueError, match="smoothing schedule at update 1"):
+    with pytest.raises(ValueError, match="smoothing schedule at update 2"):
         ema.step()
 
 

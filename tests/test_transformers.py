@@ -106,7 +106,7 @@ def test_average_follows_optimizer_steps_and_evaluation_uses_it(tmp_path):
         ref.step()
         if (i + 1) % 4 == 0:
             ref.epoch_end()
-    assert cb.ema.num_updates == ref.num_updates == 7
+    assert cb.ema.num_updates == ref.num_updates == 8
     assert cb.ema.clock.counts == ref.clock.counts == {"ba": 8, "ep": 2, "sp": 0, "tok": 0}
     got, want = cb.ema.ema_state_dict(), ref.ema_state_dict()
     for n in want:
@@ -144,7 +144,7 @@ def test_checkpoints_hold_the_ema_and_resume_exactly(tmp_path):
             callbacks=[straight_cb]).train()
     half = tmp_path / "a" / "checkpoint-4"  # end of epoch 1 of 2
     saved = torch.load(half / EMA_STATE_NAME, weights_only=True)
-    assert saved["global_step"] == 4 and saved["ema"]["num_updates"] == 2
+    assert saved["global_step"] == 4 and saved["ema"]["num_updates"] == 3
     loaded = AutoModelForSequenceClassification.from_pretrained(half / EMA_MODEL_DIR)
     for n, t in loaded.state_dict().items():
         if n in saved["ema"]["average"]:
@@ -161,7 +161,7 @@ def test_checkpoints_hold_the_ema_and_resume_exactly(tmp_path):
     trainer = Trainer(model=resumed, args=args(tmp_path / "b", **ckpt_args),
                       train_dataset=TRAIN, callbacks=[resumed_cb])
     trainer.train(resume_from_checkpoint=str(half))
-    assert resumed_cb.ema.num_updates == straight_cb.ema.num_updates == 6
+    assert resumed_cb.ema.num_updates == straight_cb.ema.num_updates == 7
     a, b = straight_cb.ema.state_dict(), resumed_cb.ema.state_dict()
     assert a["clock"] == b["clock"]
     for n in a["average"]:

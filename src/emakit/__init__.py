@@ -8,6 +8,8 @@
 <All keys matched successfully>
 """
 
+from .bema import BEMA
+from .config import EMAConfig, StoreConfig
 from .ema import EMA, EMAModule
 from .flat import flatten_parameters
 from .functional import compute_ema
@@ -27,6 +29,9 @@ __version__ = "0.1.0"
 __all__ = [
     "EMA",
     "EMAModule",
+    "BEMA",
+    "EMAConfig",
+    "StoreConfig",
     "PostHocEMA",
     "CosineSmoothing",
     "PowerWarmup",

@@ -292,15 +292,19 @@ class ShardedShadow:
         full = self._gathered()
         return {e.names[0]: full[id(e)] for e in self.stored}
 
-    @torch.no_grad()
-    def load(self, tensors: Mapping[str, Tensor], what: str = "state_dict") -> None:
-        """Take this rank's slice of full tensors (as from ``tensors()``), after checking
-        names and shapes."""
+    def check_load(self, tensors: Mapping[str, Tensor], what: str = "state_dict") -> None:
+        """Raise what :meth:`load` would for ``tensors``, changing nothing."""
         check_same_names(
             {e.names[0]: e.source().shape for e in self.stored},
             {n: t.shape for n, t in tensors.items()},
             what,
         )
+
+    @torch.no_grad()
+    def load(self, tensors: Mapping[str, Tensor], what: str = "state_dict") -> None:
+        """Take this rank's slice of full tensors (as from ``tensors()``), after checking
+        names and shapes."""
+        self.check_load(tensors, what)
         self._refresh()
         dst, src = [], []
         for e, d, _, start in self._pieces():

@@ -4,26 +4,105 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+import weakref
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .config import EMAConfig, takes_config
 from .distributed import ShardedShadow, all_ranks, check_same_model, process_group
 from .functional import unwrap_model
-from .schedules import PowerWarmup, check_smoothing, smoothing_from_half_life
+from .schedules import PowerWarmup, check_smoothing
 from .shadow import Shadow
-from .time import Clock, Time, convert
+from .time import Clock
 
-__all__ = ["EMA", "EMAModule"]
+__all__ = ["EMA", "EMAModule", "swapped_by", "check_initialized"]
 
-_STATE_VERSION = 1
-_INTERVAL_UNITS = ("ba", "ep")
+_STATE_VERSION = 2
+# model -> the EMA whose average it holds now (inside that EMA's swapped() block)
+_SWAPPED: weakref.WeakKeyDictionary[nn.Module, EMA] = weakref.WeakKeyDictionary()
 
 
-def _optional_time(value: str | Time | None, name: str) -> Time | None:
-    return None if value is None else Time.parse(value, name)
+def swapped_by(model: nn.Module) -> EMA | None:
+    """The EMA whose average ``model`` holds now (inside its ``swapped()``), or None."""
+    return _SWAPPED.get(unwrap_model(model))
+
+
+def check_initialized(model: nn.Module) -> None:
+    """Raise a ValueError naming the first parameter or buffer that is not materialized yet
+    (``nn.LazyLinear`` before its first forward pass, or a tensor on the meta device)."""
+    from torch.nn.parameter import UninitializedTensorMixin
+
+    for name, t in unwrap_model(model).state_dict(keep_vars=True).items():
+        if isinstance(t, UninitializedTensorMixin):
+            raise ValueError(f"model: {name} is not initialized yet (a lazy module): run one "
+                             "forward pass before building the EMA")
+        if isinstance(t, Tensor) and t.is_meta:
+            raise ValueError(f"model: {name} is on the meta device and holds no values: "
+                             "materialize the model (to_empty + init) before building the EMA")
+
+
+def _count(value: Any, name: str, minimum: int = 0) -> int:
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class _ScalerWatch:
+    """Tells, on the device, whether the optimizer step a GradScaler just ran was skipped.
+
+    A step with Inf/NaN gradients is skipped and ``scaler.update()`` then multiplies the
+    scale by ``backoff_factor < 1``; otherwise the scale stays or grows (``growth_factor >
+    1``). So ``scale_now < scale_before`` marks a skipped step, decided on the device with
+    no host sync. ``ema.step()`` must come after ``scaler.update()``, as usual.
+    """
+
+    def __init__(self, scaler: Any) -> None:
+        self.scaler = scaler
+        # one sync here, at construction: the scale before the first step
+        self._before: Tensor | float = float(scaler.get_scale()) if scaler.is_enabled() else 0.0
+        self._skipped: Tensor | None = None
+
+    def masked(self, weight: float) -> float | Tensor:
+        """``weight``, or 0 when the step was skipped, as a 0-d tensor on the scale's device."""
+        if not self.scaler.is_enabled():
+            return weight
+        # torch keeps the scale tensor itself private; this reads it without a host sync
+        scale = self.scaler._get_scale_async()
+        if scale is None:  # the scaler has not scaled anything yet
+            return weight
+        before = self._before
+        if not isinstance(before, Tensor):
+            before = torch.full_like(scale, before)
+        ran = (scale >= before).to(torch.float32)
+        self._before = scale.detach().clone()
+        self._skipped = (1.0 - ran) if self._skipped is None else self._skipped + (1.0 - ran)
+        return ran * weight
+
+    def observe(self) -> None:
+        """Take the current scale as the one before the next step (at the start copy)."""
+        scale = self.scaler._get_scale_async() if self.scaler.is_enabled() else None
+        if scale is not None:
+            self._before = scale.detach().clone()
+
+    def skipped(self) -> int:
+        return 0 if self._skipped is None else int(self._skipped.item())
+
+
+def _warmup_product(warmup: PowerWarmup, first: int, last: int, cap: float) -> float:
+    """The product of ``warmup(k, cap)`` for k = first..last; once a factor reaches the
+    cap every later one does too (the warmup grows with k), so that tail is one power."""
+    value = 1.0
+    for k in range(first, last + 1):
+        f = warmup(k, cap)
+        if f >= cap:
+            return value * cap ** (last - k + 1)
+        value *= f
+    return value
 
 
 class EMA:
@@ -43,31 +122,18 @@ class EMA:
     Args:
         model: the model being trained (DDP and ``torch.compile`` wrappers are seen through).
             Build the EMA after moving the model to its device.
-        half_life: time string (``"1000ba"``, ``"2ep"``, ``"0.01dur"``); ``"1000ba"`` when
-            neither ``half_life`` nor ``smoothing`` is given.
-        smoothing: a float in [0, 1], or a schedule ``k -> factor`` for the k-th update
-            (k = 1, 2, ...) such as :class:`~emakit.CosineSmoothing`. Not adjusted by the
-            interval. Giving both ``half_life`` and ``smoothing`` is a ValueError.
-        start: time before which the average follows the model exactly.
-        update_interval: time between updates, in ``ba`` or ``ep``; default 1 unit of
-            ``half_life``'s unit, else ``"1ba"``.
-        total: whole training length, needed for ``dur`` times.
-        batches_per_epoch: lets ``ba`` and ``ep`` times be mixed.
-        buffers: ``"average"`` or ``"copy"`` for floating buffers; integer buffers are always
-            taken from the model.
-        dtype: storage dtype of the average (``None``: each tensor's own).
-        device: where the average lives, e.g. ``"cpu"`` (``None``: beside each tensor).
-        warmup: ``None`` or :class:`~emakit.PowerWarmup`, which caps the smoothing of early
-            updates.
-        skip_nonfinite: skip (count, warn) an update whose source holds NaN or Inf. Costs one
-            host-device sync per update (and one all-reduce of one element when distributed,
-            so that every rank skips the same updates).
-        side_stream: on CUDA, run updates on a side stream that overlaps the next forward and
-            backward pass; joined before every optimizer step and before the average is read
-            (:mod:`emakit.streams`). Results are bitwise those of the plain path.
-        shard: for a DDP (replicated) model, keep only 1/world of the average on each rank
-            (see :mod:`emakit.distributed`); needs an initialized process group. FSDP2
-            models need no flag: their average is always kept shard by shard.
+        config: an :class:`~emakit.EMAConfig`, or its fields as keyword arguments (see there
+            for each: ``half_life``, ``smoothing``, ``start``, ``update_interval``, ``total``,
+            ``batches_per_epoch``, ``warmup``, ``skip_nonfinite``, ``switch_every``,
+            ``grad_scaler`` and the storage: ``buffers``, ``dtype``, ``device``,
+            ``compensated``, ``side_stream``, ``shard``, ``exclude``, ``include``).
+
+    Training time: ``k`` counts the interval's units (batches for ``"ba"``) from the start,
+    the start being k = 1. The start copies the model (update 1, counted in
+    ``num_updates``); an update covering k = a..b uses the product of the per-unit factors
+    ``s_k`` (``2 ** (-1 / half_life)``, capped by the warmup at each k), so the averaging
+    horizon does not depend on the interval. A smoothing schedule is instead called with
+    the number of the update it is for (2 for the first averaging update).
 
     Under FSDP2 (DTensor parameters) or with ``shard=True`` construction is a collective:
     every rank must build its EMA over the same model, or every rank gets a ValueError naming
@@ -83,93 +149,41 @@ class EMA:
         ...     model(torch.randn(8, 4)).square().mean().backward()
         ...     opt.step()
         ...     ema.step()
-        >>> ema.num_updates
-        19
+        >>> ema.num_updates  # the start copy at the first step, then 19 updates
+        20
         >>> with ema.swapped():
         ...     averaged_out = model(torch.ones(1, 4))
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        half_life: str | Time | None = None,
-        smoothing: float | Callable[[int], float] | None = None,
-        start: str | Time = "0ba",
-        update_interval: str | Time | None = None,
-        total: str | Time | None = None,
-        batches_per_epoch: int | None = None,
-        buffers: str = "average",
-        dtype: torch.dtype | None = torch.float32,
-        device: torch.device | str | None = None,
-        warmup: PowerWarmup | None = None,
-        skip_nonfinite: bool = False,
-        side_stream: bool = False,
-        shard: bool = False,
-    ) -> None:
-        if half_life is not None and smoothing is not None:
-            raise ValueError("half_life and smoothing: give one of them, not both")
-        if half_life is None and smoothing is None:
-            half_life = "1000ba"
-        if batches_per_epoch is not None and (
-            isinstance(batches_per_epoch, bool)
-            or not isinstance(batches_per_epoch, int)
-            or batches_per_epoch < 1
-        ):
-            raise ValueError(
-                f"batches_per_epoch: expected an integer >= 1, got {batches_per_epoch!r}"
-            )
-        if warmup is not None and not isinstance(warmup, PowerWarmup):
-            raise TypeError(f"warmup: expected None or emakit.PowerWarmup, got {warmup!r}")
-        self.total = _optional_time(total, "total")
-        if self.total is not None and self.total.unit == "dur":
-            raise ValueError(f"total: expected a length in ba, ep, sp or tok, got {self.total}")
-        self.batches_per_epoch = batches_per_epoch
-        self.half_life = _optional_time(half_life, "half_life")
-        self.start = Time.parse(start, "start")
-        for name, t in (("half_life", self.half_life), ("start", self.start)):
-            if t is not None and t.unit == "dur" and self.total is None:
-                raise ValueError(f"{name}={str(t)!r} is a fraction of training: pass total")
+    @takes_config(EMAConfig)
+    def __init__(self, model: nn.Module, config: EMAConfig | None = None, **kwargs: Any) -> None:
+        if config is None:
+            config = EMAConfig(**kwargs)
+        elif kwargs:
+            raise TypeError(f"EMA: pass either config or keyword arguments, not both "
+                            f"(got config and {sorted(kwargs)})")
+        elif not isinstance(config, EMAConfig):
+            raise TypeError(f"config: expected an emakit.EMAConfig, got {type(config).__name__}")
+        config.require_total()
+        self.config = config
+        self.half_life = config.half_life
+        self.start = config.start
+        self.update_interval = config.update_interval
+        self.total = config.total
+        self.batches_per_epoch = config.batches_per_epoch
+        self.warmup = config.warmup
+        self.skip_nonfinite = config.skip_nonfinite
+        self._schedule = config.smoothing if callable(config.smoothing) else None
+        self._max_smoothing = config.max_smoothing()  # per unit of the interval's unit
+        check_initialized(model)
 
-        if update_interval is None:
-            unit = "ba"
-            if self.half_life is not None and self.half_life.unit in _INTERVAL_UNITS:
-                unit = self.half_life.unit
-            elif self.half_life is not None and self.total is not None:
-                unit = self.total.unit if self.total.unit in _INTERVAL_UNITS else "ba"
-            update_interval = Time(1, unit)
-        self.update_interval = Time.parse(update_interval, "update_interval")
-        interval = self.update_interval
-        if interval.unit not in _INTERVAL_UNITS:
-            raise ValueError(
-                f"update_interval: expected a time in ba or ep, got {str(interval)!r}"
-            )
-        if not isinstance(interval.value, int) or interval.value < 1:
-            raise ValueError(
-                f"update_interval: expected a whole number >= 1 of {interval.unit}, "
-                f"got {str(interval)!r}"
-            )
-
-        self._schedule: Callable[[int], float] | None = None
-        if self.half_life is not None:
-            h = convert(self.half_life, interval.unit, "half_life", batches_per_epoch, self.total)
-            if h <= 0:
-                raise ValueError(f"half_life: expected a time > 0, got {str(self.half_life)!r}")
-            self._max_smoothing = smoothing_from_half_life(h, interval.value)
-        elif callable(smoothing):
-            self._schedule = smoothing
-            self._max_smoothing = 1.0
-        else:
-            self._max_smoothing = check_smoothing(smoothing)
-        self.warmup = warmup
-        self.skip_nonfinite = bool(skip_nonfinite)
-
-        if not isinstance(shard, bool):
-            raise TypeError(f"shard: expected a bool, got {shard!r}")
+        shard, side_stream = config.shard, config.side_stream
         self._group = process_group(model, shard)  # ValueError naming shard without one
         self.model = unwrap_model(model)
         if self._group is not None:
             check_same_model(self.model, self._group)
         self.shadow: Shadow | ShardedShadow
+        dtype, device, buffers = config.dtype, config.device, config.buffers
         if shard:
             if side_stream:
                 raise ValueError("side_stream: not supported with shard=True")
@@ -180,11 +194,16 @@ class EMA:
             self.shadow = Shadow(
                 self.model, dtype=dtype, device=device, buffers=buffers, side_stream=side_stream
             )
-        self.clock = Clock(batches_per_epoch, self.total)
+        self.clock = Clock(self.batches_per_epoch, self.total)
         self.num_updates = 0
-        self.skipped_updates = 0
+        self._skipped = 0
         self.started = False
-        self._swapped = False
+        # Training time of the average, in units of the interval's unit: the start is k = 1;
+        # _k is the k the average was last brought up to.
+        self._origin = 0  # the clock count (interval's unit) at which k = 1
+        self._k = 0
+        self._warned_start = False
+        self._scaler = _ScalerWatch(config.grad_scaler) if config.grad_scaler is not None else None
         self.module = EMAModule(self)
 
     # the loop's side ---------------------------------------------------------------------
@@ -195,6 +214,7 @@ class EMA:
         ``samples`` and ``tokens`` are the counts in this step's batch, needed only for
         times in ``sp`` or ``tok``.
         """
+        self._check_not_swapped("step the EMA")
         for unit, value in (("sp", samples), ("tok", tokens)):
             uses = self.start.unit == unit or (
                 self.start.unit == "dur" and self.total is not None and self.total.unit == unit
@@ -205,67 +225,159 @@ class EMA:
                     f"counts {unit}, so step() needs that count"
                 )
         self.clock.advance_batch(samples, tokens)
-        if self.update_interval.unit == "ba":
-            self._on_event()
+        self._on_event("ba")
 
     def epoch_end(self) -> None:
         """Call once at the end of each epoch."""
+        self._check_not_swapped("end an epoch of the EMA")
         self.clock.advance_epoch()
-        if self.update_interval.unit == "ep":
-            self._on_event()
+        self._on_event("ep")
 
-    def _on_event(self) -> None:
-        if not self.started:
-            if self.clock.reached(self.start):
-                self._begin()
-            return
-        if self.clock.counts[self.update_interval.unit] % self.update_interval.value == 0:
-            self.update()
+    def _on_event(self, unit: str) -> None:
+        if self.update_interval.unit == unit:
+            if not self.started:
+                if self.clock.reached(self.start):
+                    self._begin()
+            elif self.clock.counts[unit] % self.update_interval.value == 0:
+                self.update()
+        switch = self.config.switch_every
+        if (self.started and switch is not None and switch.unit == unit
+                and self.clock.counts[unit] % switch.value == 0):
+            self.copy_to()
+
+    def _count(self) -> int:
+        return self.clock.counts[self.update_interval.unit]
 
     def _begin(self) -> None:
+        """The start: the average takes the model's weights (update 1, k = 1)."""
         self._check_not_swapped("start the average")
+        if self.skip_nonfinite and not self._sources_finite():
+            if not self._warned_start:
+                self._warned_start = True
+                warnings.warn(
+                    f"emakit: the EMA does not start at {self._where()}: the model holds NaN "
+                    "or Inf; it starts at the first update time at which the model is finite",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return
         self.shadow.synchronize()
         self.shadow.reset()
+        if self._scaler is not None:
+            self._scaler.observe()
         self.started = True
+        self.num_updates += 1
+        self._origin = self._count()
+        self._k = 1
+
+    @property
+    def _handout(self) -> Any:
+        """The store whose weights export, swap, ``module`` and ``copy_to`` hand out."""
+        return self.shadow
+
+    @property
+    def _in_swap(self) -> bool:
+        return swapped_by(self.model) is self
+
+    def _where(self) -> str:
+        unit = self.update_interval.unit
+        return f"{'batch' if unit == 'ba' else 'epoch'} {self.clock.counts[unit]}"
 
     def _check_not_swapped(self, action: str) -> None:
-        if self._swapped:
+        owner = swapped_by(self.model)
+        if owner is self:
             raise RuntimeError(f"cannot {action} inside ema.swapped(): leave the block first")
+        if owner is not None:
+            raise RuntimeError(
+                f"cannot {action}: the model holds another EMA's average inside that EMA's "
+                "swapped() block; leave that block first"
+            )
+
+    def _span(self) -> tuple[int, int]:
+        """(first, last) k that the next update covers: the interval's units since the
+        last update, or one interval when the clock has not moved (a bare ``update()``)."""
+        end = self._count() - self._origin + 1
+        if end <= self._k:
+            end = self._k + self.update_interval.value
+        return self._k + 1, end
+
+    def _factor(self, first: int, last: int) -> float:
+        """The smoothing of an update covering training time k = first..last: the product
+        of the per-unit factors (warmup applied to each), or the schedule's value."""
+        if self._schedule is not None:
+            k = self.num_updates + 1
+            value = check_smoothing(self._schedule(k), f"smoothing schedule at update {k}")
+            if self.warmup is not None:
+                value = min(value, _warmup_product(self.warmup, first, last, 1.0))
+            return value
+        if self.warmup is None:
+            return self._max_smoothing ** (last - first + 1)
+        return _warmup_product(self.warmup, first, last, self._max_smoothing)
 
     @property
     def smoothing(self) -> float:
-        """The smoothing the next update will use (schedule and warmup applied)."""
-        k = self.num_updates + 1
-        if self._schedule is not None:
-            value = check_smoothing(self._schedule(k), f"smoothing schedule at update {k}")
-        else:
-            value = self._max_smoothing
-        if self.warmup is not None:
-            value = self.warmup(k, value)
-        return value
+        """The smoothing the next update will use (schedule and warmup applied); 0.0 before
+        the start, whose copy ignores it."""
+        if not self.started:
+            return 0.0
+        u = self.update_interval.value
+        due = (self._count() // u + 1) * u  # the next multiple of the interval
+        first = self._k + 1
+        return self._factor(first, max(due - self._origin + 1, first))
 
     def update(self) -> None:
-        """One update now, with the current smoothing. Before the start, sets the average to
-        the model's weights instead."""
+        """One update now. Before the start, sets the average to the model's weights
+        instead. The update covers the training time since the last one (one interval when
+        the clock has not moved), so its smoothing is the product of the per-batch factors."""
+        self._check_not_swapped("update the average")
         if not self.started:
             self._begin()
             return
-        self._check_not_swapped("update the average")
+        first, last = self._span()
+        self._k = last
         if self.skip_nonfinite and not self._sources_finite():
-            self.skipped_updates += 1
+            self._skipped += 1
             warnings.warn(
-                f"emakit: skipped an EMA update at batch {self.clock.counts['ba']}: "
-                "the model holds NaN or Inf",
+                f"emakit: skipped an EMA update at {self._where()}: the model holds NaN or Inf",
                 RuntimeWarning,
                 stacklevel=2,
             )
             return
-        self.shadow.update(1.0 - self.smoothing)
+        weight: float | Tensor = 1.0 - self._factor(first, last)
+        if self._scaler is not None:
+            weight = self._scaler.masked(weight)
+        self._apply(weight, last)
         self.num_updates += 1
+
+    def _apply(self, weight: float | Tensor, k: int) -> None:
+        """Bring the average to training time ``k`` with the update weight ``1 - s``."""
+        self.shadow.update(weight)
+
+    @property
+    def skipped_updates(self) -> int:
+        """Updates skipped: non-finite sources (``skip_nonfinite``) and optimizer steps the
+        ``grad_scaler`` skipped (counted on the device; reading this synchronizes)."""
+        return self._skipped + (self._scaler.skipped() if self._scaler is not None else 0)
+
+    @skipped_updates.setter
+    def skipped_updates(self, value: int) -> None:
+        self._skipped = value - (self._scaler.skipped() if self._scaler is not None else 0)
 
     def _sources_finite(self) -> bool:
         finite = self.shadow.sources_finite()
         return finite if self._group is None else all_ranks(finite, self._group)
+
+    def reset(self) -> None:
+        """The average takes the model's weights now; warmup restarts from here (this time
+        is k = 1 again); the clock runs on. Before the start, starts the average now."""
+        self._check_not_swapped("reset the average")
+        if not self.started:
+            self._begin()
+            return
+        self.shadow.synchronize()
+        self.shadow.reset()
+        self._origin = self._count()
+        self._k = 1
 
     # the averaged weights ----------------------------------------------------------------
 
@@ -273,19 +385,26 @@ class EMA:
     def swapped(self) -> Iterator[nn.Module]:
         """Inside the block the model computes with the averaged weights; after it the
         training weights are back bitwise, also when the block raises. Parameters keep their
-        identity, so the optimizer and its state are untouched. Yields the model."""
-        if self._swapped:
+        identity, so the optimizer and its state are untouched. Yields the model.
+
+        One swap per model at a time: nesting, or another EMA's swap of the same model,
+        is a RuntimeError; so are ``step()``, ``update()`` and loads inside the block."""
+        owner = swapped_by(self.model)
+        if owner is self:
             raise RuntimeError("ema.swapped() is already active: swaps cannot be nested")
-        self._swapped = True
+        if owner is not None:
+            raise RuntimeError("ema.swapped(): the model already holds another EMA's average "
+                               "(inside that EMA's swapped() block); leave that block first")
+        _SWAPPED[self.model] = self
         self.shadow.synchronize()
         try:
             if not self.started:
                 yield self.model
             else:
-                with self.shadow.swapped():
+                with self._handout.swapped():
                     yield self.model
         finally:
-            self._swapped = False
+            _SWAPPED.pop(self.model, None)
 
     def copy_to(self, model: nn.Module | None = None) -> None:
         """Write the averaged weights into ``model`` (default: the trained model) for good."""
@@ -294,7 +413,7 @@ class EMA:
         if target is self.model:
             # Shard to shard under FSDP2 (the mapping holds DTensors); no full gather.
             if self.started:
-                target.load_state_dict(self.shadow.mapping(started=True), strict=False)
+                target.load_state_dict(self._handout.mapping(started=True), strict=False)
             return
         target.load_state_dict(self.ema_state_dict(), strict=True)
 
@@ -308,8 +427,8 @@ class EMA:
         ``rank0_only=True``: only rank 0 keeps the tensors, on the CPU; other ranks get {}.
         """
         self.shadow.synchronize()
-        return self.shadow.export(
-            started=self.started and not self._swapped, rank0_only=rank0_only
+        return self._handout.export(
+            started=self.started and not self._in_swap, rank0_only=rank0_only
         )
 
     # checkpoints -------------------------------------------------------------------------
@@ -322,7 +441,13 @@ class EMA:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly; loads with ``torch.load(weights_only=True)``."""
+        """Everything needed to resume exactly; loads with ``torch.load(weights_only=True)``.
+
+        Format (version 2): ``version``, ``config`` (for a warning on mismatch), ``clock``
+        (batch, epoch, sample and token counts), ``num_updates`` (the start copy counted),
+        ``skipped_updates``, ``started``, ``origin`` and ``k`` (the warmup's training time:
+        the clock count at which k = 1, and the k the average was last brought to) and
+        ``average``: name -> averaged tensor in the storage dtype."""
         self.shadow.synchronize()
         return {
             "version": _STATE_VERSION,
@@ -331,27 +456,55 @@ class EMA:
             "num_updates": self.num_updates,
             "skipped_updates": self.skipped_updates,
             "started": self.started,
+            "origin": self._origin,
+            "k": self._k,
             "average": {n: t.detach().clone() for n, t in self.shadow.tensors().items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what ``state_dict()`` saved. Names and shapes are checked first: a state
-        from another architecture raises a ValueError listing what differs."""
+        """Restore what ``state_dict()`` saved. All or nothing: everything is checked first
+        (keys, counts, names and shapes of the average: a state from another architecture
+        raises a ValueError listing what differs), and nothing changes when it raises.
+        Version 1 states (emakit 0.1) load too."""
         if not isinstance(state, Mapping):
             raise TypeError(f"state: expected a mapping from EMA.state_dict(), got {type(state)}")
         missing = [k for k in ("version", "clock", "num_updates", "started", "average")
                    if k not in state]
         if missing:
             raise ValueError(f"state: not an EMA.state_dict(); missing keys {missing}")
-        if state["version"] != _STATE_VERSION:
-            raise ValueError(f"state: version {state['version']!r} is not {_STATE_VERSION}")
+        version = state["version"]
+        if version not in (1, _STATE_VERSION):
+            raise ValueError(f"state: version {version!r} is not one of 1, {_STATE_VERSION}")
         self._check_not_swapped("load a state")
+        clock = state["clock"]
+        if not isinstance(clock, Mapping) or sorted(clock) != sorted(self.clock.counts):
+            raise ValueError(f"state['clock']: expected counts {sorted(self.clock.counts)}, "
+                             f"got {clock!r}")
+        counts = {u: _count(clock[u], f"state['clock'][{u!r}]") for u in self.clock.counts}
+        num_updates = _count(state["num_updates"], "state['num_updates']")
+        skipped = _count(state.get("skipped_updates", 0), "state['skipped_updates']")
+        started = state["started"]
+        if not isinstance(started, bool):
+            raise ValueError(f"state['started']: expected a bool, got {started!r}")
+        unit, u = self.update_interval.unit, self.update_interval.value
+        if version == 1:  # 0.1 did not count the start copy, nor keep the warmup's time
+            num_updates += int(started)
+            k = 1 + (num_updates - 1) * u if started else 0
+            origin = counts[unit] - k + 1 if started else 0
+        else:
+            origin = _count(state.get("origin"), "state['origin']", minimum=-(2**62))
+            k = _count(state.get("k"), "state['k']")
+        average = state["average"]
+        if not isinstance(average, Mapping):
+            raise ValueError(f"state['average']: expected a mapping of tensors, got "
+                             f"{type(average).__name__}")
         self.shadow.synchronize()
-        self.shadow.load(state["average"], what="EMA state_dict['average']")
-        self.clock.load_state_dict(state["clock"])
-        self.num_updates = int(state["num_updates"])
-        self.skipped_updates = int(state.get("skipped_updates", 0))
-        self.started = bool(state["started"])
+        self.shadow.check_load(average, what="EMA state_dict['average']")
+        # nothing below raises for a state that passed the checks above
+        self.shadow.load(average, what="EMA state_dict['average']")
+        self.clock.counts = counts
+        self.num_updates, self.skipped_updates, self.started = num_updates, skipped, started
+        self._origin, self._k = origin, k
         saved = state.get("config", {})
         if saved and saved != self._config():
             warnings.warn(
@@ -362,7 +515,7 @@ class EMA:
             )
 
     def __repr__(self) -> str:
-        how = str(self.half_life) if self.half_life else f"smoothing={self._max_smoothing}"
+        how = str(self.half_life) if self.half_life else f"smoothing={self.config.smoothing}"
         return (
             f"EMA({how}, start={self.start}, update_interval={self.update_interval}, "
             f"num_updates={self.num_updates}, started={self.started})"
@@ -375,6 +528,13 @@ class EMAModule(nn.Module):
     storage dtype or device differs from the model's). For teacher networks (BYOL, DINO,
     mean teacher) while training goes on. Runs without autograd; in eval mode unless
     ``.train()`` is called, whatever mode the trained model is in.
+
+    Threads: a call puts the averaged tensors into the trained model's modules for its
+    duration (``functional_call`` swaps them in and back), so it must not run while another
+    thread runs the trained model (a forward or an optimizer step there would see, or write
+    into, the averaged values). Call it from the training thread, as teacher networks do; to
+    evaluate in another thread, give it its own copy (``model2.load_state_dict(
+    ema.ema_state_dict())``).
     """
 
     def __init__(self, ema: EMA) -> None:
@@ -389,7 +549,7 @@ class EMAModule(nn.Module):
         ema.shadow.synchronize()
         if getattr(ema.shadow, "fsdp", False):
             return self._forward_fsdp(args, kwargs)
-        mapping = ema.shadow.mapping(started=ema.started and not ema._swapped)
+        mapping = ema._handout.mapping(started=ema.started and not ema._in_swap)
         if self.training:
             # Train-mode BatchNorm writes running statistics in place: keep the average safe.
             buffers = {n for n, _ in model.named_buffers()}
@@ -414,7 +574,7 @@ class EMAModule(nn.Module):
         saved = [b.detach().clone() for b in buffers]
         modes = [(m, m.training) for m in model.modules()]
         model.train(self.training)
-        swap = ema.shadow.swapped() if ema.started and not ema._swapped else None
+        swap = ema._handout.swapped() if ema.started and not ema._in_swap else None
         try:
             with torch.no_grad(), swap or contextlib.nullcontext():
                 return model(*args, **kwargs)

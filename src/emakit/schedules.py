@@ -83,12 +83,16 @@ def half_life_from_smoothing(smoothing: float, update_interval: float = 1.0) -> 
 
 @dataclass(frozen=True)
 class PowerWarmup:
-    """Warmup: the k-th update (k = 1, 2, ...) uses
+    """Warmup in training time: at time k (k = 1 at the start of the average, whose factor
+    0 is the copy; k counts the interval's units, batches for ``"ba"``) the per-batch factor is
     ``clamp(1 - (1 + (k - 1) / inv_gamma) ** -power, min_smoothing, max_smoothing)``.
 
-    ``max_smoothing`` is what the half-life or smoothing argument gives. The same formula as
-    timm's ModelEmaV3 and diffusers' EMAModel warmup; ``power=2/3`` suits short runs,
-    ``power=3/4`` long ones.
+    ``max_smoothing`` is the per-batch smoothing that the half-life or smoothing argument
+    gives. An update covering several batches uses the product of their factors. At an
+    interval of one batch this is timm's ModelEmaV3 (driven as its train.py does) and
+    diffusers' EMAModel, step for step; ``inv_gamma=1, power=1`` is the running mean.
+    ``power=2/3`` reaches 0.999 at about k = 31.6k (for runs of a million steps or more),
+    ``power=3/4`` at about k = 10k (shorter runs).
 
     >>> PowerWarmup()(1, 0.999)
     0.0
@@ -114,13 +118,18 @@ class PowerWarmup:
 
 @dataclass(frozen=True)
 class CosineSmoothing:
-    """DINO's momentum schedule: the k-th update (k = 1, 2, ...) uses
-    ``end - (end - start) * (1 + cos(pi * (k - 1) / total)) / 2``, and ``end`` after ``total``.
+    """DINO's momentum schedule, as a smoothing schedule ``k -> factor``.
 
-    ``total`` is the number of updates the schedule spans (DINO: epochs x iterations).
+    An EMA calls a schedule with the number of the update it is for: the start copy is
+    update 1 (its factor is ignored) and the first averaging update is k = 2, DINO's
+    iteration 0. So update k uses ``end - (end - start) * (1 + cos(pi * (k - 2) / total)) / 2``
+    and ``end`` after ``total`` averaging updates.
+
+    ``total`` is the number of averaging updates the schedule spans (DINO: epochs x
+    iterations per epoch).
 
     >>> s = CosineSmoothing(start=0.996, end=1.0, total=100)
-    >>> [round(s(k), 6) for k in (1, 51, 101, 500)]
+    >>> [round(s(k), 6) for k in (2, 52, 102, 500)]
     [0.996, 0.998, 1.0, 1.0]
     """
 
@@ -136,8 +145,8 @@ class CosineSmoothing:
 
     def __call__(self, k: int) -> float:
         if k < 1:
-            raise ValueError(f"k: expected an update count >= 1, got {k}")
-        i = min(k - 1, self.total)
+            raise ValueError(f"k: expected an update number >= 1, got {k}")
+        i = min(max(k - 2, 0), self.total)
         return self.end - (self.end - self.start) * (1.0 + math.cos(math.pi * i / self.total)) / 2
 
 

@@ -613,16 +613,23 @@ class Shadow:
         each is a DTensor over the local shard, with the parameter's mesh and placements."""
         return {e.names[0]: e.wrap(e.view) for e in self.stored}
 
-    @torch.no_grad()
-    def load(self, tensors: Mapping[str, Tensor], what: str = "state_dict") -> None:
-        """Copy ``tensors`` (as from ``tensors()``) into the stored views, after checking names
-        and (global) shapes. Under FSDP2 a value may be a DTensor of any placements or a full
-        tensor: each rank takes its own shard."""
+    def check_load(self, tensors: Mapping[str, Tensor], what: str = "state_dict") -> None:
+        """Raise what :meth:`load` would for ``tensors``, changing nothing."""
+        bad = [n for n, t in tensors.items() if not isinstance(t, Tensor)]
+        if bad:
+            raise ValueError(f"{what}: expected tensors, got other values for {bad}")
         check_same_names(
             {e.names[0]: e.shape for e in self.stored},
             {n: t.shape for n, t in tensors.items()},
             what,
         )
+
+    @torch.no_grad()
+    def load(self, tensors: Mapping[str, Tensor], what: str = "state_dict") -> None:
+        """Copy ``tensors`` (as from ``tensors()``) into the stored views, after checking names
+        and (global) shapes. Under FSDP2 a value may be a DTensor of any placements or a full
+        tensor: each rank takes its own shard."""
+        self.check_load(tensors, what)
         copy_([e.view for e in self.stored], [e.unwrap(tensors[e.names[0]]) for e in self.stored])
 
     @torch.no_grad()

@@ -15,28 +15,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
-from ..ema import EMA
-from ..time import Time
+from ..config import EMAConfig
 
 __all__ = ["check_ema_arguments", "callback_arguments", "EVALUATE_WITH"]
 
 EVALUATE_WITH = ("ema", "model", "both")
 
 
-def check_ema_arguments(kwargs: dict[str, Any]) -> None:
-    """Raise the ValueError/TypeError that ``EMA(model, **kwargs)`` would, at the adapter's
-    construction rather than when training starts. ``dur`` times may lack ``total`` here:
-    adapters fill it from the trainer's planned length."""
-    probe = dict(kwargs)
-    uses_dur = any(
-        probe.get(name) is not None and Time.parse(probe[name], name).unit == "dur"
-        for name in ("half_life", "start")
-    )
-    if uses_dur and probe.get("total") is None:
-        probe["total"] = "1ba"
-    EMA(nn.Linear(1, 1), **probe)
+def check_ema_arguments(kwargs: dict[str, Any]) -> EMAConfig:
+    """The :class:`~emakit.EMAConfig` of ``EMA(model, **kwargs)``, raising its
+    ValueError/TypeError at the adapter's construction rather than when training starts.
+    ``dur`` times may lack ``total`` here: adapters fill it from the trainer's planned length
+    (``dataclasses.replace(config, total=...)``)."""
+    return EMAConfig(**kwargs)
 
 
 def callback_arguments(
@@ -47,11 +38,10 @@ def callback_arguments(
     epochs, so times in samples or tokens are refused."""
     if evaluate_with not in allowed:
         raise ValueError(f"evaluate_with: expected one of {allowed}, got {evaluate_with!r}")
-    start = ema_kwargs.get("start", "0ba")
-    if Time.parse(start, "start").unit in ("sp", "tok"):
+    config = check_ema_arguments(ema_kwargs)
+    if config.start.unit in ("sp", "tok"):
         raise ValueError(
-            f"start={str(start)!r}: the {trainer} callback counts optimizer steps and epochs, "
-            "not samples or tokens"
+            f"start={str(config.start)!r}: the {trainer} callback counts optimizer steps and "
+            "epochs, not samples or tokens"
         )
-    check_ema_arguments(ema_kwargs)
     return ema_kwargs

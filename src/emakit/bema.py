@@ -1,0 +1,170 @@
+"""BEMA: the bias-corrected EMA of Block & Zhang (2025, "EMA Without the Lag: Bias-Corrected
+Iterate Averaging Schemes", arXiv 2508.00180)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import EMAConfig, takes_config
+from .ema import EMA
+
+__all__ = ["BEMA"]
+
+
+def _positive(value: Any, name: str, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    value = float(value)
+    if not (value >= 0 if allow_zero else value > 0) or value != value or value == float("inf"):
+        raise ValueError(f"{name}: expected a finite number {'>=' if allow_zero else '>'} 0, "
+                         f"got {value!r}")
+    return value
+
+
+class BEMA(EMA):
+    r"""Bias-corrected EMA: an EMA whose lag behind the weights is corrected.
+
+    With ``t`` the batches since the start (t = 0 at the start, where ``theta_0`` and the EMA
+    take the model's weights), the update at ``t`` computes
+
+    .. math::
+        \beta_t = \max((\ell + m\,t)^{-p_e}, \beta_{min}), \quad
+        \mathrm{EMA}_t = (1 - \beta_t)\,\mathrm{EMA}_{t-1} + \beta_t\,\theta_t, \quad
+        \alpha_t = (\ell + m\,t)^{-p_b}
+
+    with ``lag`` :math:`\ell`, ``multiplier`` :math:`m`, ``ema_power`` :math:`p_e`,
+    ``bias_power`` :math:`p_b`, ``min_ema_multiplier`` :math:`\beta_{min}`, and hands out
+    (export, swap, ``module``, ``copy_to``) the weights
+    :math:`\mathrm{EMA}_t + \alpha_t (\theta_t - \theta_0)`, :math:`\theta_t` being the
+    model's weights at that update. Early in training (and in fine-tuning) this removes most
+    of an EMA's lag while keeping its variance reduction. Names and defaults as TRL's
+    ``BEMACallback``, but for its update every 400 steps: here updates follow
+    ``update_interval`` (default every batch).
+
+    It keeps three copies of the averaged tensors: the EMA, ``theta_0`` and the weights
+    handed out; ``reset()`` makes the current weights the new ``theta_0`` and ``t = 0``.
+    Not available with ``shard=True`` or FSDP2 models.
+
+    Args:
+        model: the model being trained.
+        ema_power, bias_power, lag, multiplier, min_ema_multiplier: the schedule above.
+        config / keyword arguments: as for :class:`~emakit.EMA` (``start``,
+            ``update_interval``, storage arguments); ``half_life``, ``smoothing`` and
+            ``warmup`` are replaced by the schedule above and refused.
+
+    Example:
+        >>> import torch, emakit
+        >>> model = torch.nn.Linear(3, 1)
+        >>> bema = emakit.BEMA(model)
+        >>> for _ in range(5):
+        ...     with torch.no_grad():
+        ...         _ = model.weight.add_(0.1)
+        ...     bema.step()
+        >>> bema.num_updates
+        5
+    """
+
+    @takes_config(EMAConfig)
+    def __init__(
+        self,
+        model: nn.Module,
+        config: EMAConfig | None = None,
+        *,
+        ema_power: float = 0.5,
+        bias_power: float = 0.2,
+        lag: float = 10.0,
+        multiplier: float = 1.0,
+        min_ema_multiplier: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        for name in ("half_life", "smoothing", "warmup"):
+            if kwargs.get(name) is not None or (config is not None and name != "half_life"
+                                                and getattr(config, name) is not None):
+                raise ValueError(f"{name}: BEMA sets its own smoothing (ema_power, lag, "
+                                 "multiplier); leave it out")
+        if config is None:
+            config = EMAConfig(smoothing=0.0, **kwargs)
+        self.ema_power = _positive(ema_power, "ema_power", allow_zero=True)
+        self.bias_power = _positive(bias_power, "bias_power", allow_zero=True)
+        self.lag = _positive(lag, "lag")
+        self.multiplier = _positive(multiplier, "multiplier", allow_zero=True)
+        self.min_ema_multiplier = _positive(min_ema_multiplier, "min_ema_multiplier",
+                                            allow_zero=True)
+        if self.min_ema_multiplier > 1:
+            raise ValueError(f"min_ema_multiplier: expected a value in [0, 1], got "
+                             f"{min_ema_multiplier!r}")
+        super().__init__(model, config)
+        if config.shard or self.shadow.fsdp:
+            raise ValueError("BEMA: not available with shard=True or FSDP2 models")
+        store = dict(dtype=config.dtype, device=config.device, buffers=config.buffers)
+        self._origin_store = type(self.shadow)(self.model, **store)
+        self._out_store = type(self.shadow)(self.model, **store)
+
+    def _t(self, k: int) -> float:
+        """Batches (the interval's units) since the start for training time k."""
+        return float(k - 1)
+
+    def _base(self, k: int) -> float:
+        return self.lag + self.multiplier * self._t(k)
+
+    def _factor(self, first: int, last: int) -> float:
+        beta = max(self._base(last) ** -self.ema_power, self.min_ema_multiplier)
+        return 1.0 - min(beta, 1.0)
+
+    def _begin(self) -> None:
+        super()._begin()
+        if self.started:
+            self._restart()
+
+    def reset(self) -> None:
+        if not self.started:
+            self._begin()
+            return
+        super().reset()
+        self._restart()
+
+    def _restart(self) -> None:
+        self._origin_store.reset()
+        self._out_store.reset()
+
+    def _apply(self, weight: float | Tensor, k: int) -> None:
+        super()._apply(weight, k)
+        alpha = self._base(k) ** -self.bias_power
+        with torch.no_grad():
+            out, origin, ema = (list(s.tensors().values())
+                                for s in (self._out_store, self._origin_store, self.shadow))
+            self._out_store.reset()  # theta_t
+            torch._foreach_sub_(out, origin)
+            torch._foreach_mul_(out, alpha)
+            torch._foreach_add_(out, ema)
+
+    @property
+    def _handout(self):  # the store whose weights export, swap and module hand out
+        return self._out_store
+
+    def state_dict(self) -> dict[str, Any]:
+        """:meth:`EMA.state_dict` plus ``origin_weights`` (theta_0) and ``bema_weights``
+        (the weights handed out)."""
+        state = super().state_dict()
+        state["origin_weights"] = {n: t.clone() for n, t in self._origin_store.tensors().items()}
+        state["bema_weights"] = {n: t.clone() for n, t in self._out_store.tensors().items()}
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for key in ("origin_weights", "bema_weights"):
+            if key not in state:
+                raise ValueError(f"state: not a BEMA.state_dict(); missing key {key!r}")
+        self._origin_store.check_load(state["origin_weights"], "BEMA state['origin_weights']")
+        self._out_store.check_load(state["bema_weights"], "BEMA state['bema_weights']")
+        super().load_state_dict(state)
+        self._origin_store.load(state["origin_weights"], "BEMA state['origin_weights']")
+        self._out_store.load(state["bema_weights"], "BEMA state['bema_weights']")
+
+    def __repr__(self) -> str:
+        return (f"BEMA(ema_power={self.ema_power}, bias_power={self.bias_power}, lag={self.lag}, "
+                f"multiplier={self.multiplier}, start={self.start}, "
+                f"update_interval={self.update_interval}, num_updates={self.num_updates})")

@@ -1,0 +1,301 @@
+"""One configuration of the EMA arguments, validated without a model.
+
+:class:`StoreConfig` holds what the averaged tensors need (storage dtype and device, which
+tensors, how they are updated); :class:`EMAConfig` adds the timing (half-life or smoothing,
+start, interval, warmup) and the features built on the clock. :class:`~emakit.EMA`,
+:class:`~emakit.BEMA`, :class:`~emakit.PostHocEMA` and every trainer callback take their
+keyword arguments through these classes, so an argument is written, checked and documented
+once, and a new one reaches every trainer without being restated. :func:`takes_config`
+gives a function the signature of the fields, so ``help()`` and ``inspect.signature`` show
+every argument.
+
+>>> from emakit.config import EMAConfig
+>>> EMAConfig(half_life="100ba").max_smoothing()  # 2 ** (-1 / 100), per batch
+0.9930924954370359
+>>> EMAConfig(half_life="100ba", smoothing=0.9)
+Traceback (most recent call last):
+...
+ValueError: half_life and smoothing: give one of them, not both
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .schedules import PowerWarmup, check_smoothing, smoothing_from_half_life
+from .time import Time, convert
+
+__all__ = ["StoreConfig", "EMAConfig", "BUFFER_MODES", "takes_config", "Matcher"]
+
+BUFFER_MODES = ("average", "copy")
+INTERVAL_UNITS = ("ba", "ep")
+
+#: exclude/include: glob patterns over state-dict names, or ``callable(name, tensor) -> bool``
+Matcher = str | Sequence[str] | Callable[[str, torch.Tensor], bool] | None
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
+def _device(value: Any) -> torch.device | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, torch.device)):
+        raise TypeError(f"device: expected a device string such as 'cpu' or 'cuda:0', a "
+                        f"torch.device or None, got {value!r}")
+    if isinstance(value, int):  # an index means an accelerator, as torch.device(0) does
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {value!r} (an accelerator index) is not available in this "
+                             "process: torch sees no CUDA device")
+        value = f"cuda:{value}"
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ValueError(f"device: {value!r} is not a device ({err})") from None
+    if device.type == "meta":
+        raise ValueError("device: 'meta' tensors hold no values to average")
+    if device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise ValueError(f"device: {value!r} is not available in this process "
+                             f"(torch {torch.__version__} sees no {device.type} device)")
+        count = getattr(backend, "device_count", None)
+        if device.index is not None and count is not None and device.index >= count():
+            raise ValueError(f"device: {value!r} does not exist; this process sees "
+                             f"{count()} {device.type} device(s)")
+    return device
+
+
+def _matcher(value: Any, name: str) -> Matcher:
+    if value is None or callable(value):
+        return value
+    patterns = (value,) if isinstance(value, str) else value
+    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{name}: expected glob patterns (a string or a sequence of strings) or "
+                        f"a callable(name, tensor) -> bool, got {value!r}")
+    if not patterns:
+        raise ValueError(f"{name}: expected at least one pattern, got an empty sequence")
+    return tuple(patterns)
+
+
+def matches(matcher: Matcher, name: str, tensor: torch.Tensor) -> bool:
+    """Whether ``name`` (and its tensor) is selected by an exclude/include matcher."""
+    if matcher is None:
+        return False
+    if callable(matcher):
+        return bool(matcher(name, tensor))
+    return any(fnmatch.fnmatchcase(name, p) for p in matcher)
+
+
+def _optional_time(value: Any, name: str) -> Time | None:
+    return None if value is None else Time.parse(value, name)
+
+
+def _interval(value: Any, name: str) -> Time:
+    t = Time.parse(value, name)
+    if t.unit not in INTERVAL_UNITS:
+        raise ValueError(f"{name}: expected a time in ba or ep, got {str(t)!r}")
+    number = t.value
+    if isinstance(number, float) and number.is_integer():
+        number = int(number)  # "1e20ba" is a whole number, however it was written
+    if not isinstance(number, int) or number < 1:
+        raise ValueError(f"{name}: expected a whole number >= 1 of {t.unit}, got {str(t)!r}")
+    return Time(number, t.unit)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StoreConfig:
+    """What the averaged tensors need: the storage and which tensors.
+
+    Args:
+        buffers: ``"average"`` or ``"copy"`` for floating buffers (BatchNorm statistics);
+            integer buffers are always taken from the model.
+        dtype: storage dtype of the average; ``None`` keeps each tensor's own. fp32 by
+            default, also for bf16/fp16 models (a 16-bit average stops moving).
+        device: where the average lives, e.g. ``"cpu"`` to keep it off the accelerator
+            (``None``: beside each tensor).
+        compensated: keep a compensation term beside the average (compensated summation),
+            so the average follows a float64 EMA of the same weights for half-lives up to
+            1e7 updates and more; without it an fp32 average freezes once its increments
+            fall under half an ulp (a weight near 1 at a half-life of 1e5 updates).
+        side_stream: on CUDA, run updates on a side stream.
+        shard: for a DDP (replicated) model, keep 1/world of the average on each rank.
+        exclude: tensors not to average, exported from the model like frozen ones: glob
+            patterns over state-dict names, or ``callable(name, tensor) -> bool``.
+        include: floating buffers to average although ``buffers="copy"`` (same forms).
+    """
+
+    buffers: str = "average"
+    dtype: torch.dtype | None = torch.float32
+    device: torch.device | str | None = None
+    compensated: bool = False
+    side_stream: bool = False
+    shard: bool = False
+    exclude: Matcher = None
+    include: Matcher = None
+
+    def __post_init__(self) -> None:
+        if self.buffers not in BUFFER_MODES:
+            raise ValueError(f"buffers: expected one of {BUFFER_MODES}, got {self.buffers!r}")
+        if self.dtype is not None and not (
+            isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point
+        ):
+            raise TypeError(f"dtype: expected a floating torch.dtype or None, got {self.dtype!r}")
+        object.__setattr__(self, "device", _device(self.device))
+        for name in ("compensated", "side_stream", "shard"):
+            _flag(getattr(self, name), name)
+        object.__setattr__(self, "exclude", _matcher(self.exclude, "exclude"))
+        object.__setattr__(self, "include", _matcher(self.include, "include"))
+
+    def store_arguments(self) -> dict[str, Any]:
+        """The fields of :class:`StoreConfig` alone, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(StoreConfig)}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EMAConfig(StoreConfig):
+    """The arguments of an EMA: timing and schedule, plus :class:`StoreConfig`'s storage.
+
+    Args:
+        half_life: time string (``"1000ba"``, ``"2ep"``, ``"0.01dur"``); ``"1000ba"`` when
+            neither ``half_life`` nor ``smoothing`` is given.
+        smoothing: a float in [0, 1] per update, or a schedule ``k -> factor`` called with
+            the number of the update it is for (the start copy is update 1, so the first
+            averaging update asks for k = 2). Giving both is a ValueError.
+        start: time before which the average follows the model exactly.
+        update_interval: time between updates, in ``ba`` or ``ep``; default 1 unit of
+            ``half_life``'s unit, else ``"1ba"``.
+        total: whole training length, needed for ``dur`` times.
+        batches_per_epoch: lets ``ba`` and ``ep`` times be mixed.
+        warmup: ``None`` or :class:`~emakit.PowerWarmup`, in training time.
+        skip_nonfinite: skip (count, warn) an update whose source holds NaN or Inf; also
+            delays the start copy until the model is finite. One host-device sync per update.
+        switch_every: time string: at those times, after the update, the model's averaged
+            tensors take the average (Switch EMA); the optimizer state is untouched.
+        grad_scaler: a ``torch.amp.GradScaler``: a step it skipped (Inf/NaN gradients)
+            leaves the average unchanged, decided on the device (no host sync).
+    """
+
+    half_life: str | Time | None = None
+    smoothing: float | Callable[[int], float] | None = None
+    start: str | Time = "0ba"
+    update_interval: str | Time | None = None
+    total: str | Time | None = None
+    batches_per_epoch: int | None = None
+    warmup: PowerWarmup | None = None
+    skip_nonfinite: bool = False
+    switch_every: str | Time | None = None
+    grad_scaler: Any = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.half_life is not None and self.smoothing is not None:
+            raise ValueError("half_life and smoothing: give one of them, not both")
+        bpe = self.batches_per_epoch
+        if bpe is not None and (isinstance(bpe, bool) or not isinstance(bpe, int) or bpe < 1):
+            raise ValueError(f"batches_per_epoch: expected an integer >= 1, got {bpe!r}")
+        if self.warmup is not None and not isinstance(self.warmup, PowerWarmup):
+            raise TypeError(f"warmup: expected None or emakit.PowerWarmup, got {self.warmup!r}")
+        _flag(self.skip_nonfinite, "skip_nonfinite")
+        total = _optional_time(self.total, "total")
+        if total is not None and total.unit == "dur":
+            raise ValueError(f"total: expected a length in ba, ep, sp or tok, got {total}")
+        if total is not None and total.value == 0:
+            raise ValueError(f"total: expected a training length > 0, got {str(total)!r}")
+        set_ = object.__setattr__
+        set_(self, "total", total)
+        half_life = self.half_life
+        if half_life is None and self.smoothing is None:
+            half_life = "1000ba"
+        set_(self, "half_life", _optional_time(half_life, "half_life"))
+        set_(self, "start", Time.parse(self.start, "start"))
+        if self.smoothing is not None and not callable(self.smoothing):
+            set_(self, "smoothing", check_smoothing(self.smoothing))
+        if self.update_interval is None:
+            unit = "ba"
+            if self.half_life is not None and self.half_life.unit in INTERVAL_UNITS:
+                unit = self.half_life.unit
+            elif self.half_life is not None and total is not None:
+                unit = total.unit if total.unit in INTERVAL_UNITS else "ba"
+            set_(self, "update_interval", Time(1, unit))
+        set_(self, "update_interval", _interval(self.update_interval, "update_interval"))
+        if self.switch_every is not None:
+            set_(self, "switch_every", _interval(self.switch_every, "switch_every"))
+        if self.half_life is not None and self.half_life.unit != "dur":
+            self.max_smoothing()  # unit mismatches and h <= 0 fail here, not at the first step
+        scaler = self.grad_scaler
+        if scaler is not None and not all(
+            hasattr(scaler, a) for a in ("is_enabled", "get_scale", "_found_inf_per_device")
+        ):
+            raise TypeError(f"grad_scaler: expected a torch.amp.GradScaler or None, got "
+                            f"{type(scaler).__name__}")
+
+    def uses_dur(self) -> bool:
+        """Whether a time is a fraction of training (then ``total`` is needed)."""
+        return any(t is not None and t.unit == "dur" for t in (self.half_life, self.start))
+
+    def require_total(self) -> None:
+        """Raise the ValueError of a ``dur`` time without ``total`` (trainer callbacks call
+        this only once they have filled ``total`` from the trainer's planned length)."""
+        for name in ("half_life", "start"):
+            t = getattr(self, name)
+            if t is not None and t.unit == "dur" and self.total is None:
+                raise ValueError(f"{name}={str(t)!r} is a fraction of training: pass total")
+        if self.half_life is not None:
+            self.max_smoothing()
+
+    def half_life_updates(self) -> float | None:
+        """The half-life in units of ``update_interval``'s unit (None with ``smoothing``)."""
+        if self.half_life is None:
+            return None
+        unit = self.update_interval.unit
+        h = convert(self.half_life, unit, "half_life", self.batches_per_epoch, self.total)
+        if not h > 0 or not math.isfinite(h):
+            raise ValueError(f"half_life: expected a time > 0, got {str(self.half_life)!r}"
+                             + (f" (with total={self.total})" if self.total else ""))
+        return h
+
+    def max_smoothing(self) -> float:
+        """Smoothing per unit of the interval (per batch for ``ba``), before warmup: from the
+        half-life ``h``, ``2 ** (-1 / h)``; from a float ``s`` per update of ``u`` units,
+        ``s ** (1 / u)``; 1.0 for a schedule (it sets each update's value itself)."""
+        h = self.half_life_updates()
+        if h is not None:
+            return smoothing_from_half_life(h, 1.0)
+        if callable(self.smoothing):
+            return 1.0
+        return float(self.smoothing) ** (1.0 / self.update_interval.value)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def takes_config(config: type[StoreConfig]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Show ``config``'s fields as keyword arguments in the signature (``help()``,
+    ``inspect.signature``) of a function written as ``func(self, ..., **kwargs)`` that
+    passes ``kwargs`` to ``config``."""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        own = inspect.signature(func)
+        params = [p for p in own.parameters.values() if p.kind != p.VAR_KEYWORD]
+        fields = [
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                              annotation=f.type)
+            for f in dataclasses.fields(config)
+        ]
+        func.__signature__ = own.replace(parameters=[*params, *fields])
+        return func
+
+    return decorate
