@@ -10,6 +10,7 @@ writes what the test compares (``OUTDIR/<scenario>.pt``). Internal checks that a
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import sys
 import warnings
@@ -73,8 +74,8 @@ def fsdp(out: str, rank: int, world: int) -> None:
     from torch.distributed.fsdp import fully_shard
 
     model, opt, ema = _fsdp_setup()
-    local_avg = sum(e.view.numel() for e in ema.shadow.stored)
-    total_avg = sum(e.shape.numel() for e in ema.shadow.stored)
+    local_avg = sum(s.avg.numel() for s in ema.shadow.slots)
+    total_avg = sum(math.prod(s.shape) for s in ema.shadow.slots)
     per_rank: list = [None] * world
     dist.all_gather_object(per_rank, local_avg)
     result = {"local_numel": per_rank, "total_numel": total_avg}
@@ -103,8 +104,8 @@ def fsdp(out: str, rank: int, world: int) -> None:
     plain["average"] = {k: v.full_tensor() for k, v in plain["average"].items()}
     fresh = emakit.EMA(model, half_life=HALF_LIFE)
     fresh.load_state_dict(plain)
-    for a, b in zip(fresh.shadow.stored, ema.shadow.stored, strict=True):
-        assert torch.equal(a.view, b.view), a.names
+    for a, b in zip(fresh.shadow.slots, ema.shadow.slots, strict=True):
+        assert torch.equal(a.avg, b.avg), a.entry.names
     # swapped(): the forward inside sees the average; the shards come back bitwise
     before = _local(model)
     with ema.swapped():
@@ -124,8 +125,8 @@ def fsdp(out: str, rank: int, world: int) -> None:
         result["mismatch_error"] = str(err)
     # copy_to(): the average into the training shards for good, shard to shard
     ema.copy_to()
-    for e in ema.shadow.stored:
-        assert torch.equal(e.source(), e.view), e.names
+    for s in ema.shadow.slots:
+        assert torch.equal(s.src, s.avg), s.entry.names
     if rank == 0:
         torch.save(result, os.path.join(out, "fsdp.pt"))
 
@@ -141,10 +142,14 @@ def ddp(out: str, rank: int, world: int) -> None:
         solo.ema_state_dict()
     full_ema = emakit.EMA(wrapped, half_life=HALF_LIFE)
     shard_ema = emakit.EMA(wrapped, half_life=HALF_LIFE, shard=True)
+    shard_numel: list = [None] * world
+    dist.all_gather_object(shard_numel, sum(f.numel() for f in shard_ema.shadow.flat.values()))
     result = {
         "full_numel": sum(f.numel() for f in full_ema.shadow.flat.values()),
-        "shard_numel": sum(f.numel() for f in shard_ema.shadow.flat.values()),
-        "total_numel": sum(e.source().numel() for e in shard_ema.shadow.stored),
+        "shard_numel": shard_numel,
+        "total_numel": sum(math.prod(s.shape) for s in shard_ema.shadow.slots),
+        "aligned_numel": sum(emakit.layout.align(math.prod(s.shape))
+                             for s in shard_ema.shadow.slots),
     }
     for step in range(STEPS):
         train_step(wrapped, opt, step, rank, world)
@@ -214,12 +219,77 @@ def fsdp_resume(out: str, rank: int, world: int) -> None:
         torch.save({"average": full}, os.path.join(out, "fsdp_resume.pt"))
 
 
+class Tied(nn.Module):
+    """An embedding tied to the output layer, as language models tie them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(5, 6)
+        self.mid = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 5)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.mid(x)))
+
+
+def tied_run(world: int = 1, rank: int = 0, shard: bool = False) -> dict:
+    """Train :class:`Tied` (flattened) with an EMA; used in one process by the test too."""
+    model = emakit.flatten_parameters(Tied())
+    wrapped = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = emakit.EMA(wrapped, half_life=HALF_LIFE, shard=shard)
+    for step in range(STEPS):
+        train_step(wrapped, opt, step, rank, world)
+        ema.step()
+    sd = ema.ema_state_dict()
+    return {"average": sd, "ops": len(ema.shadow.plan.main),
+            "shared": sd["emb.weight"].data_ptr() == sd["out.weight"].data_ptr()}
+
+
+def ddp_ties(out: str, rank: int, world: int) -> None:
+    result = tied_run(world, rank, shard=True)
+    if rank == 0:
+        torch.save(result, os.path.join(out, "ddp_ties.pt"))
+
+
+def posthoc_run(out: str, world: int = 1, rank: int = 0, mode: str = "plain") -> None:
+    """Train the test model with a PostHocEMA snapshotting into ``out``: in one process
+    (``plain``), under FSDP2 (``fsdp``) or DDP with ``shard=True`` (``shard``)."""
+    model = make_model()
+    wrapped = model
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model[0])
+        fully_shard(model[2])
+        fully_shard(model)
+    elif mode == "shard":
+        wrapped = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ph = emakit.PostHocEMA(wrapped, sigma_rels=(0.05, 0.10), snapshot_every="2ba",
+                           snapshot_dir=out, snapshot_dtype=None, shard=mode == "shard")
+    for step in range(STEPS):
+        train_step(wrapped, opt, step, rank, world)
+        ph.step()
+
+
+def posthoc_fsdp(out: str, rank: int, world: int) -> None:
+    posthoc_run(os.path.join(out, "phema-fsdp"), world, rank, "fsdp")
+
+
+def posthoc_shard(out: str, rank: int, world: int) -> None:
+    posthoc_run(os.path.join(out, "phema-shard"), world, rank, "shard")
+
+
 def main() -> None:
     scenario, out = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     try:
-        run = {"fsdp": fsdp, "ddp": ddp, "fsdp_resume": fsdp_resume}[scenario]
+        run = {"fsdp": fsdp, "ddp": ddp, "fsdp_resume": fsdp_resume, "ddp_ties": ddp_ties,
+               "posthoc_fsdp": posthoc_fsdp, "posthoc_shard": posthoc_shard}[scenario]
         run(out, dist.get_rank(), dist.get_world_size())
         dist.barrier()
     finally:

@@ -16,7 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from dist_worker import BATCH, HALF_LIFE, STEPS, batch, eval_input, make_model
+from dist_worker import (
+    BATCH,
+    HALF_LIFE,
+    STEPS,
+    batch,
+    eval_input,
+    make_model,
+    posthoc_run,
+    tied_run,
+)
 from torch import nn
 
 import emakit
@@ -38,7 +47,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenario: str, out: Path, world: int = 2, timeout: float = 120.0) -> dict:
+def launch(scenario: str, out: Path, world: int = 2, timeout: float = 120.0) -> dict | None:
     """Run ``world`` ranks of the worker; fail (not hang) on an error or a timeout."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
@@ -60,7 +69,8 @@ def launch(scenario: str, out: Path, world: int = 2, timeout: float = 120.0) -> 
         pytest.fail(f"{scenario} on {world} processes timed out after {timeout} s")
     for r, p in enumerate(procs):
         assert p.returncode == 0, f"rank {r} of {scenario} failed:\n{logs[r][-4000:]}"
-    return torch.load(out / f"{scenario}.pt", weights_only=True)
+    path = out / f"{scenario}.pt"
+    return torch.load(path, weights_only=True) if path.exists() else None
 
 
 def one_process(steps: int = STEPS) -> tuple[nn.Module, dict[str, torch.Tensor]]:
@@ -145,9 +155,11 @@ def test_ddp_two_processes(tmp_path: Path) -> None:
     # both modes give the one-process average
     _assert_close(result["full"], avg)
     _assert_close(result["shard"], avg)
-    # shard=True keeps ceil(N / 2) elements per rank; the default keeps all N (+ alignment)
-    n = result["total_numel"]
-    assert result["shard_numel"] == (n + 1) // 2
+    # shard=True keeps about half of the (aligned) elements per rank, none twice; the
+    # default keeps all N (+ alignment)
+    n, aligned = result["total_numel"], result["aligned_numel"]
+    assert sum(result["shard_numel"]) == aligned
+    assert max(result["shard_numel"]) <= aligned // 2 + 16, result["shard_numel"]
     assert result["full_numel"] >= n
     with torch.no_grad():
         want = _averaged_model(avg)(eval_input())
@@ -178,3 +190,36 @@ def test_dcp_save_keeps_an_existing_checkpoint(tmp_path: Path) -> None:
         torch.equal(a, b) for a, b in zip(again.shadow.tensors().values(),
                                           ema.shadow.tensors().values(), strict=True)
     )
+
+
+def test_shard_ties_and_spans_two_processes(tmp_path: Path) -> None:
+    """Tied weights under shard=True export as in one process: one tensor under both names,
+    equal to the one-process EMA; a flattened model gets the span path there too."""
+    result = launch("ddp_ties", tmp_path)
+    one = tied_run()
+    assert one["shared"] and result["shared"]
+    assert list(result["average"]) == list(one["average"])
+    for name, want in one["average"].items():
+        err = (result["average"][name].double() - want.double()).abs().max().item()
+        assert err <= TOL, f"{name}: off by {err}"
+    assert result["ops"] == one["ops"] == 1  # one lerp over one span on every rank
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "shard"])
+def test_posthoc_two_processes(tmp_path: Path, mode: str) -> None:
+    """PostHocEMA under FSDP2 and shard=True: rank 0 writes snapshots of the gathered
+    profiles; synthesis on them equals the one-process synthesis."""
+    launch(f"posthoc_{mode}", tmp_path)
+    posthoc_run(str(tmp_path / "phema-one"))
+    got_files = sorted((tmp_path / f"phema-{mode}").iterdir())
+    want_files = sorted((tmp_path / "phema-one").iterdir())
+    assert [p.name[:16] for p in got_files] == [p.name[:16] for p in want_files]
+    assert len(got_files) == STEPS // 2
+    for sigma in (0.05, 0.08, 0.10):
+        got = emakit.synthesize(tmp_path / f"phema-{mode}", sigma_rel=sigma)
+        want = emakit.synthesize(tmp_path / "phema-one", sigma_rel=sigma)
+        assert list(got) == list(want)
+        for name in want:
+            assert got[name].shape == want[name].shape, name
+            err = (got[name].double() - want[name].double()).abs().max().item()
+            assert err <= TOL, f"sigma_rel {sigma}, {name}: off by {err}"

@@ -1,4 +1,4 @@
-"""Every fast path of Shadow.update against the plain path on random data.
+"""Every fast path of Store.update against the plain path on random data.
 
 The plain path is ``emakit.functional.lerp_`` tensor by tensor on an independent copy of the
 average (same arithmetic, so bitwise), and a float64 reference within rounding.
@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 import emakit
-from emakit import shadow as shadow_mod
+from emakit import plan as plan_mod
 from emakit.functional import lerp_
-from emakit.shadow import Shadow
+from emakit.plan import Foreach, Gather, Staged
+from emakit.store import Store as Shadow
 
 CUDA = torch.cuda.is_available()
 
@@ -119,7 +120,8 @@ def test_span_path_one_lerp_for_many_small_tensors_and_bitwise():
     ref = copy.deepcopy(model)
     emakit.flatten_parameters(model)
     sh = _check(model, ref, WEIGHTS)
-    assert len(sh._ops) == 1 and len(sh._ops[0][1]) == 1  # one lerp over one span
+    ops = sh.plan.main
+    assert len(ops) == 1 and isinstance(ops[0], Foreach) and len(ops[0].avg) == 1  # one span
 
 
 @pytest.mark.parametrize("buffers", ["average", "copy"])
@@ -137,17 +139,17 @@ def test_plain_model_direct_path():
 
 def test_staged_span_bf16_model_fp32_average(monkeypatch):
     # a tiny staging bound forces chunking and the splitting of a span into pieces
-    monkeypatch.setattr(shadow_mod, "_STAGING_ELEMENTS_CPU", 32)
+    monkeypatch.setattr(plan_mod, "STAGING_ELEMENTS_CPU", 32)
     model = nn.Sequential(*[nn.Linear(6, 6) for _ in range(5)]).to(torch.bfloat16)
     ref = copy.deepcopy(model)
     emakit.flatten_parameters(model)
     sh = _check(model, ref, WEIGHTS)
-    assert sh._ops[0][0] == "staged" and len(sh._ops[0][1]) > 1
-    assert all(s.numel() <= 32 for t in sh._workspace for s in [t])
+    assert isinstance(sh.plan.main[0], Staged) and len(sh.plan.main[0].chunks) > 1
+    assert all(t.numel() <= 32 for t in sh.plan.workspace)
 
 
 def test_staged_plain_bf16_model(monkeypatch):
-    monkeypatch.setattr(shadow_mod, "_STAGING_ELEMENTS_CPU", 40)
+    monkeypatch.setattr(plan_mod, "STAGING_ELEMENTS_CPU", 40)
     model = _net(torch.bfloat16)
     _check(model, copy.deepcopy(model), WEIGHTS)
 
@@ -214,7 +216,7 @@ def test_side_stream_is_a_noop_without_cuda():
     model = _net()
     sh = _check(model, copy.deepcopy(model), WEIGHTS[:2], side_stream=True)
     if not CUDA:
-        assert sh._sides == {}
+        assert sh.executor.sides == {}
     a, b = _net(), _net()
     ea, eb = emakit.EMA(a, smoothing=0.5), emakit.EMA(b, smoothing=0.5, side_stream=True)
     _assert_same_averages(a, ea, b, eb, seed=2, steps=3)
@@ -303,7 +305,7 @@ def test_cuda_side_stream_swap_sees_the_latest_update():
 def test_split_staging_sees_moved_parameters(monkeypatch):
     """A tensor larger than the staging bound is read through 1-D pieces made at plan time:
     replacing the parameter's storage must be noticed."""
-    monkeypatch.setattr(shadow_mod, "_STAGING_ELEMENTS_CPU", 16)
+    monkeypatch.setattr(plan_mod, "STAGING_ELEMENTS_CPU", 16)
     model = nn.Linear(8, 8).to(torch.bfloat16)
     sh = Shadow(model)
     with torch.no_grad():
@@ -326,25 +328,25 @@ def _small_and_big() -> nn.Module:
 def test_gather_path_small_cpu_tensors_bitwise():
     model = _small_and_big()
     sh = _check(model, copy.deepcopy(model), WEIGHTS)
-    kinds = [op[0] for op in sh._ops]
-    assert kinds.count("gather") == 2 and "lerp" in kinds  # the big layer breaks the run
+    kinds = [type(op) for op in sh.plan.main]
+    assert kinds.count(Gather) == 2 and Foreach in kinds  # the big layer breaks the run
 
 
 def test_gather_runs_split_at_the_staging_bound(monkeypatch):
-    monkeypatch.setattr(shadow_mod, "_STAGING_ELEMENTS_CPU", 160)
+    monkeypatch.setattr(plan_mod, "STAGING_ELEMENTS_CPU", 160)
     model = nn.Sequential(*[nn.Linear(3, 5) for _ in range(40)])
     sh = _check(model, copy.deepcopy(model), WEIGHTS)
-    gathers = [op for op in sh._ops if op[0] == "gather"]
-    assert len(gathers) > 1 and all(op[3].numel() <= 160 for op in gathers)
+    gathers = [op for op in sh.plan.main if isinstance(op, Gather)]
+    assert len(gathers) > 1 and all(op.staging.numel() <= 160 for op in gathers)
     # the runs share one staging buffer
-    assert len({op[3].untyped_storage().data_ptr() for op in gathers}) == 1
+    assert len({op.staging.untyped_storage().data_ptr() for op in gathers}) == 1
     assert sh.workspace_nbytes() <= 160 * 4
 
 
 def test_gather_sees_moved_parameters():
     model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(10)])
     sh = Shadow(model)
-    assert sh._ops[0][0] == "gather"
+    assert isinstance(sh.plan.main[0], Gather)
     avg = {n: t.clone() for n, t in sh.tensors().items()}
     with torch.no_grad():
         model[4].weight.data = torch.randn(3, 3)  # one parameter's storage replaced

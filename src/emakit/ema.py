@@ -12,10 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from .config import EMAConfig, takes_config
-from .distributed import ShardedShadow, all_ranks, check_same_model, process_group
+from .distributed import all_ranks, check_same_model, process_group
 from .functional import unwrap_model
 from .schedules import PowerWarmup, check_smoothing
-from .shadow import Shadow
+from .store import Store
 from .time import Clock
 
 __all__ = ["EMA", "EMAModule", "swapped_by", "check_initialized"]
@@ -182,18 +182,11 @@ class EMA:
         self.model = unwrap_model(model)
         if self._group is not None:
             check_same_model(self.model, self._group)
-        self.shadow: Shadow | ShardedShadow
-        dtype, device, buffers = config.dtype, config.device, config.buffers
-        if shard:
-            if side_stream:
-                raise ValueError("side_stream: not supported with shard=True")
-            self.shadow = ShardedShadow(
-                self.model, dtype=dtype, device=device, buffers=buffers, group=self._group
-            )
-        else:
-            self.shadow = Shadow(
-                self.model, dtype=dtype, device=device, buffers=buffers, side_stream=side_stream
-            )
+        self.shadow = Store(
+            self.model, dtype=config.dtype, device=config.device, buffers=config.buffers,
+            side_stream=side_stream, shard=shard, group=self._group,
+            exclude=config.exclude, include=config.include, compensated=config.compensated,
+        )
         self.clock = Clock(self.batches_per_epoch, self.total)
         self.num_updates = 0
         self._skipped = 0
@@ -547,7 +540,7 @@ class EMAModule(nn.Module):
         ema: EMA = self._ema
         model = ema.model
         ema.shadow.synchronize()
-        if getattr(ema.shadow, "fsdp", False):
+        if ema.shadow.model_forward:
             return self._forward_fsdp(args, kwargs)
         mapping = ema._handout.mapping(started=ema.started and not ema._in_swap)
         if self.training:

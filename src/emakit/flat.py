@@ -3,9 +3,9 @@
 Per-tensor dispatch is what an EMA update costs for models with many small tensors: each
 ``lerp`` call carries a fixed overhead (microseconds on a CPU, a kernel launch on a GPU)
 whatever its size. :func:`flatten_parameters` lays the parameters out in one contiguous
-buffer per (device, dtype), in the order and with the alignment the :class:`~emakit.shadow.Shadow`
-uses for the average, so that a whole run of parameters maps onto one contiguous span of the
-average and one update is one ``lerp_`` over that span.
+buffer per (device, dtype), in the order and with the alignment (:mod:`emakit.layout`) that
+the store uses for the average, so that a whole run of parameters maps onto one contiguous
+span of the average and one update is one ``lerp_`` over that span.
 """
 
 from __future__ import annotations
@@ -14,15 +14,9 @@ import torch
 from torch import nn
 
 from .functional import unwrap_model
+from .layout import ALIGN, align
 
 __all__ = ["flatten_parameters", "ALIGN", "align"]
-
-ALIGN = 16  # elements; every view starts 64-byte aligned (fp32), as the shadow's own views
-
-
-def align(n: int) -> int:
-    """``n`` rounded up to a multiple of :data:`ALIGN` elements."""
-    return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
 @torch.no_grad()
@@ -38,8 +32,9 @@ def flatten_parameters(model: nn.Module) -> nn.Module:
     most ``ALIGN - 1`` elements per tensor.
 
     Later replacing a parameter's ``.data`` (``model.to(...)``, ``model.half()``) is detected
-    by the EMA at its next update (it falls back to the per-tensor path or re-detects the
-    layout); call ``flatten_parameters`` again after such a move to get the fast path back.
+    by the EMA at its next update, which re-plans (carrying the average over) and re-detects
+    the layout; call ``flatten_parameters`` again after such a move to get the fast path
+    back.
 
     Args:
         model: the model (DDP and ``torch.compile`` wrappers are seen through).

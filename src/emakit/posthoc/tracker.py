@@ -14,10 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import check_same_model, process_group
 from ..functional import unwrap_model
-from ..io import dtype_name, dumps, model_fingerprint, write_safetensors
+from ..io import dtype_from_name, dtype_name, dumps, model_fingerprint, write_safetensors
+from ..placement import rank
 from ..schedules import power_smoothing, sigma_rel_to_gamma
-from ..shadow import Shadow
+from ..store import Store
 from ..time import Clock, Time
 from .profiles import check_sigma_rel
 from .snapshots import FORMAT, FORMAT_VERSION, PREFIX, SUFFIX, scan
@@ -70,7 +72,12 @@ class PostHocEMA:
             halves the files; a stored profile then comes back to ~2e-4 (relative).
         update_interval: time between updates, ``"1ba"`` by default; in ba or ep.
         batches_per_epoch: unused by the math; kept for symmetry with :class:`~emakit.EMA`.
-        buffers, dtype, device: as for :class:`~emakit.EMA`.
+        buffers, dtype, device, shard: as for :class:`~emakit.EMA`.
+
+    Under ``torch.distributed`` (DDP, FSDP2, ``shard=True``) every rank keeps its part of
+    each profile as :class:`~emakit.EMA` does; a snapshot gathers the profiles (a
+    collective: every rank calls ``step()``/``snapshot()`` alike) and rank 0 alone writes
+    the file, which holds full tensors: synthesis reads it as a one-process snapshot.
 
     Example:
         >>> import torch, emakit, tempfile
@@ -101,6 +108,7 @@ class PostHocEMA:
         buffers: str = "average",
         dtype: torch.dtype | None = torch.float32,
         device: torch.device | str | None = None,
+        shard: bool = False,
     ) -> None:
         if isinstance(sigma_rels, (int, float)) or not isinstance(sigma_rels, Sequence):
             raise TypeError(f"sigma_rels: expected a sequence of floats, got {sigma_rels!r}")
@@ -121,9 +129,18 @@ class PostHocEMA:
             raise TypeError(f"snapshot_dtype: expected a floating torch.dtype or None, "
                             f"got {snapshot_dtype!r}")
         self.snapshot_dtype = snapshot_dtype
+        if not isinstance(shard, bool):
+            raise TypeError(f"shard: expected a bool, got {shard!r}")
+        self._group = process_group(model, shard)
         self.model = unwrap_model(model)
-        self.shadows = [Shadow(self.model, dtype=dtype, device=device, buffers=buffers)
-                        for _ in self.gammas]
+        if self._group is not None:
+            check_same_model(self.model, self._group)
+        self.stores = [
+            Store(self.model, dtype=dtype, device=device, buffers=buffers, shard=shard,
+                  group=self._group)
+            for _ in self.gammas
+        ]
+        self.dtype = dtype
         self.clock = Clock(batches_per_epoch)
         self.t = 0  # time of the last update, in update_interval's unit
         self.num_updates = 0
@@ -132,16 +149,19 @@ class PostHocEMA:
         self._resumed_at = -1
         self.snapshots: list[Path] = []
         self._dir_checked = False
-        entries = self.shadows[0].entries
-        self.fingerprint = model_fingerprint(
-            (n, e.source().shape) for e in entries for n in e.names
-        )
-        self._layout = [
-            (e.names[0], e.kind, dtype_name(e.source().dtype), e.names[1:]) for e in entries
-        ]
-        names = {n for e in entries for n in e.names}
-        self._order = [n for n in self.model.state_dict(keep_vars=True) if n in names]
+        self._describe()
         self._check_folder_model()
+
+    def _describe(self) -> None:
+        """Fingerprint, layout and order of the model as the stores see it now (global
+        shapes), for snapshot headers."""
+        infos = self.stores[0].describe()
+        self.fingerprint = model_fingerprint(
+            (n, torch.Size(i.shape)) for i in infos for n in (i.name, *i.aliases)
+        )
+        self._layout = [(i.name, i.kind, dtype_name(i.dtype), list(i.aliases)) for i in infos]
+        names = {n for i in infos for n in (i.name, *i.aliases)}
+        self._order = [n for n in self.model.state_dict(keep_vars=True) if n in names]
 
     # the loop's side ---------------------------------------------------------------------
 
@@ -171,11 +191,11 @@ class PostHocEMA:
         if t <= 0:
             raise RuntimeError("PostHocEMA.update: the clock is at 0; call step() first")
         dt = t - self.t
-        for shadow, gamma in zip(self.shadows, self.gammas, strict=True):
+        for store, gamma in zip(self.stores, self.gammas, strict=True):
             if self.t == 0:
-                shadow.reset()  # beta = 0: the average starts as an exact copy
+                store.reset()  # beta = 0: the average starts as an exact copy
             else:
-                shadow.update(1.0 - power_smoothing(t, dt, gamma))
+                store.update(1.0 - power_smoothing(t, dt, gamma))
         self.t = t
         self.num_updates += 1
 
@@ -191,7 +211,7 @@ class PostHocEMA:
 
     def ema_state_dict(self, sigma_rel: float | None = None) -> dict[str, Tensor]:
         """A plain model state dict of one tracked profile (default: the first)."""
-        return self.shadows[self._index(sigma_rel)].export(started=self.num_updates > 0)
+        return self.stores[self._index(sigma_rel)].export(started=self.num_updates > 0)
 
     # snapshots ---------------------------------------------------------------------------
 
@@ -221,7 +241,7 @@ class PostHocEMA:
     def _metadata(self) -> dict[str, str]:
         from .. import __version__
 
-        dtype = self.snapshot_dtype or self.shadows[0].dtype
+        dtype = self.snapshot_dtype or self.dtype
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -245,36 +265,39 @@ class PostHocEMA:
             "written_ns": str(time.time_ns()),
         }
 
-    def _items(self) -> list[tuple[str, Tensor, torch.dtype]]:
+    def _items(self) -> list[tuple[str, Tensor, torch.dtype]] | None:
+        """What a snapshot file holds, gathered to rank 0 (a collective); None elsewhere."""
+        self._describe()  # the model may have changed since the last snapshot
+        dtypes = {name: dtype for name, _, dtype, _ in self._layout}
         items = []
-        for k, shadow in enumerate(self.shadows):
-            for e in shadow.stored:
-                if e.kind == "average":
-                    dtype = self.snapshot_dtype or e.view.dtype
-                    items.append((f"p{k}/{e.names[0]}", e.view, dtype))
-        for e in self.shadows[0].entries:
-            if e.kind == "copy":
-                items.append((f"copy/{e.names[0]}", e.view, e.source().dtype))
-            elif e.kind == "live":
-                items.append((f"live/{e.names[0]}", e.source(), e.source().dtype))
+        for k, store in enumerate(self.stores):
+            named = store.named_tensors(("average",), rank0_only=True)
+            if named is None:
+                continue
+            for name, _, t in named:
+                items.append((f"p{k}/{name}", t, self.snapshot_dtype or t.dtype))
+        rest = self.stores[0].named_tensors(("copy", "live"), rank0_only=True)
+        if rest is None:
+            return None
+        for name, kind, t in rest:
+            items.append((f"{kind}/{name}", t, dtype_from_name(dtypes[name])))
         return items
 
     def snapshot(self) -> Path | None:
         """Write a snapshot of every profile now; returns its path. Never replaces a file.
 
-        Under ``torch.distributed`` only rank 0 writes (the averages are the same on every
-        rank with DDP); other ranks return None."""
+        Under ``torch.distributed`` every rank calls it (the profiles are gathered where
+        they are spread) and only rank 0 writes; other ranks return None."""
         if self.num_updates == 0:
             raise RuntimeError("PostHocEMA.snapshot: no update yet, nothing to store")
         if self.clock.counts["ba"] == 0:
             raise RuntimeError("PostHocEMA.snapshot: snapshots are keyed by step; call step() "
                                "after every optimizer step (also with update_interval in ep)")
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        items = self._items()  # a collective where the profiles are spread over ranks
+        if items is None or rank() != 0:
             return None
         self._check_folder_run()
         step = self.clock.counts["ba"]
-        items = self._items()
         for revision in range(10_000):
             tag = "" if revision == 0 else f".r{revision}"
             path = self.snapshot_dir / f"{PREFIX}{step:010d}{tag}{SUFFIX}"
@@ -308,7 +331,7 @@ class PostHocEMA:
             "run_id": self.run_id,
             "fingerprint": self.fingerprint,
             "averages": [
-                {n: t.detach().clone() for n, t in s.tensors().items()} for s in self.shadows
+                {n: t.detach().clone() for n, t in s.tensors().items()} for s in self.stores
             ],
         }
 
@@ -329,10 +352,14 @@ class PostHocEMA:
             if cfg.get(key) != mine[key]:
                 raise ValueError(f"state: saved with {key}={cfg.get(key)!r}, this PostHocEMA "
                                  f"has {key}={mine[key]!r}")
-        if len(state["averages"]) != len(self.shadows):
+        if len(state["averages"]) != len(self.stores):
             raise ValueError("state: number of profiles differs")
-        for k, (shadow, tensors) in enumerate(zip(self.shadows, state["averages"], strict=True)):
-            shadow.load(tensors, what=f"PostHocEMA state_dict['averages'][{k}]")
+        pairs = list(enumerate(zip(self.stores, state["averages"], strict=True)))
+        for k, (store, tensors) in pairs:  # all of them first: a refused state changes nothing
+            store.check_load(tensors, what=f"PostHocEMA state_dict['averages'][{k}]")
+        Clock(self.clock.batches_per_epoch).load_state_dict(state["clock"])
+        for k, (store, tensors) in pairs:
+            store.load(tensors, what=f"PostHocEMA state_dict['averages'][{k}]")
         self.clock.load_state_dict(state["clock"])
         self.t = int(state["t"])
         self.num_updates = int(state["num_updates"])

@@ -1,0 +1,201 @@
+"""EMA arithmetic on lists of tensors: plain, compensated, fused (compiled) and CUDA-graphed.
+
+The update of every kernel here is, for each index ``i``::
+
+    avg[i] <- avg[i] + w * (src[i] - avg[i])          (w = 1 - smoothing)
+
+**Compensated accumulation.** When ``w * |src - avg|`` falls under half a unit in the last
+place (ulp) of ``avg``, a rounded update loses it every time and the average stops moving:
+an fp32 average of a weight at 1.0 freezes for good once ``w * |src - avg| < 2**-25``, e.g.
+a move of 1e-3 at a half-life above about 2.3e4 updates. With ``comp`` (a second tensor of
+the same shape) the pair keeps the exact EMA as the unevaluated sum ``e = avg + comp``, with
+the invariant ``avg == fl(avg + comp)`` (``avg`` is the average rounded to its dtype, ready
+to export or swap without reading ``comp``) and ``|comp| <= ulp(avg) / 2``. One update
+(``hi = avg``, ``lo = comp``, all in the storage precision)::
+
+    d  = src - hi                  # rel. error <= u: an error on the *increment*, not on e
+    y  = lo + w * (d - lo)         # = lo + w * (src - e): the new low part, not yet absorbed
+    t  = fl(hi + y)                # the new average, rounded
+    lo = y - (t - hi)              # Fast2Sum: exact when |hi| >= |y|, so t + lo == hi + y
+    hi = t
+
+Why it tracks the exact EMA: ``hi + y = e + w * (src - e)`` up to the rounding of ``d`` and
+of ``y``, both relative to the increment ``w * |src - e|`` (or to ``|lo| <= ulp(hi)/2``), so
+each update commits an error of at most about ``u * (w * |src - e| + ulp(hi))`` where ``u``
+is the unit roundoff (2**-24 for fp32); nothing is rounded relative to ``|e|`` any more.
+Summed over a run of ``n`` updates, the error of ``e`` against a float64 EMA of the same
+weights is bounded by ``u * (path length of the average) + n * u * ulp(avg)``: for fp32,
+1e7 updates of a weight near 1 add at most ``1e7 * 2**-24 * 2**-23 ~ 7e-8``, and the
+rounded ``avg`` is always within half an ulp of ``e``. ``(t - hi)`` is exact by Sterbenz's
+lemma whenever ``t`` and ``hi`` are within a factor 2 (always so when ``|y| <= |hi| / 2``);
+otherwise the update is large relative to ``avg`` and a plain rounding was harmless anyway.
+A ``comp`` of a narrower dtype (bf16) stores ``lo`` rounded: it keeps 8 more bits, not 24,
+and itself freezes once ``w * |src - e|`` falls under ``2**-9 * |lo|`` (measured in
+``benchmarks/accuracy.py``).
+
+**Weights.** ``weight`` is a Python float or a 0-d floating tensor on the average's device;
+a tensor is read on the device (no host synchronization: masking steps a GradScaler skipped,
+CUDA graphs). A float weight of exactly 0 leaves ``avg`` and ``comp`` untouched (even when
+``src`` holds NaN); exactly 1 copies: ``avg == src`` (converted) and ``comp`` the
+conversion's remainder (0 when ``src`` converts exactly). The fused kernel gives the same for
+a tensor weight; the eager kernel with a tensor weight of 1 lands within ``ulp(avg)`` of
+``src`` instead (no branch on a device value without a sync).
+
+**Lists.** Each list is one ``torch._foreach_*`` call chain, no Python loop per tensor, so
+the caller groups: within ``avg``, ``src`` and ``comp`` every tensor has the list's dtype and
+device (``check_operands`` says so with a clear error; it loops, so call it when planning,
+not every update). ``src`` may have another floating dtype than ``avg`` (a bf16 model into
+an fp32 average): it is converted inside the arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "lerp_",
+    "check_operands",
+]
+
+Weight = float | Tensor
+
+
+def check_operands(
+    avg: Sequence[Tensor], src: Sequence[Tensor], comp: Sequence[Tensor] | None = None
+) -> None:
+    """Raise a clear error unless ``lerp_(avg, src, w, comp)`` may run on these lists.
+
+    Every list is homogeneous (one dtype, one device), ``avg`` is floating, ``src`` is
+    floating on ``avg``'s device with the same shapes, ``comp`` (if any) has ``avg``'s
+    shapes and device. Loops over the tensors: call it when building a plan.
+
+    >>> import torch
+    >>> check_operands([torch.zeros(2)], [torch.zeros(3)])
+    Traceback (most recent call last):
+    ...
+    ValueError: src[0]: expected shape (2,) like avg[0], got (3,)
+    """
+    lists = {"avg": avg, "src": src}
+    if comp is not None:
+        lists["comp"] = comp
+    for name, ts in lists.items():
+        if len(ts) != len(avg):
+            raise ValueError(f"{name}: expected {len(avg)} tensors like avg, got {len(ts)}")
+        for i, t in enumerate(ts):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name}[{i}]: expected a Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name}[{i}]: expected a floating dtype, got {t.dtype}")
+            if (t.dtype, t.device) != (ts[0].dtype, ts[0].device):
+                raise ValueError(
+                    f"{name}[{i}]: expected {ts[0].dtype} on {ts[0].device} like {name}[0] "
+                    f"(group lists by dtype and device), got {t.dtype} on {t.device}"
+                )
+            if t.device != avg[i].device:
+                raise ValueError(f"{name}[{i}]: expected device {avg[i].device}, got {t.device}")
+            if t.shape != avg[i].shape:
+                raise ValueError(
+                    f"{name}[{i}]: expected shape {tuple(avg[i].shape)} like avg[{i}], "
+                    f"got {tuple(t.shape)}"
+                )
+
+
+def _check_weight(weight: Weight, avg: Sequence[Tensor]) -> None:
+    if isinstance(weight, Tensor):
+        if weight.dim() != 0 or not weight.is_floating_point():
+            raise ValueError(
+                f"weight: expected a float or a 0-d floating tensor, got a {weight.dtype} "
+                f"tensor of shape {tuple(weight.shape)}"
+            )
+        if avg and weight.device != avg[0].device:
+            raise ValueError(
+                f"weight: expected a tensor on {avg[0].device} like avg, got {weight.device}"
+            )
+    elif isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise TypeError(f"weight: expected a float or a 0-d tensor, got {type(weight).__name__}")
+    elif not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight: expected a value in [0, 1], got {weight}")
+
+
+def _check_lengths(avg: Sequence[Tensor], src: Sequence[Tensor], comp) -> None:
+    if len(src) != len(avg):
+        raise ValueError(f"src: expected {len(avg)} tensors like avg, got {len(src)}")
+    if comp is not None and len(comp) != len(avg):
+        raise ValueError(f"comp: expected {len(avg)} tensors like avg, got {len(comp)}")
+
+
+@torch.no_grad()
+def lerp_(
+    avg: Sequence[Tensor],
+    src: Sequence[Tensor],
+    weight: Weight,
+    comp: Sequence[Tensor] | None = None,
+) -> None:
+    """In place, ``avg[i] <- avg[i] + weight * (src[i] - avg[i])``; with ``comp``, compensated
+    so that ``avg[i] + comp[i]`` follows the exact EMA (see the module docstring).
+
+    ``weight`` (= 1 - smoothing) is a float in [0, 1] or a 0-d float tensor on ``avg``'s
+    device. Lists must be homogeneous (``check_operands``). Eager ``torch._foreach_*`` calls:
+    without ``comp`` one ``lerp`` for a float weight and a same-dtype ``src``; with ``comp``
+    six passes (use ``FusedLerp`` for one).
+
+    >>> import torch
+    >>> avg, comp = [torch.ones(1)], [torch.zeros(1)]
+    >>> for _ in range(1000):  # 1000 increments of 6.9e-11, each under half an fp32 ulp
+    ...     lerp_(avg, [torch.full((1,), 1.001)], 6.9e-8, comp)
+    >>> round((avg[0].double() + comp[0].double()).item() - 1.0, 10)  # plain fp32: 0.0
+    6.9e-08
+    """
+    _check_lengths(avg, src, comp)
+    _check_weight(weight, avg)
+    if not avg:
+        return
+    avg, src = list(avg), list(src)
+    tensor_w = isinstance(weight, Tensor)
+    if not tensor_w:
+        weight = float(weight)
+        if weight == 0.0:
+            return
+        if weight == 1.0:
+            torch._foreach_copy_(avg, src)
+            if comp is not None:
+                torch._foreach_copy_(list(comp), torch._foreach_sub(src, avg))
+            return
+    same = src[0].dtype == avg[0].dtype
+    if comp is None:
+        if same and not tensor_w:
+            torch._foreach_lerp_(avg, src, weight)
+            return
+        d = torch._foreach_sub(src, avg)  # promotes a narrower src without a staging copy
+        if tensor_w:
+            torch._foreach_mul_(d, weight)
+            torch._foreach_add_(avg, d)
+        else:
+            torch._foreach_add_(avg, d, alpha=weight)
+        return
+    comp = list(comp)
+    d = torch._foreach_sub(src, avg)  # d = src - hi, in avg's precision
+    if comp[0].dtype == avg[0].dtype:
+        if tensor_w:
+            torch._foreach_sub_(d, comp)
+            torch._foreach_mul_(d, weight)
+            torch._foreach_add_(comp, d)  # comp = y = lo + w (d - lo)
+        else:
+            torch._foreach_lerp_(comp, d, weight)  # comp = y
+        y = comp
+    else:  # a narrower comp must not round y before it meets hi
+        torch._foreach_sub_(d, comp)
+        torch._foreach_mul_(d, weight)
+        torch._foreach_add_(d, comp)
+        y = d
+    t = torch._foreach_add(avg, y)  # t = fl(hi + y)
+    torch._foreach_sub_(avg, t)  # avg = hi - t, exact (Sterbenz)
+    if y is comp:
+        torch._foreach_add_(comp, avg)  # comp = y - (t - hi)
+    else:
+        torch._foreach_add_(avg, y)
+        torch._foreach_copy_(comp, avg)
+    torch._foreach_copy_(avg, t)

@@ -1,0 +1,219 @@
+"""Layout: which of a model's tensors are averaged, copied or left live, under which names.
+
+Each state-dict entry of the model falls in one of three kinds:
+
+- ``average``: trainable floating parameters, floating buffers with ``buffers="average"``,
+  and floating buffers matched by ``include``; stored and updated with the EMA rule.
+- ``copy``: other floating buffers (``buffers="copy"``); stored and copied at each update.
+- ``live``: frozen parameters, integer buffers (``num_batches_tracked``) and every tensor
+  matched by ``exclude``; never stored twice: exports read them from the live model.
+
+Extra state (``get_extra_state``) is not a tensor the EMA can track and is left out. Tied
+tensors (one tensor under several names) are one entry whose first name is canonical.
+
+``exclude`` and ``include`` are glob patterns over state-dict names (``fnmatch``, so
+``"*.bias"`` or ``"head.*"``), one string or a sequence of them, or a callable
+``(name, tensor) -> bool``. A pattern that matches nothing is a ValueError naming it; a
+tensor that both select is excluded.
+
+Also here: the alignment shared with :func:`emakit.flatten_parameters` (every stored view
+starts at a multiple of :data:`ALIGN` elements, so a flattened model's parameters sit at the
+same relative offsets as their averages), and :func:`generation`, a counter that every
+parameter, buffer or submodule registration in the process advances (``m.w = Parameter``,
+``register_buffer``, ``load_state_dict(assign=True)``, an appended layer): one integer
+comparison tells a plan whether such a change may have happened since it was made.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ALIGN",
+    "align",
+    "BUFFER_MODES",
+    "Entry",
+    "Selector",
+    "check_storage",
+    "classify",
+    "generation",
+]
+
+ALIGN = 16  # elements; every view starts 64-byte aligned (fp32), for vectorized kernels
+BUFFER_MODES = ("average", "copy")
+
+Selector = str | Sequence[str] | Callable[[str, Tensor], bool] | None
+
+
+def align(n: int) -> int:
+    """``n`` rounded up to a multiple of :data:`ALIGN` elements.
+
+    >>> align(1), align(16), align(17)
+    (16, 16, 32)
+    """
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+# registrations ---------------------------------------------------------------------------
+
+_generation = 0
+_hooks: list = []
+
+
+def _bump(*args: object) -> None:
+    global _generation
+    _generation += 1
+
+
+def generation() -> int:
+    """A counter advanced by every parameter, buffer and submodule registration in the
+    process (torch's global registration hooks, installed at the first call).
+
+    >>> import torch
+    >>> g = generation()
+    >>> m = torch.nn.Linear(2, 2)
+    >>> generation() > g
+    True
+    """
+    if not _hooks:
+        from torch.nn.modules import module as _m
+
+        _hooks.append(_m.register_module_parameter_registration_hook(_bump))
+        _hooks.append(_m.register_module_buffer_registration_hook(_bump))
+        _hooks.append(_m.register_module_module_registration_hook(_bump))
+    return _generation
+
+
+# entries ---------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Entry:
+    """One tensor of the model (all its tied names) and what the EMA does with it."""
+
+    names: list[str]  # the first is canonical; the others are tied aliases
+    module: nn.Module
+    attr: str
+    is_param: bool
+    kind: str  # "average" | "copy" | "live"
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    @property
+    def table(self) -> dict[str, Tensor]:
+        """The module dict that holds the tensor (``_parameters`` or ``_buffers``)."""
+        return self.module._parameters if self.is_param else self.module._buffers
+
+    def tensor(self) -> Tensor:
+        """The model's tensor as the model holds it now (a DTensor under FSDP2)."""
+        return self.table[self.attr]
+
+
+def check_storage(
+    dtype: torch.dtype | None, device: torch.device | str | None, buffers: str
+) -> tuple[torch.dtype | None, torch.device | None, str]:
+    """Validate the storage arguments; return them normalized."""
+    if buffers not in BUFFER_MODES:
+        raise ValueError(f"buffers: expected one of {BUFFER_MODES}, got {buffers!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+    return dtype, (torch.device(device) if device is not None else None), buffers
+
+
+class _Matcher:
+    """A compiled ``exclude``/``include`` argument; remembers which patterns matched."""
+
+    def __init__(self, spec: Selector, what: str) -> None:
+        self.what = what
+        self.fn: Callable[[str, Tensor], bool] | None = None
+        self.patterns: list[str] = []
+        if spec is None:
+            return
+        if callable(spec):
+            self.fn = spec
+            return
+        if isinstance(spec, str):
+            spec = [spec]
+        if not isinstance(spec, Sequence) or not all(isinstance(p, str) for p in spec):
+            raise TypeError(
+                f"{what}: expected glob patterns (a string or a sequence of strings) or a "
+                f"callable (name, tensor) -> bool, got {spec!r}"
+            )
+        self.patterns = list(spec)
+        self.used: set[str] = set()
+
+    def __call__(self, names: Sequence[str], tensor: Tensor) -> bool:
+        if self.fn is not None:
+            return any(bool(self.fn(n, tensor)) for n in names)
+        hit = False
+        for p in self.patterns:
+            if any(fnmatch.fnmatchcase(n, p) for n in names):
+                self.used.add(p)
+                hit = True
+        return hit
+
+    def check_used(self, candidates: str) -> None:
+        unused = [p for p in self.patterns if p not in self.used]
+        if unused:
+            raise ValueError(
+                f"{self.what}: pattern(s) {unused} match no {candidates} of the model"
+            )
+
+
+def classify(
+    model: nn.Module,
+    buffers: str = "average",
+    exclude: Selector = None,
+    include: Selector = None,
+) -> list[Entry]:
+    """The model's state-dict tensors as entries, in state-dict order, tied tensors merged.
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    >>> [(e.name, e.kind) for e in classify(m, buffers="copy", exclude="0.bias")]
+    ... # doctest: +NORMALIZE_WHITESPACE
+    [('0.weight', 'average'), ('0.bias', 'live'), ('1.weight', 'average'),
+     ('1.bias', 'average'), ('1.running_mean', 'copy'), ('1.running_var', 'copy'),
+     ('1.num_batches_tracked', 'live')]
+    """
+    excluded = _Matcher(exclude, "exclude")
+    included = _Matcher(include, "include")
+    found: list[tuple[list[str], Tensor, nn.Module, str, bool]] = []
+    by_id: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if not isinstance(tensor, Tensor):
+            continue
+        if id(tensor) in by_id:
+            by_id[id(tensor)].append(name)
+            continue
+        prefix, _, attr = name.rpartition(".")
+        module = model.get_submodule(prefix)
+        is_param = attr in module._parameters
+        if not is_param and attr not in module._buffers:  # extra state
+            continue
+        names = [name]
+        by_id[id(tensor)] = names
+        found.append((names, tensor, module, attr, is_param))
+    entries = []
+    for names, tensor, module, attr, is_param in found:
+        floating = tensor.is_floating_point()
+        if is_param:
+            kind = "average" if tensor.requires_grad and floating else "live"
+        elif floating:
+            picked = included(names, tensor)  # called for every floating buffer: see check_used
+            kind = "average" if buffers == "average" or picked else "copy"
+        else:
+            kind = "live"
+        if excluded(names, tensor):
+            kind = "live"
+        entries.append(Entry(names, module, attr, is_param, kind))
+    excluded.check_used("tensor")
+    included.check_used("floating buffer")
+    return entries
