@@ -38,6 +38,7 @@ subclass, nothing else changes):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -155,6 +156,17 @@ class Placement:
 
     def swap_pairs(self, slots: Sequence[Slot]) -> tuple[list[Tensor], list[Tensor]]:
         return [self.local(s.entry.tensor()) for s in slots], [s.avg for s in slots]
+
+    def swap_scope(self, slots: Sequence[Slot]) -> contextlib.AbstractContextManager:
+        """A context around a swap, for placements that must tidy up after the model's
+        forward (ZeRO-3 releases the parameters it gathered with averaged values)."""
+        return contextlib.nullcontext()
+
+    def full(self, t: Tensor) -> Tensor:
+        """A model tensor that is not stored (a live one), detached, as a full tensor (a
+        collective where the model spreads it)."""
+        t = t.detach()
+        return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 class Whole(Placement):
@@ -329,10 +341,15 @@ class ReplicaSlice(Placement):
 
 
 def choose(model: nn.Module, shard: bool = False, group: Any = None) -> Placement:
-    """The placement for ``model``: :class:`ReplicaSlice` with ``shard``, :class:`DTensorShard`
-    when a parameter is a DTensor, else :class:`Whole`."""
+    """The placement for ``model``: :class:`ReplicaSlice` with ``shard``,
+    :class:`~emakit.zero.ZeroPartition` when DeepSpeed ZeRO-3 partitions the parameters,
+    :class:`DTensorShard` when a parameter is a DTensor, else :class:`Whole`."""
     if shard:
         return ReplicaSlice(group)
+    if any(getattr(p, "ds_tensor", None) is not None for p in model.parameters()):
+        from .zero import ZeroPartition  # DeepSpeed ZeRO-3 partitions
+
+        return ZeroPartition(group)
     if any(isinstance(p, DTensor) for p in model.parameters()):
         return DTensorShard(group)
     return Whole()

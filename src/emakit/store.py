@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .executors import Eager
 from .functional import all_finite, check_same_names, copy_, unwrap_model, values_swapped
 from .layout import Entry, Selector, check_storage, classify
-from .placement import DTensor, Placement, Slot, choose, rank
+from .placement import Placement, Slot, choose, rank
 from .plan import Plan, Watch, build
 
 __all__ = ["Store", "EntryInfo"]
@@ -107,6 +107,9 @@ class Store:
         self.side_stream = bool(side_stream)
         self.exclude, self.include = exclude, include
         self.compensated = bool(compensated)
+        # chosen again at each re-plan unless given: deepspeed.initialize partitions the
+        # parameters of a model that an EMA was built on before it (ZeRO-3)
+        self._auto_placement = None if placement is not None else (shard, group)
         self.placement = placement if placement is not None else choose(self.model, shard, group)
         self.executor = Eager()
         self.flat: dict = {}
@@ -200,6 +203,8 @@ class Store:
             value = (full[i], None if comp is None else comp[i])
             for n in s.entry.names:
                 carry[n] = value
+        if self._auto_placement is not None:
+            self.placement = choose(self.model, *self._auto_placement)
         self._build(entries, carry)
 
     # the update --------------------------------------------------------------------------
@@ -229,6 +234,8 @@ class Store:
         model)."""
         self.executor.synchronize()
         if not self.plan.watch.valid():
+            if self._auto_placement is not None:
+                self.placement = choose(self.model, *self._auto_placement)
             self._build(self._classify(), carry=None)
             return
         live = [s for s in self.slots if s.avg is not None]
@@ -356,8 +363,7 @@ class Store:
                         continue
                     value = value.to(dtype=hit[0].dtype, copy=True)
                 else:
-                    t = tensor.detach()
-                    value = (t.full_tensor() if isinstance(t, DTensor) else t).clone()
+                    value = self.placement.full(tensor).clone()
                 done[key] = value.cpu() if rank0_only else value
             if keep:
                 out[name] = done[key]
@@ -380,8 +386,7 @@ class Store:
             if e.kind not in kinds:
                 continue
             if e.kind == "live":
-                t = e.tensor().detach()
-                value = t.full_tensor() if isinstance(t, DTensor) else t
+                value = self.placement.full(e.tensor())
             else:
                 value = full[id(e)]
             out.append((e.name, e.kind, value))
@@ -410,7 +415,7 @@ class Store:
         self._ensure()
         self.executor.synchronize()
         targets, values = self.placement.swap_pairs(self.slots)
-        with values_swapped(targets, values):
+        with self.placement.swap_scope(self.slots), values_swapped(targets, values):
             del values
             yield
 

@@ -176,10 +176,11 @@ class ZeroPartition(Placement):
     def gather(
         self, slots: Sequence[Slot], rank0_only: bool = False, attr: str = "avg"
     ) -> list[Tensor | None]:
-        return [
-            getattr(s, attr) if s.meta is None else self._gather_one(s, getattr(s, attr), rank0_only)
-            for s in slots
-        ]
+        out = []
+        for s in slots:
+            part = getattr(s, attr)
+            out.append(part if s.meta is None else self._gather_one(s, part, rank0_only))
+        return out
 
     def values(
         self, slots: Sequence[Slot], attr: str = "avg", convert: bool = False
