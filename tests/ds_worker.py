@@ -27,6 +27,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from deepspeed.utils import safe_get_local_fp32_param  # noqa: E402
 from torch import nn  # noqa: E402
 
 import emakit  # noqa: E402
@@ -133,20 +134,30 @@ def _record(result: dict, ema: emakit.EMA, engine, rank: int) -> None:
     per_rank: list = [None] * world
     dist.all_gather_object(per_rank, ema.shadow.state_nbytes())
     result["ema_bytes"] = per_rank
-    # swapped(): ZeRO-3's gathered forward computes with the average; the partitions and
-    # the model's output come back bitwise after it
-    parts = [p.ds_tensor.detach().clone() for p in engine.module.parameters()]
+    # swapped(): ZeRO-3's gathered forward computes with the average. Right after a step
+    # the partitioned parameters are released (the forward gathers the averaged partitions);
+    # after an evaluation forward ZeRO-3 keeps them gathered (the swap writes .data too).
+    # Outside the swaps the forward must compute with the training weights again.
+    params = list(engine.module.parameters())
+    parts = [p.ds_tensor.detach().clone() for p in params]
+    masters = [safe_get_local_fp32_param(p) for p in params if p.requires_grad]
+    masters = [m.detach().clone() for m in masters]
+    x = eval_input()
     with torch.no_grad():
         engine.eval()
-        train_out = engine.module(eval_input())
-        with ema.swapped():
-            result["swapped_out"] = engine.module(eval_input())
-        assert torch.equal(engine.module(eval_input()), train_out), "training output changed"
+        for tag in ("released", "gathered"):
+            with ema.swapped():
+                result[f"swapped_out_{tag}"] = engine.module(x)
+            result[f"train_out_{tag}"] = engine.module(x)
         engine.train()
-    assert all(torch.equal(a, p.ds_tensor) for a, p in zip(parts, engine.module.parameters(),
-                                                           strict=True))
-    result["train_out"] = train_out
-    result["module_out"] = ema.module(eval_input())
+    result["module_out"] = ema.module(x)
+    # the training state comes back bitwise: partitions, fp32 master partitions, and the
+    # full weights as DeepSpeed gathers them
+    assert all(torch.equal(a, p.ds_tensor) for a, p in zip(parts, params, strict=True))
+    again = [safe_get_local_fp32_param(p) for p in params if p.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(masters, again, strict=True))
+    now = full_weights(engine.module)
+    assert all(torch.equal(now[k], v) for k, v in result["weights"][-1].items())
 
 
 def zero3(out: str, rank: int, world: int, threshold: str, order: str) -> None:
@@ -168,9 +179,6 @@ def zero3(out: str, rank: int, world: int, threshold: str, order: str) -> None:
     result["partitioned"] = [n for n, p in engine.module.named_parameters()
                              if not getattr(p, "ds_persist", False)]
     _record(result, ema, engine, rank)
-    # training goes on unharmed after the swaps: one more step equals DeepSpeed's own
-    train_step(engine, STEPS, rank, world)
-    result["after"] = full_weights(engine.module)
     if rank == 0:
         torch.save(result, os.path.join(out, f"zero3-{threshold}-{order}.pt"))
 

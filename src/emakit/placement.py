@@ -344,9 +344,15 @@ def choose(model: nn.Module, shard: bool = False, group: Any = None) -> Placemen
     """The placement for ``model``: :class:`ReplicaSlice` with ``shard``,
     :class:`~emakit.zero.ZeroPartition` when DeepSpeed ZeRO-3 partitions the parameters,
     :class:`DTensorShard` when a parameter is a DTensor, else :class:`Whole`."""
+    zero3 = any(getattr(p, "ds_tensor", None) is not None for p in model.parameters())
+    if shard and zero3:
+        raise ValueError(
+            "shard=True is for replicated models; DeepSpeed ZeRO-3 partitions this model's "
+            "parameters, and their average is kept partition by partition already: drop shard"
+        )
     if shard:
         return ReplicaSlice(group)
-    if any(getattr(p, "ds_tensor", None) is not None for p in model.parameters()):
+    if zero3:
         from .zero import ZeroPartition  # DeepSpeed ZeRO-3 partitions
 
         return ZeroPartition(group)
