@@ -10,6 +10,7 @@ Scenarios:
   Writes a checkpoint after ``STEPS // 2`` steps (the model's full weights, and the EMA with
   ``emakit.distributed.save``).
 - ``zero3_resume``: loads that checkpoint on this run's ranks and trains on.
+- ``posthoc``: ``PostHocEMA`` under ZeRO-3, snapshots in ``OUTDIR/snapshots``.
 
 Every rank trains on its share of the same global batches. After each step rank 0 records
 the full weights, gathered with ``deepspeed.zero.GatheredParameters`` (DeepSpeed's gather,
@@ -197,13 +198,29 @@ def zero3_resume(out: str, rank: int, world: int) -> None:
         torch.save(result, os.path.join(out, f"zero3_resume-{world}.pt"))
 
 
+def posthoc(out: str, rank: int, world: int) -> None:
+    """PostHocEMA under ZeRO-3: snapshots gathered from the partitions, written by rank 0."""
+    engine = initialize(make_model(), config(3, world))
+    ph = emakit.PostHocEMA(engine.module, sigma_rels=(0.05, 0.10), snapshot_every="2ba",
+                           snapshot_dir=os.path.join(out, "snapshots"),
+                           snapshot_dtype=torch.float32)
+    weights = []
+    for step in range(STEPS):
+        train_step(engine, step, rank, world)
+        ph.step()
+        weights.append(full_weights(engine.module))
+    if rank == 0:
+        torch.save({"weights": weights}, os.path.join(out, "posthoc.pt"))
+
+
 def main() -> None:
     scenario, out, *args = sys.argv[1:]
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
-        {"zero12": zero12, "zero3": zero3, "zero3_resume": zero3_resume}[scenario](
+        {"zero12": zero12, "zero3": zero3, "zero3_resume": zero3_resume,
+         "posthoc": posthoc}[scenario](
             out, rank, world, *args
         )
         dist.barrier()
