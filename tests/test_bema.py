@@ -140,3 +140,22 @@ def test_bema_resumes_exactly_in_a_new_process(tmp_path):
     straight, resumed = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     for name, t in straight.items():
         assert torch.equal(resumed[name], t), name
+
+
+def test_buffers_are_handed_out_as_their_plain_average():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    bema = emakit.BEMA(model, lag=1.0, bias_power=0.0)  # alpha = 1: the full correction
+    running = []
+    for step in range(1, 8):
+        model(torch.randn(16, 3) * step)  # train-mode forward: running statistics move
+        bema.step()
+        running.append(model[1].running_var.detach().double().clone())
+    ref = Reference(ema_power=0.5, bias_power=0.0, lag=1.0)
+    ref.start(running[0])
+    for t, v in enumerate(running[1:], start=1):
+        ref.update(t, v)
+    # the buffer gets the plain EMA, not EMA + (theta_t - theta_0), which can go negative
+    torch.testing.assert_close(bema.state_dict()["bema_weights"]["1.running_var"].double(),
+                               ref.ema, rtol=1e-6, atol=1e-7)
+    assert (bema.ema_state_dict()["1.running_var"] > 0).all()

@@ -40,7 +40,9 @@ class BEMA(EMA):
     ``bias_power`` :math:`p_b`, ``min_ema_multiplier`` :math:`\beta_{min}`, and hands out
     (export, swap, ``module``, ``copy_to``) the weights
     :math:`\mathrm{EMA}_t + \alpha_t (\theta_t - \theta_0)`, :math:`\theta_t` being the
-    model's weights at that update. Early in training (and in fine-tuning) this removes most
+    model's weights at that update, for trainable parameters; averaged buffers (BatchNorm
+    statistics) are handed out as their plain EMA (an extrapolated variance can turn
+    negative). Early in training (and in fine-tuning) this removes most
     of an EMA's lag while keeping its variance reduction. Names and defaults as TRL's
     ``BEMACallback``, but for its update every 400 steps: here updates follow
     ``update_interval`` (default every batch).
@@ -134,13 +136,22 @@ class BEMA(EMA):
     def _apply(self, weight: float | Tensor, k: int) -> None:
         super()._apply(weight, k)
         alpha = self._base(k) ** -self.bias_power
+        # The correction extrapolates along the trajectory: parameters only. Buffers
+        # (BatchNorm statistics) are handed out as their plain average: an extrapolated
+        # running variance can turn negative.
+        params = {n for n, p in self.model.named_parameters() if p.requires_grad}
         with torch.no_grad():
-            out, origin, ema = (list(s.tensors().values())
-                                for s in (self._out_store, self._origin_store, self.shadow))
+            out, origin, ema = (s.tensors() for s in (self._out_store, self._origin_store,
+                                                      self.shadow))
             self._out_store.reset()  # theta_t
-            torch._foreach_sub_(out, origin)
-            torch._foreach_mul_(out, alpha)
-            torch._foreach_add_(out, ema)
+            names = [n for n in out if n in params]
+            o = [out[n] for n in names]
+            torch._foreach_sub_(o, [origin[n] for n in names])
+            torch._foreach_mul_(o, alpha)
+            torch._foreach_add_(o, [ema[n] for n in names])
+            rest = [n for n in out if n not in params]
+            if rest:
+                torch._foreach_copy_([out[n] for n in rest], [ema[n] for n in rest])
 
     @property
     def _handout(self):  # the store whose weights export, swap and module hand out
