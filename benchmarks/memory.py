@@ -1,6 +1,6 @@
 """Bytes of EMA state per averaged element, for fp32 and bf16 models and each option.
 
-Measured from the Shadow's own buffers on ResNet-50 (parameters and BatchNorm statistics)
+Measured from the store's own buffers on ResNet-50 (parameters and BatchNorm statistics)
 and 1000 x Linear(32, 32): ``state`` is the flat average (padding included), ``workspace``
 the staging buffers an update uses. Rows for a CUDA model are measured where a GPU is
 present and computed from the same rules otherwise (marked "rule").
@@ -16,7 +16,7 @@ import torch
 from _common import ResNet50, averaged_numel, many_linear, table
 
 import emakit
-from emakit import shadow as shadow_mod
+from emakit.store import Store
 
 
 def row(label, model, **kw):
@@ -24,7 +24,7 @@ def row(label, model, **kw):
     flatten = kw.pop("flatten", False)
     if flatten:
         emakit.flatten_parameters(model)
-    sh = shadow_mod.Shadow(model, **kw)
+    sh = Store(model, **kw)
     n = averaged_numel(model)
     state = sum(f.numel() * f.element_size() for f in sh.flat.values())
     work = sh.workspace_nbytes()

@@ -79,9 +79,11 @@ def fsdp(out: str, rank: int, world: int) -> None:
     per_rank: list = [None] * world
     dist.all_gather_object(per_rank, local_avg)
     result = {"local_numel": per_rank, "total_numel": total_avg}
+    plan = ema.shadow.plan
     for step in range(STEPS):
         train_step(model, opt, step, rank, world)
         ema.step()
+        assert ema.shadow.plan is plan, "FSDP2 training made the store re-plan"
         if step + 1 == STEPS // 2:
             dcp_model = {"model": model.state_dict()}
             import torch.distributed.checkpoint as dcp
@@ -151,10 +153,12 @@ def ddp(out: str, rank: int, world: int) -> None:
         "aligned_numel": sum(emakit.layout.align(math.prod(s.shape))
                              for s in shard_ema.shadow.slots),
     }
+    plans = (full_ema.shadow.plan, shard_ema.shadow.plan)
     for step in range(STEPS):
         train_step(wrapped, opt, step, rank, world)
         full_ema.step()
         shard_ema.step()
+    assert (full_ema.shadow.plan, shard_ema.shadow.plan) == plans, "DDP training re-planned"
     result["full"] = full_ema.ema_state_dict()
     result["shard"] = shard_ema.ema_state_dict()
     only0 = shard_ema.ema_state_dict(rank0_only=True)  # a gather to rank 0, not all-gather
@@ -240,11 +244,16 @@ def tied_run(world: int = 1, rank: int = 0, shard: bool = False) -> dict:
     wrapped = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ema = emakit.EMA(wrapped, half_life=HALF_LIFE, shard=shard)
+    ops = []
     for step in range(STEPS):
         train_step(wrapped, opt, step, rank, world)
         ema.step()
+        ops.append(sum(len(op.avg) for op in ema.shadow.plan.main))  # lerped tensors
+        if step == STEPS // 2:  # storage moved out of the flat buffer: a re-plan, same average
+            with torch.no_grad():
+                model.mid.weight.data = model.mid.weight.data.clone()
     sd = ema.ema_state_dict()
-    return {"average": sd, "ops": len(ema.shadow.plan.main),
+    return {"average": sd, "ops": ops,
             "shared": sd["emb.weight"].data_ptr() == sd["out.weight"].data_ptr()}
 
 

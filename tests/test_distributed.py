@@ -194,7 +194,8 @@ def test_dcp_save_keeps_an_existing_checkpoint(tmp_path: Path) -> None:
 
 def test_shard_ties_and_spans_two_processes(tmp_path: Path) -> None:
     """Tied weights under shard=True export as in one process: one tensor under both names,
-    equal to the one-process EMA; a flattened model gets the span path there too."""
+    equal to the one-process EMA; a flattened model gets the span path there too, and a
+    parameter moved out of the flat buffer mid-run re-plans with the averages carried."""
     result = launch("ddp_ties", tmp_path)
     one = tied_run()
     assert one["shared"] and result["shared"]
@@ -202,7 +203,8 @@ def test_shard_ties_and_spans_two_processes(tmp_path: Path) -> None:
     for name, want in one["average"].items():
         err = (result["average"][name].double() - want.double()).abs().max().item()
         assert err <= TOL, f"{name}: off by {err}"
-    assert result["ops"] == one["ops"] == 1  # one lerp over one span on every rank
+    assert result["ops"][0] == one["ops"][0] == 1  # one lerp over one span on every rank
+    assert result["ops"][-1] > 1 and one["ops"][-1] > 1  # the moved parameter broke the span
 
 
 @pytest.mark.parametrize("mode", ["fsdp", "shard"])

@@ -128,3 +128,45 @@ def test_copy_to_model_writes_the_average_for_good():
     store.copy_to_model()
     for n, t in model.state_dict().items():
         assert torch.equal(t, want[n]), n
+
+
+def test_ema_passes_exclude_and_include_to_the_store():
+    import emakit
+
+    model = _model()
+    ema = emakit.EMA(model, smoothing=0.5, buffers="copy", exclude="2.*",
+                     include="*.running_mean")
+    ema.update()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()
+    got, sd = ema.ema_state_dict(), model.state_dict()
+    assert torch.equal(got["2.weight"], sd["2.weight"])  # excluded: the model's value
+    assert torch.allclose(got["0.weight"], sd["0.weight"] - 0.5)  # averaged
+    assert "1.running_mean" in ema.state_dict()["average"]
+
+
+def test_posthoc_load_state_dict_is_all_or_nothing(tmp_path):
+    import emakit
+
+    model = _model()
+    ph = emakit.PostHocEMA(model, snapshot_every=None, snapshot_dir=tmp_path)
+    ph.step()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ph.step()
+    state = ph.state_dict()
+    before = [{n: t.clone() for n, t in s.tensors().items()} for s in ph.stores]
+    bad = dict(state, averages=[{n: t + 1 for n, t in state["averages"][0].items()},
+                                dict(state["averages"][1], **{"0.weight": torch.zeros(5, 3)})])
+    with pytest.raises(ValueError, match=r"averages'\]\[1\].*0\.weight"):
+        ph.load_state_dict(bad)
+    bad_clock = dict(state, averages=[{n: t + 1 for n, t in a.items()}
+                                      for a in state["averages"]], clock={"nope": 1})
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        ph.load_state_dict(bad_clock)
+    for store, want in zip(ph.stores, before, strict=True):
+        for n, t in store.tensors().items():
+            assert torch.equal(t, want[n]), n
+    assert ph.num_updates == 2

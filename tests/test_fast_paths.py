@@ -14,7 +14,7 @@ import emakit
 from emakit import plan as plan_mod
 from emakit.functional import lerp_
 from emakit.plan import Foreach, Gather, Staged
-from emakit.store import Store as Shadow
+from emakit.store import Store
 
 CUDA = torch.cuda.is_available()
 
@@ -54,9 +54,9 @@ def _reference(model: nn.Module, storage=torch.float32, buffers="average"):
 
 
 def _check(ema_model, ref_model, weights, storage=torch.float32, buffers="average", **kw):
-    """Run the same random updates through a Shadow of ``ema_model`` and through the plain
+    """Run the same random updates through a Store of ``ema_model`` and through the plain
     path on ``ref_model`` (a twin with the same values); compare."""
-    sh = Shadow(ema_model, dtype=storage, buffers=buffers, **kw)
+    sh = Store(ema_model, dtype=storage, buffers=buffers, **kw)
     ref = _reference(ref_model, storage)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     for w in weights:
@@ -174,7 +174,7 @@ def test_moved_flat_parameters_are_detected():
     model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(4)])
     emakit.flatten_parameters(model)
     ref = copy.deepcopy(model)
-    sh = Shadow(model)
+    sh = Store(model)
     with torch.no_grad():
         for p in model.parameters():  # storage moves, values kept
             p.data = p.data.clone()
@@ -307,7 +307,7 @@ def test_split_staging_sees_moved_parameters(monkeypatch):
     replacing the parameter's storage must be noticed."""
     monkeypatch.setattr(plan_mod, "STAGING_ELEMENTS_CPU", 16)
     model = nn.Linear(8, 8).to(torch.bfloat16)
-    sh = Shadow(model)
+    sh = Store(model)
     with torch.no_grad():
         model.weight.data = torch.randn(8, 8, dtype=torch.bfloat16)
     avg = model.weight.detach().float().clone()  # reference average, set below
@@ -345,7 +345,7 @@ def test_gather_runs_split_at_the_staging_bound(monkeypatch):
 
 def test_gather_sees_moved_parameters():
     model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(10)])
-    sh = Shadow(model)
+    sh = Store(model)
     assert isinstance(sh.plan.main[0], Gather)
     avg = {n: t.clone() for n, t in sh.tensors().items()}
     with torch.no_grad():
@@ -355,3 +355,26 @@ def test_gather_sees_moved_parameters():
     for n, t in avg.items():
         lerp_([t], [sd[n]], 0.5)
         assert torch.equal(sh.tensors()[n], t), n
+
+
+@cuda
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_cuda_tensor_weight_equals_float_weight(device):
+    """A 0-d CUDA weight (the GradScaler mask's form) gives the float weight's average on
+    the plain path and through a CPU offload (copied to a pinned host scalar, no sync)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Linear(32, 4)).cuda()
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    sa, sb = Store(a, device=device), Store(b, device=device)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for w in (0.3, 0.01, 0.5):
+        _perturb(a.cpu(), g1)
+        _perturb(b.cpu(), g2)
+        a.cuda()
+        b.cuda()
+        sa.update(w)
+        sb.update(torch.tensor(w, device="cuda"))
+    sa.synchronize()
+    sb.synchronize()
+    for n, t in sa.tensors().items():
+        torch.testing.assert_close(sb.tensors()[n], t, rtol=1e-6, atol=1e-7)

@@ -212,3 +212,18 @@ def test_no_replan_without_a_change():
     ema.module(torch.randn(2, 3))
     ema.update()
     assert ema.shadow.plan is plan
+
+
+def test_reset_sees_unfrozen_parameters():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    model[1].weight.requires_grad_(False)
+    ema, _, g = _setup(model)
+    assert "1.weight" not in ema.state_dict()["average"]
+    model[1].weight.requires_grad_(True)
+    ema.reset()
+    ema.update()
+    ref = Replay()
+    ref.update(model)
+    _run(model, ema, ref, g)
+    ref.check(ema)
+    assert "1.weight" in ema.state_dict()["average"]

@@ -63,9 +63,12 @@ class Eager:
         cache: dict = {}
         for device, ops in plan.side.items():
             side = self._side(device)
-            with side.launch():
+            with side.launch() as stream:
                 for op in ops:
-                    op.run(_on(weight, op.device, cache))
+                    w = _on(weight, op.device, cache)
+                    if isinstance(w, Tensor):  # the caller may free it before the stream runs
+                        w.record_stream(stream)
+                    op.run(w)
         for op in plan.main:
             op.run(_on(weight, op.device, cache))
         if plan.offloads:

@@ -27,6 +27,8 @@ subclass, nothing else changes):
 - ``scatter(slot, value)``: this rank's part of ``value`` (a full tensor or any DTensor),
   shaped like ``slot.avg``; no communication for a full tensor.
 - ``swap_pairs(slots)``: the model tensors a swap writes and the values it writes there.
+- optionally ``watch_local(slots)``: a C-level callable (``operator.attrgetter``) that the
+  staleness check maps over the model's tensors to reach ``local(t)`` (default: ``local``).
 - attributes ``group`` (process group of the collectives, or None), ``collective`` (whether
   ``values``/``gather``/``swap_pairs`` are collectives every rank must call) and
   ``model_forward`` (a forward on the average must run the model's own forward, because the
@@ -40,7 +42,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +109,12 @@ class Placement:
 
     def local(self, t: Tensor) -> Tensor:
         return t
+
+    def watch_local(self, slots: Sequence[Slot]) -> Callable[[Tensor], Tensor] | None:
+        """What the staleness check maps over the model's tensors to reach the parts whose
+        ``data_ptr`` it compares (None: the tensors themselves). A C-level callable where
+        possible (``operator.attrgetter``): it runs once per tensor per update."""
+        return None if type(self).local is Placement.local else self.local
 
     def shape(self, t: Tensor) -> torch.Size:
         return t.shape
@@ -190,6 +199,11 @@ class DTensorShard(Placement):
 
     def local(self, t: Tensor) -> Tensor:
         return t._local_tensor if isinstance(t, DTensor) else t
+
+    def watch_local(self, slots: Sequence[Slot]) -> Callable[[Tensor], Tensor] | None:
+        if all(s.meta is not None for s in slots):  # all DTensors: no Python call per tensor
+            return operator.attrgetter("_local_tensor")
+        return self.local
 
     def allocate(self, slots: Sequence[Slot]) -> dict[Key, Tensor]:
         for s in slots:

@@ -192,13 +192,15 @@ class Watch:
             ts = map(self.local, ts)
         return list(map(Tensor.data_ptr, ts))
 
-    def valid(self) -> bool:
-        if generation() != self.generation:
-            return False
+    def same_tensors(self) -> bool:
+        """Whether every watched tensor is where it was (no registration counter)."""
         try:
             return self._ptrs() == self.ptrs
         except Exception:  # a removed key, a tensor set to None: re-plan
             return False
+
+    def valid(self) -> bool:
+        return generation() == self.generation and self.same_tensors()
 
     def refresh(self) -> None:
         """Accept the model as it is now (after a check found nothing changed)."""

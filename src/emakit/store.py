@@ -21,7 +21,9 @@ replaced, ``load_state_dict(assign=True)``, ``.data`` moved, ``model.half()`` or
   model's current weights.
 
 Under placements whose exports gather (FSDP2, ``shard=True``) a re-plan gathers the old
-averages: every rank must change its model alike, as training does anyway.
+averages: every rank must change its model alike, as training does anyway. Not watched: a
+change of ``requires_grad`` (freezing or unfreezing a parameter), and a view of the same
+memory under another shape; :meth:`Store.reset` re-classifies the model.
 """
 
 from __future__ import annotations
@@ -160,8 +162,7 @@ class Store:
             if comps is not None and s.avg is not None:
                 a = s.avg
                 s.comp = comps[s.key].as_strided(a.shape, a.stride(), a.storage_offset())
-        local = None if type(p).local is Placement.local else p.local
-        watch = Watch([s.entry for s in slots], local)
+        watch = Watch([s.entry for s in slots], p.watch_local(slots))
         self.entries, self.slots, self.flat, self.comps = entries, slots, flats, comps
         self._signature = _signature(entries)
         self.plan: Plan = build(slots, watch, comps, self.side_stream)
@@ -187,14 +188,9 @@ class Store:
         if self.plan.watch.valid():
             return
         entries = self._classify()
-        if _signature(entries) == self._signature:
-            try:
-                same = self.plan.watch._ptrs() == self.plan.watch.ptrs
-            except Exception:
-                same = False
-            if same:  # a registration elsewhere in the process: nothing changed here
-                self.plan.watch.refresh()
-                return
+        if _signature(entries) == self._signature and self.plan.watch.same_tensors():
+            self.plan.watch.refresh()  # a registration elsewhere in the process
+            return
         self.executor.synchronize()
         full = self.placement.gather(self.slots)
         comp = self.placement.gather(self.slots, attr="comp") if self.comps else None
@@ -215,6 +211,11 @@ class Store:
         its forward gathers the parameters, so the averaged shards are swapped in)."""
         return self.placement.model_forward
 
+    @property
+    def fsdp(self) -> bool:
+        """The name :attr:`model_forward` had before placements (kept for callers)."""
+        return self.placement.model_forward
+
     @torch.no_grad()
     def update(self, weight: float | Tensor) -> None:
         """``avg <- avg + weight * (src - avg)`` on this rank's parts; ``copy`` entries take
@@ -230,13 +231,15 @@ class Store:
     @torch.no_grad()
     def reset(self) -> None:
         """Every average takes the model's current value (compensation 0). Usable at any
-        time, also after a change that could not be carried over (it re-plans from the
-        model)."""
+        time, also after a change that could not be carried over; it classifies the model
+        afresh, so parameters frozen or unfrozen since (``requires_grad``, which no cheap
+        check sees) join or leave the average here."""
         self.executor.synchronize()
-        if not self.plan.watch.valid():
+        entries = self._classify()  # also sees parameters frozen or unfrozen since
+        if not self.plan.watch.valid() or _signature(entries) != self._signature:
             if self._auto_placement is not None:
                 self.placement = choose(self.model, *self._auto_placement)
-            self._build(self._classify(), carry=None)
+            self._build(entries, carry=None)
             return
         live = [s for s in self.slots if s.avg is not None]
         copy_([s.avg for s in live], [s.src for s in live])
