@@ -34,7 +34,7 @@ def worker(steps: int, half_life: float, lr: float) -> None:
     from emakit.zero import ZeroPartition
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 512), nn.Tanh(), nn.Linear(512, 64))
@@ -104,10 +104,10 @@ def main() -> None:
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(args.world)]
     report = None
-    for p in procs:
-        out, err = p.communicate(timeout=3600)
+    outputs = [p.communicate(timeout=3600) for p in procs]
+    for r, (p, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
         if p.returncode:
-            raise RuntimeError(f"a rank failed:\n{err[-3000:]}")
+            raise RuntimeError(f"rank {r} failed:\n{err[-3000:]}")
         for line in out.splitlines():
             if line.startswith("RESULT "):
                 report = json.loads(line[7:])
