@@ -23,16 +23,15 @@ import datetime
 import os
 import sys
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import torch
+import torch.distributed as dist
+from torch import nn
 
-import deepspeed  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from deepspeed.utils import safe_get_local_fp32_param  # noqa: E402
-from torch import nn  # noqa: E402
+import emakit
+from emakit import distributed as edist
 
-import emakit  # noqa: E402
-from emakit import distributed as edist  # noqa: E402
+# DeepSpeed is imported by the functions that use it, so that the test process can import
+# the model and constants from here without loading DeepSpeed.
 
 HALF_LIFE = "4ba"
 STEPS = 6
@@ -72,6 +71,8 @@ def config(stage: int, world: int, threshold: str = "0") -> dict:
 
 
 def initialize(model: nn.Module, cfg: dict):
+    import deepspeed
+
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     return engine
@@ -88,6 +89,8 @@ def train_step(engine, step: int, rank: int, world: int) -> None:
 
 def full_weights(module: nn.Module) -> dict[str, torch.Tensor]:
     """The module's state dict with full tensors, gathered by DeepSpeed (every rank)."""
+    import deepspeed
+
     params = list(module.parameters())
     with torch.no_grad(), deepspeed.zero.GatheredParameters(params):
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -123,6 +126,8 @@ def zero12(out: str, rank: int, world: int, stage: str) -> None:
 
 def _record(result: dict, ema: emakit.EMA, engine, rank: int) -> None:
     """What every ZeRO-3 scenario reports: exports, memory, swapped() and ema.module."""
+    from deepspeed.utils import safe_get_local_fp32_param
+
     world = dist.get_world_size()
     full = ema.ema_state_dict()
     only0 = ema.ema_state_dict(rank0_only=True)
@@ -214,6 +219,7 @@ def posthoc(out: str, rank: int, world: int) -> None:
 
 
 def main() -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     scenario, out, *args = sys.argv[1:]
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
