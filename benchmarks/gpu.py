@@ -51,7 +51,7 @@ import emakit  # noqa: E402
 from emakit.kernels import CUDAGraphUpdate, FusedLerp, compilation_available, lerp_  # noqa: E402
 
 W = 1.0 - DECAY
-FUSED = FusedLerp()
+FUSED = FusedLerp()  # tensors under 64Ki elements go to the eager foreach path
 
 
 class GPT(nn.Module):
@@ -219,13 +219,6 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=None, help="subset of model names")
     parser.add_argument("--rows", nargs="*", default=None, help="subset of row names")
     parser.add_argument("--traceback", action="store_true", help="print errors in full")
-    parser.add_argument(
-        "--fused-max-tensors",
-        type=int,
-        default=400,
-        help="skip eager (ungraphed) FusedLerp rows above this many tensors: one launch "
-        "per tensor from Python",
-    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -264,10 +257,6 @@ def main() -> None:
         print("| row | ms | x floor | x own bytes |")
         print("|---|---|---|---|")
         for rname, setup in rows.items():
-            if "FusedLerp" in rname and "graph" not in rname:
-                if len(tensors) > args.fused_max_tensors:
-                    print(f"| {rname} | skipped: {len(tensors)} launches per update |  |  |")
-                    continue
             try:
                 update, bpe = setup(model)
                 t = timer(update, warmup=3)

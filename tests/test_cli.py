@@ -12,6 +12,26 @@ import emakit
 from emakit.cli import main
 
 
+def run(argv, capsys=None) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of the command line run in this process, usage errors
+    (argparse's SystemExit) included."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_line(err: str) -> bool:
+    """An error report as the project wants it: one line, no traceback."""
+    return len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
 def test_halflife_conversions(capsys):
     assert main(["halflife", "--half-life", "1000"]) == 0
     out = capsys.readouterr().out
@@ -25,8 +45,8 @@ def test_halflife_conversions(capsys):
 def test_halflife_bad_input(capsys):
     assert main(["halflife", "--smoothing", "2"]) == 2
     assert "smoothing" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["halflife"])
+    code, _, err = run(["halflife"])  # exit 1 before
+    assert code == 2 and one_line(err) and "--half-life" in err
 
 
 def test_demo_runs_and_writes_a_plot(tmp_path):
@@ -95,3 +115,126 @@ def test_inspect_command(tmp_path, capsys):
     torch.save({"average": {"w": torch.ones(2, 3)}, "step": 3}, ckpt)
     assert main(["inspect", str(ckpt)]) == 0
     assert "average.w: float32 [2, 3]" in capsys.readouterr().out
+
+
+# every error: exit status 2, one line naming the argument or file (issue 11) -------------
+
+
+def test_halflife_extremes_are_answered_not_overflowed():
+    code, out, err = run(["halflife", "--sigma-rel", "1e-200"])  # OverflowError before
+    assert code == 0, err
+    gamma = float(out.split("gamma ")[1])
+    # independent check: g = 1/s solves the cubic to leading order for tiny s (g^2 ~ s^-2)
+    assert gamma == pytest.approx(1e200, rel=1e-6)
+    code, out, err = run(["halflife", "--gamma", "1e308"])
+    assert code == 0, err
+    assert float(out.split("sigma_rel ")[1]) == pytest.approx(1e-308, rel=1e-6)
+    for argv in (["halflife", "--smoothing", "nan"], ["halflife", "--gamma", "inf"],
+                 ["halflife", "--sigma-rel", "x"], ["halflife", "--sigma-rel", "0.5"],
+                 ["halflife", "--sigma-rel", "5e-324"], ["halflife", "--half-life", "-3"]):
+        code, _, err = run(argv)
+        assert code == 2 and one_line(err), (argv, err)
+        assert "--" in err or any(k in err for k in ("smoothing", "gamma", "sigma_rel",
+                                                      "half_life")), err
+
+
+@pytest.fixture(scope="module")
+def snaps(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli") / "snaps"
+    _snapshot_run(folder, steps=30)
+    return folder
+
+
+@pytest.mark.parametrize("dtype", ["int64", "bool", "int8", "nope"])
+def test_synthesize_refuses_a_non_floating_dtype(snaps, tmp_path, dtype):
+    out = tmp_path / "x.safetensors"
+    code, _, err = run(["synthesize", str(snaps), "--sigma-rel", "0.08", "--out", str(out),
+                        "--dtype", dtype, "--no-progress"])  # all-zero int64 file before
+    assert code == 2 and one_line(err) and "--dtype" in err, err
+    assert not out.exists()
+
+
+def test_synthesize_out_errors(snaps, tmp_path):
+    folder = tmp_path / "d.safetensors"
+    folder.mkdir()
+    base = ["synthesize", str(snaps), "--sigma-rel", "0.08", "--no-progress"]
+    code, _, err = run([*base, "--out", str(folder), "--force"])  # traceback before
+    assert code == 2 and one_line(err) and "--out" in err and "folder" in err, err
+    assert folder.is_dir()
+    blocker = tmp_path / "plain-file"
+    blocker.write_text("x")
+    code, _, err = run([*base, "--out", str(blocker / "x.safetensors")])  # unwritable
+    assert code == 2 and one_line(err) and "--out" in err, err
+    assert blocker.read_text() == "x"
+    code, _, err = run([*base, "--out", str(tmp_path / "y.safetensors"), "--max-error", "-1"])
+    assert code == 2 and one_line(err) and "--max-error" in err, err
+    code, _, err = run([*base, "--out", str(tmp_path / "y.safetensors"), "--at", "-4"])
+    assert code == 2 and one_line(err) and "--at" in err, err
+    code, _, err = run(["synthesize", str(snaps)])  # missing arguments: usage error
+    assert code == 2 and one_line(err), err
+
+
+def test_inspect_errors(snaps, tmp_path):
+    code, _, err = run(["inspect", str(snaps), "--max-error", "-1"])  # accepted before
+    assert code == 2 and one_line(err) and "--max-error" in err, err
+    code, _, err = run(["inspect", str(snaps), "--max-error", "0"])
+    assert code == 2 and one_line(err) and "--max-error" in err, err
+    good = tmp_path / "good.pt"
+    torch.save({"average": {"w": torch.ones(64, 64)}}, good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:300])
+    readme = tmp_path / "README.md"
+    readme.write_text("# not a checkpoint\n")
+    marker = tmp_path / "MARKER"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    pickled = tmp_path / "payload.pt"
+    torch.save({"x": Payload()}, pickled)
+    for path, what in ((truncated, "not a complete torch checkpoint"),
+                       (readme, "not a complete torch checkpoint"),
+                       (pickled, "not plain data"),
+                       (tmp_path / "absent.pt", "neither a file nor a folder")):
+        code, _, err = run(["inspect", str(path)])  # raw torch tracebacks before
+        assert code == 2 and one_line(err), err
+        assert str(path) in err and what in err, err
+    assert not marker.exists()
+
+
+def test_inspect_a_distributed_checkpoint_without_unpickling(tmp_path):
+    import pickle
+    import warnings
+
+    from emakit import checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    ema = emakit.EMA(model, half_life="4ba")
+    ema.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        checkpoint.save(ema, tmp_path / "ck")
+    code, out, err = run(["inspect", str(tmp_path / "ck")])
+    assert code == 0, err
+    assert "ema.average.weight: float32 [2, 3] in 1 shards" in out
+    marker = tmp_path / "MARKER"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "ck" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    code, _, err = run(["inspect", str(tmp_path / "ck")])
+    assert code == 2 and one_line(err) and ".metadata" in err, err
+    assert not marker.exists()
+
+
+def test_python_dash_m_emakit():
+    result = subprocess.run([sys.executable, "-m", "emakit", "halflife", "--half-life", "10"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr  # "No module named emakit.__main__" before
+    assert repr(2 ** (-1 / 10)) in result.stdout
+    result = subprocess.run([sys.executable, "-m", "emakit", "halflife"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and one_line(result.stderr), result.stderr

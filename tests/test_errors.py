@@ -106,3 +106,73 @@ def test_samples_needed_for_a_start_in_samples():
 def test_model_must_be_a_module():
     with pytest.raises(TypeError, match="model"):
         emakit.EMA({"weight": torch.zeros(3)})
+
+
+# issue 11: counts, dtypes, callbacks and widths that were accepted or overflowed -----------
+
+
+@pytest.mark.parametrize("kind", ["samples", "tokens"])
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [(-5, ValueError), ("10", TypeError), (1.7, TypeError), (True, TypeError),
+     (float("nan"), TypeError), (torch.tensor(2.0), TypeError)],
+)
+def test_step_counts_must_be_whole_numbers(kind, value, error):
+    ema = emakit.EMA(_model(), half_life="10ba")
+    with pytest.raises(error, match=kind):
+        ema.step(**{kind: value})
+    assert ema.clock.counts["ba"] == 0  # a refused call counts nothing
+    ema.step(**{kind: 3})
+    ema.step(**{kind: torch.tensor(4)})
+    unit = {"samples": "sp", "tokens": "tok"}[kind]
+    assert ema.clock.counts[unit] == 7 and ema.clock.counts["ba"] == 2
+    ph = emakit.PostHocEMA(_model(), snapshot_every=None)
+    with pytest.raises(error, match=kind):
+        ph.step(**{kind: value})
+
+
+@pytest.mark.parametrize("sigma_rels", [(1e-200,), (5e-324,), (0.05, 1e-7)])
+def test_posthoc_refuses_widths_too_narrow_to_compute(sigma_rels, tmp_path):
+    with pytest.raises(ValueError, match=r"sigma_rels: expected a float in \[1e-06"):
+        emakit.PostHocEMA(_model(), sigma_rels=sigma_rels, snapshot_dir=tmp_path)
+
+
+def test_sigma_rel_gamma_conversions_do_not_overflow():
+    from emakit import gamma_to_sigma_rel, sigma_rel_to_gamma
+
+    for s in (1e-200, 1e-300, 1e-100, 1e-8):
+        g = sigma_rel_to_gamma(s)
+        # the cubic divided by g^3: 1 + 7/g + (16 - s^-2)/g^2 + (12 - s^-2)/g^3 = 0, in float64
+        # terms that cannot overflow: with g s = u, residual of u^2 = 1 - O(s)
+        assert (g * s) ** 2 == pytest.approx(1.0, rel=1e-6), s
+    assert gamma_to_sigma_rel(1e308) == pytest.approx(1e-308, rel=1e-12)
+    with pytest.raises(ValueError, match="sigma_rel"):
+        sigma_rel_to_gamma(5e-324)
+    with pytest.raises(ValueError, match="gamma"):
+        gamma_to_sigma_rel(float("inf"))
+
+
+def _snaps(folder):
+    model = _model()
+    ph = emakit.PostHocEMA(model, snapshot_every="5ba", snapshot_dir=folder)
+    for _ in range(20):
+        with torch.no_grad():
+            model[0].weight.add_(0.01)
+        ph.step()
+    return folder
+
+
+def test_synthesize_dtype_and_progress(tmp_path):
+    folder = _snaps(tmp_path / "s")
+    half = emakit.synthesize(folder, 0.08, dtype="float16")  # "Invalid device string" before
+    ref = emakit.synthesize(folder, 0.08, dtype=torch.float32)
+    for k, t in ref.items():
+        if t.is_floating_point():
+            assert half[k].dtype == torch.float16 and torch.equal(half[k], t.half()), k
+        else:
+            assert torch.equal(half[k], t), k
+    for bad in (torch.int64, torch.bool, "int64", "bogus", 3):
+        with pytest.raises((TypeError, ValueError), match="dtype"):
+            emakit.synthesize(folder, 0.08, dtype=bad)
+    with pytest.raises(TypeError, match="progress"):  # "'str' object is not callable" before
+        emakit.synthesize(folder, 0.08, progress="yes")

@@ -1,6 +1,7 @@
 """EMACallback in a real lightning.pytorch Trainer (CPU, tiny model, no mocks)."""
 
 import copy
+import inspect
 import warnings
 
 import lightning.pytorch as pl
@@ -153,26 +154,91 @@ def test_validation_and_test_run_on_the_average_and_restore_training_weights():
     tested = t.test(model, loader(val), verbose=False)[0]["test_loss"]
     assert got == pytest.approx(manual_loss(model, averaged, val), rel=1e-6)
     assert tested == pytest.approx(got, rel=1e-6)
+    predicted = torch.cat(t.predict(model, DataLoader(val.tensors[0], batch_size=BATCH)))
+    m = copy.deepcopy(model)
+    m.load_state_dict(averaged)
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(predicted, m(val.tensors[0]))
     assert got != pytest.approx(manual_loss(model, before, val), rel=1e-4)
     assert_states_equal(model.state_dict(), before)  # bitwise back
 
 
-def test_evaluate_with_model_and_both():
-    model = Tiny()
+class BothLosses(Tiny):
+    """The documented way to log both losses in one validation pass: evaluate_with="model",
+    and the averaged model's loss from ``ema.module`` (no swap)."""
+
+    ema_cb: EMACallback
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self(x), y), reduce_fx="sum")
+        averaged = self.ema_cb.ema.module(x)
+        self.log("val_loss_ema", nn.functional.mse_loss(averaged, y), reduce_fx="sum")
+
+
+def test_evaluate_with_model_and_logging_both():
+    model = BothLosses()
     val = data(8, 2)
-    cb = EMACallback(half_life="4ba", evaluate_with="both")
+    cb = model.ema_cb = EMACallback(half_life="4ba", evaluate_with="model")
     t = trainer([cb], max_epochs=1)
     t.fit(model, loader(data(N_TRAIN, 1)), loader(val))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     metrics = t.validate(model, loader(val), verbose=False)[0]
-    assert set(metrics) == {"val_loss_model", "val_loss_ema"}
     assert metrics["val_loss_ema"] == pytest.approx(
         manual_loss(model, cb.ema.ema_state_dict(), val), rel=1e-6)
-    assert metrics["val_loss_model"] == pytest.approx(manual_loss(model, before, val), rel=1e-6)
+    assert metrics["val_loss"] == pytest.approx(manual_loss(model, before, val), rel=1e-6)
+    assert metrics["val_loss"] != pytest.approx(metrics["val_loss_ema"], rel=1e-4)
     assert_states_equal(model.state_dict(), before)
-    cb.evaluate_with = "model"
-    got = t.validate(model, loader(val), verbose=False)[0]["val_loss"]
-    assert got == pytest.approx(manual_loss(model, before, val), rel=1e-6)
+    with pytest.raises(ValueError, match="evaluate_with"):
+        EMACallback(evaluate_with="both")
+
+
+def ckpt_cb(d):
+    return pl.callbacks.ModelCheckpoint(dirpath=d, every_n_epochs=1, save_top_k=-1,
+                                        filename="{epoch}")
+
+
+def test_validate_and_test_with_ckpt_path_restore_the_ema(tmp_path):
+    model0 = Tiny()
+    train, val = loader(data(N_TRAIN, 1)), data(8, 2)
+    cb = EMACallback(half_life="3ba")
+    trainer([cb, ckpt_cb(tmp_path)], max_epochs=2, enable_checkpointing=True).fit(
+        copy.deepcopy(model0), train, loader(val))
+    ckpt = torch.load(tmp_path / "epoch=0.ckpt", weights_only=True)
+    averaged = {**ckpt["state_dict"], **ckpt["callbacks"][cb.state_key]["ema"]["average"]}
+    want = manual_loss(model0, averaged, val)
+    assert want != pytest.approx(manual_loss(model0, ckpt["state_dict"], val), rel=1e-4)
+    # a fresh trainer, callback and model, as a user evaluating a saved run would have them
+    model, cb2 = Tiny(), EMACallback(half_life="3ba")
+    t = trainer([cb2])
+    got = t.validate(model, loader(val), ckpt_path=tmp_path / "epoch=0.ckpt", verbose=False)
+    assert got[0]["val_loss"] == pytest.approx(want, rel=1e-6)
+    assert cb2.ema.state_dict()["clock"]["ba"] == 8
+    tested = t.test(model, loader(val), ckpt_path=tmp_path / "epoch=0.ckpt", verbose=False)
+    assert tested[0]["test_loss"] == pytest.approx(want, rel=1e-6)
+    assert_states_equal(model.state_dict(), ckpt["state_dict"])  # training weights back
+
+
+def test_checkpoint_without_ema_state_warns_and_says_what_happens(tmp_path):
+    model0 = Tiny()
+    train, val = loader(data(N_TRAIN, 1)), data(8, 2)
+    trainer([ckpt_cb(tmp_path)], max_epochs=1, enable_checkpointing=True).fit(
+        copy.deepcopy(model0), train)
+    path = tmp_path / "epoch=0.ckpt"
+    cb = EMACallback(half_life="3ba", start="10ba")
+    with pytest.warns(RuntimeWarning, match="restarts from the loaded weights") as record:
+        trainer([cb], max_epochs=2).fit(Tiny(), train, ckpt_path=path)
+    assert len([w for w in record if "emakit" in str(w.message)]) == 1  # once
+    # the clock stood at step 8, epoch 1: the start copy at 10, then updates at 11..16
+    assert cb.ema.clock.counts["ba"] == 16 and cb.ema.clock.counts["ep"] == 2
+    assert cb.ema.num_updates == 7
+    ckpt = torch.load(path, weights_only=True)
+    with pytest.warns(RuntimeWarning, match="checkpoint's own weights"):
+        got = trainer([EMACallback()]).validate(Tiny(), loader(val), ckpt_path=path,
+                                                 verbose=False)
+    assert got[0]["val_loss"] == pytest.approx(manual_loss(model0, ckpt["state_dict"], val),
+                                               rel=1e-6)
 
 
 @pytest.mark.parametrize("save_ema_weights", [False, True])
@@ -180,10 +246,6 @@ def test_resume_from_checkpoint_is_exact(tmp_path, save_ema_weights):
     model0 = Tiny()
     kw = dict(half_life="3ba", start="3ba", save_ema_weights=save_ema_weights)
     train, val = loader(data(N_TRAIN, 1)), loader(data(8, 2))
-
-    def ckpt_cb(d):
-        return pl.callbacks.ModelCheckpoint(dirpath=d, every_n_epochs=1, save_top_k=-1,
-                                            filename="{epoch}")
 
     straight, cb = copy.deepcopy(model0), EMACallback(**kw)
     trainer([cb, ckpt_cb(tmp_path / "a")], max_epochs=2, enable_checkpointing=True).fit(
@@ -231,8 +293,8 @@ def test_copy_on_fit_end_and_bad_arguments():
         EMACallback(evaluate_with="average")
     with pytest.raises(ValueError, match="half_life"):
         EMACallback(half_life="0ba")
-    with pytest.raises(ValueError, match="start"):
-        EMACallback(start="100sp")
+    with pytest.raises(ValueError, match="start='100tok'.*not tokens"):
+        EMACallback(start="100tok")  # tokens need count_tokens
     with pytest.raises(TypeError, match="halflife"):
         EMACallback(halflife="10ba")
 
@@ -243,3 +305,40 @@ def test_dur_times_take_total_from_the_trainer():
     trainer([cb], max_steps=8).fit(model, loader(data(N_TRAIN, 1)))
     assert str(cb.ema.total) == "8ba" and cb.ema.num_updates == 5
     assert cb.ema.smoothing == pytest.approx(2 ** (-1 / 2))
+
+
+def test_every_ema_argument_reaches_the_callback():
+    ema_args = set(inspect.signature(emakit.EMA).parameters) - {"model"}
+    ours = inspect.signature(EMACallback).parameters
+    assert ema_args <= set(ours), ema_args - set(ours)
+    cb = EMACallback(half_life="4ba", buffers="copy", exclude="net.3.*", compensated=True)
+    model = Tiny()
+    trainer([cb], max_steps=3).fit(model, loader(data(N_TRAIN, 1)))
+    assert cb.ema.config.exclude == ("net.3.*",) and cb.ema.config.compensated
+    assert cb.ema.config.buffers == "copy"
+    config = emakit.EMAConfig(half_life="4ba")
+    assert EMACallback(config=config).config is config
+    with pytest.raises(TypeError, match="not both"):
+        EMACallback(config=config, start="2ba")
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_sample_and_token_times(accumulate):
+    """start in samples: Lightning's batch size of each micro-batch, summed; in tokens: what
+    count_tokens says. 4 samples (12 "tokens") per micro-batch."""
+    by_samples = EMACallback(half_life="4ba", start="40sp")
+    by_tokens = EMACallback(half_life="4ba", start="120tok",
+                            count_tokens=lambda batch: batch[0].numel())
+    model0 = Tiny()
+    trainer([by_samples, by_tokens], max_epochs=2, accumulate_grad_batches=accumulate).fit(
+        copy.deepcopy(model0), loader(data(N_TRAIN, 1)))
+    steps = 16 // accumulate
+    start_step = 10 // accumulate  # 40 samples = 10 micro-batches
+    for cb in (by_samples, by_tokens):
+        assert cb.ema.clock.counts["ba"] == steps
+        assert cb.ema.num_updates == steps - start_step + 1  # the start copy counts
+    assert by_samples.ema.clock.counts["sp"] == N_TRAIN * 2
+    assert by_tokens.ema.clock.counts["tok"] == N_TRAIN * 2 * 3
+    _, ref = plain_loop_ema(model0, epochs=2, accumulate=accumulate, half_life="4ba",
+                            start=f"{start_step}ba")
+    assert_states_equal(by_samples.ema.ema_state_dict(), ref.ema_state_dict(), exact=False)

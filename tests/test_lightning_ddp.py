@@ -42,8 +42,12 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     r1 = torch.load(tmp_path / "two" / "rank1.pt", weights_only=True)
     assert one["world_size"] == 1 and r0["world_size"] == r1["world_size"] == 2
     # 64 samples / global batch 8 = 8 steps per epoch, 2 epochs; start at step 2.
-    for r in (r0, r1):
+    for r in (one, r0, r1):
         assert r["ema"]["clock"]["ba"] == 16 and r["ema"]["num_updates"] == 15
+        # start="16sp": the samples of both ranks are counted, so it starts at step 2 too
+        assert r["ema_samples"]["clock"]["sp"] == 128
+        for name, t in r["ema"]["average"].items():
+            assert torch.equal(r["ema_samples"]["average"][name], t), name
     for name, t in r0["ema"]["average"].items():
         assert torch.equal(t, r1["ema"]["average"][name]), name  # ranks agree bitwise
         torch.testing.assert_close(t, one["ema"]["average"][name], rtol=1e-5, atol=1e-6)

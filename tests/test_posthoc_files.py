@@ -22,6 +22,7 @@ from torch import nn
 import emakit
 from emakit.io import read_metadata, write_safetensors
 from emakit.posthoc import list_snapshots
+from emakit.posthoc.snapshots import LOCK_NAME
 
 F64 = torch.float64
 
@@ -37,7 +38,9 @@ def flat(sd: dict) -> torch.Tensor:
 
 
 def digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+    """sha256 of every file in ``folder`` but the writer lock (which holds a pid)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+            if p.name != LOCK_NAME}
 
 
 def small_run(folder, steps=40, every=10, model=None, **kw):
@@ -191,7 +194,7 @@ def test_killed_writer_leaves_no_readable_partial_file(tmp_path):
         for p in folder.iterdir():
             if p.name.startswith("phema-"):
                 read_metadata(p)  # every file under a final name is complete
-            else:
+            elif p.name != LOCK_NAME:  # the dead writer's lock, taken over by the next
                 assert p.name.startswith(".") and p.name.endswith(".tmp")
         assert list_snapshots(folder)
         assert emakit.synthesize(folder, sigma_rel=0.1, max_error=None)
@@ -358,3 +361,169 @@ def test_synthesis_streams(tmp_path):
     copies = int(out.stdout.split()[-1]) / nbytes
     print(f"synthesis peak: {copies:.2f} fp32 model copies over 10 snapshots")
     assert copies < 3.5
+
+
+# hostile and unlucky folders (issue 11) ------------------------------------------------------
+
+
+def _rewrite(path: Path, edit_meta=None, edit_tensors=None) -> None:
+    """Rewrite a snapshot with its header or tensors changed (as a crafted file would be)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if edit_meta:
+        edit_meta(meta)
+    if edit_tensors:
+        edit_tensors(tensors)
+    sums = meta.pop("checksums", None) is not None  # recomputed for the new tensors
+    write_safetensors(path, tensors, meta, overwrite=True, checksums=sums)
+
+
+def test_snapshot_dir_that_is_a_file_is_refused_at_once(tmp_path):
+    blocker = tmp_path / "snaps"
+    blocker.write_text("not a folder")
+    model = nn.Linear(3, 2)
+    ph = emakit.PostHocEMA(model, snapshot_every=None, snapshot_dir=blocker)
+    ph.step()
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="snapshot_dir: .*snaps' exists and is not a folder"):
+        ph.snapshot()  # 10,000 retries, then "too many snapshots of step 1" before
+    assert time.perf_counter() - t0 < 1.0
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "pattern"),
+    [("t", "1e400", "time t=inf"), ("t", "nan", "time t=nan"), ("gammas", "[NaN, 6.9]", "gamma"),
+     ("gammas", f"[{emakit.sigma_rel_to_gamma(0.05)!r}, 6.0]",
+      "gamma 6.0 is not that of sigma_rel 0.1"),
+     ("sigma_rels", "[0.05, 1e-200]", "sigma_rel"), ("step", "-3", "step=-3"),
+     ("time_unit", "tok", "time unit")],
+)
+def test_crafted_metadata_names_the_file(tmp_path, key, value, pattern):
+    small_run(tmp_path, steps=20)
+    victim = sorted(tmp_path.glob("phema-*"))[-1]
+    _rewrite(victim, edit_meta=lambda m: m.__setitem__(key, value))
+    for call in (lambda: list_snapshots(tmp_path), lambda: emakit.synthesize(tmp_path, 0.08)):
+        with pytest.raises(ValueError, match=pattern) as err:  # INTERNAL ASSERT FAILED before
+            call()
+        assert victim.name in str(err.value)
+
+
+def test_tensor_of_the_wrong_shape_names_the_file(tmp_path):
+    small_run(tmp_path, steps=20)
+    victim = sorted(tmp_path.glob("phema-*"))[0]
+
+    def edit(tensors):
+        for k in ("p0/weight", "p1/weight"):
+            tensors[k] = torch.zeros(2, 4, dtype=tensors[k].dtype)
+
+    _rewrite(victim, edit_tensors=edit)
+    with pytest.raises(ValueError, match="wrong shape") as err:  # named no file before
+        emakit.synthesize(tmp_path, 0.08)
+    assert victim.name in str(err.value)
+
+
+def test_corrupted_tensor_bytes_are_caught_by_the_checksum(tmp_path):
+    small_run(tmp_path, steps=20, snapshot_dtype=torch.float32)
+    good = emakit.synthesize(tmp_path, 0.08)
+    victim = sorted(tmp_path.glob("phema-*"))[0]
+    data = bytearray(victim.read_bytes())
+    data[-6:-2] = b"\xff\xff\xff\x7f"  # a NaN in the last tensor's data; header intact
+    victim.write_bytes(bytes(data))
+    list_snapshots(tmp_path)  # headers are fine
+    with pytest.raises(ValueError, match="is corrupted") as err:  # NaN weights before
+        emakit.synthesize(tmp_path, 0.08)
+    assert victim.name in str(err.value)
+    # checksums are those of the bytes (zlib.crc32, independent of emakit) of each tensor
+    import json
+    import zlib
+
+    from safetensors import safe_open
+
+    other = sorted(tmp_path.glob("phema-*"))[1]
+    with safe_open(str(other), framework="pt") as f:
+        sums = json.loads(f.metadata()["checksums"])
+        for k in f.keys():
+            raw = f.get_tensor(k).contiguous().view(torch.uint8).numpy().tobytes()
+            assert sums[k] == f"crc32:{zlib.crc32(raw):08x}", k
+    assert all(torch.isfinite(t).all() for t in good.values() if t.is_floating_point())
+
+
+def test_format_1_without_checksums_still_reads(tmp_path):
+    small_run(tmp_path, steps=20)
+    want = emakit.synthesize(tmp_path, 0.08)
+
+    def v1(meta):
+        meta["format_version"] = "1"
+        del meta["checksums"]
+
+    for p in tmp_path.glob("phema-*"):
+        _rewrite(p, edit_meta=v1)
+    got = emakit.synthesize(tmp_path, 0.08)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+_HOLDER = textwrap.dedent(
+    """
+    import sys, torch, emakit
+    model = torch.nn.Linear(3, 2)
+    ph = emakit.PostHocEMA(model, snapshot_every=None, snapshot_dir=sys.argv[1])
+    ph.load_state_dict(torch.load(sys.argv[2], weights_only=True))
+    ph.step()
+    ph.snapshot()
+    print("ready", flush=True)
+    sys.stdin.readline()  # hold the folder until told to exit
+    """
+)
+
+
+@pytest.mark.filterwarnings("ignore:emakit.*snapshots past the resumed step:UserWarning")
+def test_two_runs_writing_one_folder_are_refused(tmp_path):
+    folder, state = tmp_path / "snaps", tmp_path / "state.pt"
+    model = nn.Linear(3, 2)
+    ph = emakit.PostHocEMA(model, snapshot_every=None, snapshot_dir=folder)
+    ph.step()
+    torch.save(ph.state_dict(), state)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def holder():
+        proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder), str(state)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        assert proc.stdout.readline().strip() == b"ready"
+        return proc
+
+    def resumed():
+        again = emakit.PostHocEMA(model, snapshot_every=None, snapshot_dir=folder)
+        again.load_state_dict(torch.load(state, weights_only=True))
+        again.step()
+        again.step()
+        return again
+
+    proc = holder()
+    try:
+        with pytest.raises(ValueError, match=rf"being written by another process \(pid "
+                                             rf"{proc.pid}"):  # silently mixed before
+            resumed().snapshot()
+    finally:
+        proc.communicate(b"\n", timeout=60)  # a clean exit releases the lock
+    assert not (folder / LOCK_NAME).exists()
+    proc = holder()
+    proc.send_signal(signal.SIGKILL)  # a dead writer's lock is taken over
+    proc.wait()
+    assert (folder / LOCK_NAME).exists()
+    writer = resumed()
+    assert writer.snapshot().exists()
+    import json
+
+    assert json.loads((folder / LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+def test_a_garbage_lock_is_taken_over(tmp_path):
+    (tmp_path / LOCK_NAME).write_text("not json")
+    ph = emakit.PostHocEMA(nn.Linear(3, 2), snapshot_every=None, snapshot_dir=tmp_path)
+    ph.step()
+    assert ph.snapshot().exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [LOCK_NAME]

@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: no downloads
 
 import copy  # noqa: E402
+import inspect  # noqa: E402
+import shutil  # noqa: E402
+import warnings  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -19,7 +22,12 @@ from transformers import (  # noqa: E402
 )
 
 import emakit  # noqa: E402
-from emakit.integrations.transformers import EMA_MODEL_DIR, EMA_STATE_NAME, EMACallback  # noqa: E402
+from emakit.integrations.transformers import (  # noqa: E402
+    EMA_MODEL_DIR,
+    EMA_STATE_NAME,
+    EMACallback,
+    EMATrainer,
+)
 
 
 class Pairs(Dataset):
@@ -70,7 +78,8 @@ class Recorder(TrainerCallback):
         self.steps.append({n: p.detach().clone() for n, p in model.named_parameters()})
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
-        self.evals.append((metrics["eval_loss"], self.ema_cb.ema.ema_state_dict()))
+        loss = next(v for k, v in metrics.items() if k.endswith("_loss"))
+        self.evals.append((loss, self.ema_cb.ema.ema_state_dict()))
 
 
 def manual_eval_loss(model, state, ds) -> float:
@@ -86,7 +95,29 @@ def manual_eval_loss(model, state, ds) -> float:
 TRAIN, EVAL = Pairs(32, 1), Pairs(16, 2)  # 8 micro-batches = 4 optimizer steps per epoch
 
 
-def test_average_follows_optimizer_steps_and_evaluation_uses_it(tmp_path):
+def replay(steps, **kw):
+    """The same weights, step by step, through a plain-loop EMA (4 optimizer steps per epoch)."""
+    ref_model = tiny_model()
+    ref = emakit.EMA(ref_model, **kw)
+    for i, snapshot in enumerate(steps):
+        with torch.no_grad():
+            for n, p in ref_model.named_parameters():
+                p.copy_(snapshot[n])
+        ref.step()
+        if (i + 1) % 4 == 0:
+            ref.epoch_end()
+    return ref
+
+
+def assert_state_equal(a, b):
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+
+
+def test_average_follows_optimizer_steps_and_evaluations_in_training_use_it(tmp_path):
+    """Plain Trainer, callback only: public hooks put the average in for the evaluations the
+    Trainer runs during training."""
     model = tiny_model()
     cb = EMACallback(half_life="2ba", start="1ba")
     rec = Recorder(cb)
@@ -96,21 +127,11 @@ def test_average_follows_optimizer_steps_and_evaluation_uses_it(tmp_path):
     )
     trainer.train()
     assert len(rec.steps) == trainer.state.global_step == 8  # accumulation: 16 batches / 2
-    # The same weights, step by step, through a plain-loop EMA.
-    ref_model = copy.deepcopy(model)
-    ref = emakit.EMA(ref_model, half_life="2ba", start="1ba")
-    for i, snapshot in enumerate(rec.steps):
-        with torch.no_grad():
-            for n, p in ref_model.named_parameters():
-                p.copy_(snapshot[n])
-        ref.step()
-        if (i + 1) % 4 == 0:
-            ref.epoch_end()
-    assert cb.ema.num_updates == ref.num_updates == 8
+    ref = replay(rec.steps, half_life="2ba", start="1ba")
+    assert cb.ema.num_updates == ref.num_updates == 8  # the start copy counts
     assert cb.ema.clock.counts == ref.clock.counts == {"ba": 8, "ep": 2, "sp": 0, "tok": 0}
-    got, want = cb.ema.ema_state_dict(), ref.ema_state_dict()
-    for n in want:
-        assert torch.equal(got[n], want[n]), n
+    got = cb.ema.ema_state_dict()
+    assert_state_equal(got, ref.ema_state_dict())
     # float64 by hand for one tensor: start at step 1, then s = 2 ** -0.5
     name = "classifier.weight"
     avg = rec.steps[0][name].double()
@@ -123,62 +144,219 @@ def test_average_follows_optimizer_steps_and_evaluation_uses_it(tmp_path):
     for loss, averaged in rec.evals:
         assert loss == pytest.approx(manual_eval_loss(model, averaged, EVAL), rel=1e-5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    loss = trainer.evaluate()["eval_loss"]
+    # the training weights are back after training, bitwise equal to the last step's
+    for n, p in model.named_parameters():
+        assert torch.equal(p, rec.steps[-1][n]), n
+
+    # a trainer.evaluate() of the user's: the callback is not told it begins, so it says so
+    with pytest.warns(RuntimeWarning, match="ran on the training weights"):
+        loss = trainer.evaluate()["eval_loss"]
+    assert loss == pytest.approx(manual_eval_loss(model, before, EVAL), rel=1e-5)
+    with cb.swapped():
+        loss = trainer.evaluate()["eval_loss"]
+        predicted = trainer.predict(EVAL).metrics["test_loss"]
     assert loss == pytest.approx(manual_eval_loss(model, got, EVAL), rel=1e-5)
     assert loss != pytest.approx(manual_eval_loss(model, before, EVAL), rel=1e-4)
-    predicted = trainer.predict(EVAL).metrics["test_loss"]
     assert predicted == pytest.approx(loss, rel=1e-6)
     for k, v in model.state_dict().items():  # training weights back, bitwise
         assert torch.equal(v, before[k]), k
+
+
+def test_ema_trainer_evaluates_and_predicts_on_the_average(tmp_path):
+    model = tiny_model()
+    cb = EMACallback(half_life="2ba")
+    rec = Recorder(cb)
+    evals = {"a": EVAL, "b": Pairs(8, 3)}
+    trainer = EMATrainer(
+        model=model, args=args(tmp_path, eval_strategy="steps", eval_steps=4),
+        train_dataset=TRAIN, eval_dataset=evals,
+    )
+    trainer.add_callback(rec)
+    trainer.add_callback(cb)  # after construction: works the same
+    trainer.train()
+    got = cb.ema.ema_state_dict()
+    assert_state_equal(got, replay(rec.steps, half_life="2ba").ema_state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "ran on the training weights"
+        metrics = trainer.evaluate()
+        predicted = trainer.predict(EVAL).metrics["test_loss"]
+    for key, ds in evals.items():  # both datasets on the average
+        assert metrics[f"eval_{key}_loss"] == pytest.approx(
+            manual_eval_loss(model, got, ds), rel=1e-5)
+    assert predicted == pytest.approx(manual_eval_loss(model, got, EVAL), rel=1e-5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # during training too (2 evaluations x 2 datasets), then the 2 above: all on the average
+    assert len(rec.evals) == 6
+    for (loss, averaged), ds in zip(rec.evals, [EVAL, evals["b"]] * 3, strict=True):
+        assert loss == pytest.approx(manual_eval_loss(model, averaged, ds), rel=1e-5)
     cb.evaluate_with = "model"
-    loss = trainer.evaluate()["eval_loss"]
-    assert loss == pytest.approx(manual_eval_loss(model, before, EVAL), rel=1e-5)
+    metrics = trainer.evaluate()
+    assert metrics["eval_a_loss"] == pytest.approx(manual_eval_loss(model, before, EVAL), rel=1e-5)
 
 
-def test_checkpoints_hold_the_ema_and_resume_exactly(tmp_path):
-    kw = dict(half_life="3ba", start="2ba")
-    ckpt_args = dict(save_strategy="steps", save_steps=4)
-    straight_cb = EMACallback(**kw)
-    straight = tiny_model()
-    Trainer(model=straight, args=args(tmp_path / "a", **ckpt_args), train_dataset=TRAIN,
-            callbacks=[straight_cb]).train()
-    half = tmp_path / "a" / "checkpoint-4"  # end of epoch 1 of 2
+def test_several_eval_datasets_need_the_trainer_mixin(tmp_path):
+    trainer = Trainer(
+        model=tiny_model(), args=args(tmp_path, eval_strategy="steps", eval_steps=4),
+        train_dataset=TRAIN, eval_dataset={"a": EVAL, "b": EVAL},
+        callbacks=[EMACallback(half_life="2ba")],
+    )
+    with pytest.raises(RuntimeError, match="EMATrainer"):
+        trainer.train()
+
+
+KW = dict(half_life="3ba", start="2ba")
+CKPT = dict(save_strategy="steps", save_steps=4)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """8 steps in one go, checkpoints at steps 4 and 8."""
+    out = tmp_path_factory.mktemp("straight")
+    cb = EMACallback(**KW)
+    Trainer(model=tiny_model(), args=args(out, **CKPT), train_dataset=TRAIN,
+            callbacks=[cb]).train()
+    return out, cb
+
+
+def test_checkpoints_hold_the_ema(straight_run):
+    out, cb = straight_run
+    half = out / "checkpoint-4"  # end of epoch 1 of 2
     saved = torch.load(half / EMA_STATE_NAME, weights_only=True)
     assert saved["global_step"] == 4 and saved["ema"]["num_updates"] == 3
     loaded = AutoModelForSequenceClassification.from_pretrained(half / EMA_MODEL_DIR)
     for n, t in loaded.state_dict().items():
         if n in saved["ema"]["average"]:
             assert torch.equal(t, saved["ema"]["average"][n]), n
-    base = AutoModel.from_pretrained(half / EMA_MODEL_DIR)  # the issue's spelling: the encoder
+    base = AutoModel.from_pretrained(half / EMA_MODEL_DIR)  # the encoder alone
     assert torch.equal(base.embeddings.word_embeddings.weight,
                        saved["ema"]["average"]["bert.embeddings.word_embeddings.weight"])
     # and it is not just the training weights of that checkpoint
     training = AutoModelForSequenceClassification.from_pretrained(half)
     assert not torch.equal(training.classifier.weight, loaded.classifier.weight)
 
-    resumed_cb = EMACallback(**kw)
-    resumed = tiny_model()
-    trainer = Trainer(model=resumed, args=args(tmp_path / "b", **ckpt_args),
-                      train_dataset=TRAIN, callbacks=[resumed_cb])
-    trainer.train(resume_from_checkpoint=str(half))
-    assert resumed_cb.ema.num_updates == straight_cb.ema.num_updates == 7
-    a, b = straight_cb.ema.state_dict(), resumed_cb.ema.state_dict()
+
+@pytest.mark.parametrize(
+    "how", ["constructor", "add_callback", "ema_trainer_elsewhere", "resume_from_elsewhere"])
+def test_resume_is_exact_however_the_callback_was_added(straight_run, tmp_path, how):
+    out, straight_cb = straight_run
+    cb = EMACallback(**KW)
+    if how.endswith("elsewhere"):  # a checkpoint outside output_dir: say where
+        src = tmp_path / "moved" / "checkpoint-4"
+        shutil.copytree(out / "checkpoint-4", src)
+        cls = EMATrainer if how == "ema_trainer_elsewhere" else Trainer
+        trainer = cls(model=tiny_model(), args=args(tmp_path / "run", **CKPT),
+                      train_dataset=TRAIN, callbacks=[cb])
+        if how == "resume_from_elsewhere":
+            cb.resume_from(src)  # a plain Trainer does not tell the callback
+        trainer.train(resume_from_checkpoint=str(src))
+    else:
+        run = tmp_path / "run"
+        shutil.copytree(out / "checkpoint-4", run / "checkpoint-4")
+        trainer = Trainer(model=tiny_model(), args=args(run, **CKPT), train_dataset=TRAIN,
+                          callbacks=[cb] if how == "constructor" else None)
+        if how == "add_callback":
+            trainer.add_callback(cb)
+        trainer.train(resume_from_checkpoint=True)
+    assert cb.ema.num_updates == straight_cb.ema.num_updates == 7  # the start copy counts
+    a, b = straight_cb.ema.state_dict(), cb.ema.state_dict()
     assert a["clock"] == b["clock"]
-    for n in a["average"]:
-        assert torch.equal(a["average"][n], b["average"][n]), n
+    assert_state_equal(a["average"], b["average"])
 
 
-def test_resume_without_ema_state_warns_and_bad_arguments(tmp_path):
+def test_resume_elsewhere_never_loads_another_runs_average(straight_run, tmp_path):
+    """A plain Trainer resumed from a folder outside output_dir, where output_dir holds a
+    checkpoint-4 of another run: the callback refuses that file rather than load it."""
+    out, _ = straight_run
+    other = tmp_path / "run"
+    Trainer(model=tiny_model(), args=args(other, max_steps=4, learning_rate=0.2, **CKPT),
+            train_dataset=TRAIN, callbacks=[EMACallback(**KW)]).train()
+    trainer = Trainer(model=tiny_model(), args=args(other, **CKPT), train_dataset=TRAIN,
+                      callbacks=[EMACallback(**KW)])
+    with pytest.raises(ValueError, match="another run"):
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-4"))
+
+
+def test_resume_without_ema_state_warns_and_keeps_the_clock(tmp_path):
     Trainer(model=tiny_model(), args=args(tmp_path, save_strategy="steps", save_steps=4,
                                           max_steps=4), train_dataset=TRAIN).train()
-    cb = EMACallback(half_life="0.2dur")  # total from max_steps: 5 steps, half-life 1 step
-    trainer = Trainer(model=tiny_model(), args=args(tmp_path, max_steps=5),
+    cb = EMACallback(half_life="0.2dur", start="5ba")  # total from max_steps: 6 steps
+    trainer = Trainer(model=tiny_model(), args=args(tmp_path, max_steps=6),
                       train_dataset=TRAIN, callbacks=[cb])
     with pytest.warns(RuntimeWarning, match="EMA restarts"):
         trainer.train(resume_from_checkpoint=True)
-    assert str(cb.ema.total) == "5ba" and cb.ema.smoothing == 0.5
-    assert cb.ema.clock.counts["ba"] == 1  # the one step after the checkpoint at 4
+    assert str(cb.ema.total) == "6ba" and cb.ema.smoothing == pytest.approx(2 ** (-1 / 1.2))
+    assert cb.ema.clock.counts["ba"] == 6  # the clock at the trainer's step: 4, then 5, 6
+    assert cb.ema.started and cb.ema.num_updates == 2  # copy at step 5, one update at 6
+
+
+@pytest.mark.parametrize("evaluate_with", ["ema", "model"])
+def test_load_best_model_at_end_loads_the_measured_weights(tmp_path, evaluate_with):
+    model = tiny_model()
+    cb = EMACallback(half_life="4ba", evaluate_with=evaluate_with)
+    rec = Recorder(cb)
+    trainer = EMATrainer(
+        model=model,
+        args=args(tmp_path, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                  save_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                  learning_rate=0.2),
+        train_dataset=TRAIN, eval_dataset=EVAL, callbacks=[rec, cb],
+    )
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    step = int(best.rsplit("-", 1)[1])
+    saved = torch.load(os.path.join(best, EMA_STATE_NAME), weights_only=True)
+    if evaluate_with == "ema":
+        want = {**model.state_dict(), **saved["ema"]["average"]}
+        losses = [loss for loss, _ in rec.evals]
+        assert min(losses) == pytest.approx(manual_eval_loss(model, want, EVAL), rel=1e-5)
+        assert cb.ema.state_dict()["clock"]["ba"] == step  # the EMA as of that checkpoint
+    else:
+        want = rec.steps[step - 1]
+    for n, p in model.named_parameters():
+        assert torch.equal(p, want[n].to(p.dtype)), n
+
+
+def test_every_ema_argument_reaches_the_callback():
+    ema_args = set(inspect.signature(emakit.EMA).parameters) - {"model"}
+    ours = inspect.signature(EMACallback).parameters
+    assert ema_args <= set(ours), ema_args - set(ours)
+    config = emakit.EMAConfig(half_life="4ba", exclude="classifier.*")
+    assert EMACallback(config=config).config is config
+    with pytest.raises(TypeError, match="not both"):
+        EMACallback(config=config, start="2ba")
+    with pytest.raises(ValueError, match="not samples"):
+        EMACallback(start="100sp")
+
+
+def test_token_times_count_the_trainers_tokens(tmp_path):
+    """6 tokens a sample, 4 samples a micro-batch, 2 micro-batches a step: 48 tokens a step,
+    so start="150tok" is step 4."""
+    cb = EMACallback(half_life="2ba", start="150tok")
+    rec = Recorder(cb)
+    trainer = Trainer(model=tiny_model(), args=args(tmp_path, include_num_input_tokens_seen=True),
+                      train_dataset=TRAIN, callbacks=[rec, cb])
+    trainer.train()
+    assert cb.ema.clock.counts["tok"] == trainer.state.num_input_tokens_seen == 16 * 4 * 6
+    assert_state_equal(cb.ema.ema_state_dict(),
+                       replay(rec.steps, half_life="2ba", start="4ba").ema_state_dict())
+    assert cb.ema.num_updates == 8 - 4 + 1
+    trainer = Trainer(model=tiny_model(), args=args(tmp_path), train_dataset=TRAIN,
+                      callbacks=[EMACallback(start="150tok")])
+    with pytest.raises(ValueError, match="include_num_input_tokens_seen"):
+        trainer.train()
+
+
+def test_bad_arguments():
     with pytest.raises(ValueError, match="evaluate_with"):
         EMACallback(evaluate_with="both")
     with pytest.raises(ValueError, match="smoothing"):
         EMACallback(smoothing=1.5)
+
+
+def test_no_frame_inspection_or_replaced_methods():
+    import emakit.integrations.transformers as adapter
+
+    source = inspect.getsource(adapter)
+    assert "_getframe" not in source and "setattr(trainer" not in source

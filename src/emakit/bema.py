@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .config import EMAConfig, takes_config
 from .ema import EMA
+from .store import Store
 
 __all__ = ["BEMA"]
 
@@ -100,11 +101,13 @@ class BEMA(EMA):
             raise ValueError(f"min_ema_multiplier: expected a value in [0, 1], got "
                              f"{min_ema_multiplier!r}")
         super().__init__(model, config)
-        if config.shard or self.shadow.fsdp:
+        if config.shard or self.shadow.model_forward:
             raise ValueError("BEMA: not available with shard=True or FSDP2 models")
-        store = dict(dtype=config.dtype, device=config.device, buffers=config.buffers)
-        self._origin_store = type(self.shadow)(self.model, **store)
-        self._out_store = type(self.shadow)(self.model, **store)
+        # theta_0 and the weights handed out: plain copies, no compensation needed
+        store = dict(dtype=config.dtype, device=config.device, buffers=config.buffers,
+                     exclude=config.exclude, include=config.include)
+        self._origin_store = Store(self.model, **store)
+        self._out_store = Store(self.model, **store)
 
     def _t(self, k: int) -> float:
         """Batches (the interval's units) since the start for training time k."""

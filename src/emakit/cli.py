@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 
 def _halflife(args: argparse.Namespace) -> int:
@@ -18,8 +21,8 @@ def _halflife(args: argparse.Namespace) -> int:
     names = ("half_life", "smoothing", "sigma_rel", "gamma")
     given = [a for a in names if getattr(args, a) is not None]
     if len(given) != 1:
-        raise SystemExit("emakit halflife: give exactly one of --half-life, --smoothing, "
-                         "--sigma-rel, --gamma")
+        raise ValueError("give exactly one of --half-life, --smoothing, --sigma-rel, --gamma"
+                         + (f" (got {len(given)})" if given else ""))
     interval = args.interval
     if args.half_life is not None:
         s = smoothing_from_half_life(args.half_life, interval)
@@ -76,10 +79,20 @@ def _synthesize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out: expected a .safetensors file name, got {args.out!r}")
+    if out.is_dir():
+        raise ValueError(f"--out: {args.out!r} is a folder; expected a file name")
     if out.exists() and not args.force:
         raise ValueError(f"--out: {args.out!r} exists; pass --force to replace it")
-    dtype = dtype_from_name(args.dtype, "--dtype") if args.dtype else None
-    max_error = None if args.max_error <= 0 else args.max_error
+    parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out: cannot write into {str(parent)!r} (permission denied)")
+    dtype = None
+    if args.dtype:
+        dtype = dtype_from_name(args.dtype, "--dtype")
+        if not dtype.is_floating_point:
+            raise ValueError(f"--dtype: expected a floating dtype (float32, bfloat16, ...), "
+                             f"got {args.dtype!r}: an average is not a whole number")
+    max_error = None if args.max_error == 0 else args.max_error
     plan = plan_synthesis(args.dir, [args.sigma_rel], at=args.at, max_error=max_error)
     bar = _Progress(not args.no_progress, "synthesizing")
     try:
@@ -99,7 +112,10 @@ def _synthesize(args: argparse.Namespace) -> int:
         "fingerprint": last.fingerprint,
         "source": dumps([s.path.name for s in plan.snapshots]),
     }
-    write_safetensors(out, state, metadata, overwrite=args.force)
+    try:
+        write_safetensors(out, state, metadata, overwrite=args.force)
+    except OSError as err:
+        raise ValueError(f"--out: cannot write {args.out!r} ({err.strerror or err})") from None
     print(f"sigma_rel {args.sigma_rel:g} at step {last.step} from {len(plan.snapshots)} "
           f"snapshots (profile error {error:.2e}) -> {out}")
     return 0
@@ -109,7 +125,11 @@ def _inspect(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     path = Path(args.path)
+    if not args.max_error > 0:
+        raise ValueError(f"--max-error: expected a number > 0, got {args.max_error:g}")
     if path.is_dir():
+        if (path / ".metadata").is_file():
+            return _inspect_checkpoint(path, args.limit)
         return _inspect_folder(path, args.max_error)
     if not path.is_file():
         raise ValueError(f"path: {args.path!r} is neither a file nor a folder")
@@ -127,9 +147,25 @@ def _inspect(args: argparse.Namespace) -> int:
         if len(keys) > args.limit:
             print(f"  ... {len(keys) - args.limit} more")
         return 0
+    import pickle
+    import warnings
+
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols: one line only
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)  # no code runs
+    except pickle.UnpicklingError as err:
+        if "global" in str(err).lower():  # names a class or function to call
+            raise ValueError(f"path: {args.path!r} holds objects that are not plain data; "
+                             "refused (unpickling them could run code)") from None
+        raise ValueError(f"path: {args.path!r} is not a complete torch checkpoint (truncated, "
+                         "or another format)") from None
+    except Exception as err:  # zip or pickle framing: truncated, or another format
+        line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"path: {args.path!r} is not a complete torch checkpoint "
+                         f"(truncated, or another format: {line})") from None
     print(f"{path}: torch file, {type(state).__name__}")
 
     def walk(obj, prefix: str, depth: int) -> None:
@@ -152,7 +188,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _inspect_folder(path, max_error: float) -> int:
     from .io import is_temporary
-    from .posthoc import list_snapshots, scan, supported_sigma_rels
+    from .posthoc import format_intervals, list_snapshots, scan, supported_sigma_rels
 
     snaps = list_snapshots(path)
     every = len(scan(path))
@@ -177,23 +213,51 @@ def _inspect_folder(path, max_error: float) -> int:
             continue
         size = s.path.stat().st_size / 2**20
         print(f"  | {s.step} | {s.t:g} | {s.samples} | {s.path.name} | {size:.1f} |")
-    rng = supported_sigma_rels(snaps, max_error)
-    if rng is None:
+    ranges = supported_sigma_rels(snaps, max_error)
+    if not ranges:
         print(f"  no sigma_rel is reproduced within profile error {max_error:g}")
     else:
         print(f"  supported sigma_rel at step {last.step} (profile error <= {max_error:g}): "
-              f"{rng[0]:.4f} to {rng[1]:.4f}")
+              f"{format_intervals(ranges)}")
     return 0
+
+
+def _inspect_checkpoint(path, limit: int) -> int:
+    """A folder written by ``emakit.checkpoint.save``: its entries, read without unpickling
+    code."""
+    from .checkpoint import read_metadata
+
+    md = read_metadata(path / ".metadata")
+    entries = sorted(md.state_dict_metadata.items())
+    files = sorted({info.relative_path for info in md.storage_data.values()})
+    print(f"{path}: distributed checkpoint, {len(entries)} entries in {len(files)} files")
+    for name, value in entries[:limit]:
+        size = getattr(value, "size", None)
+        if size is None:
+            print(f"  {name}: value")
+        else:
+            dtype = str(value.properties.dtype).removeprefix("torch.")
+            print(f"  {name}: {dtype} {list(size)} in {len(value.chunks)} shards")
+    if len(entries) > limit:
+        print(f"  ... {len(entries) - limit} more")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="emakit", description="Exponential moving averages of PyTorch model weights."
     )
     parser.add_argument("--version", action="version", version=f"emakit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("demo", help="train a small model on digits, raw vs EMA weights")
     from .demo import add_arguments
@@ -202,22 +266,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("halflife", help="convert half-life, smoothing and sigma_rel")
-    p.add_argument("--half-life", type=float, help="half-life, in units of training time")
-    p.add_argument("--smoothing", type=float, help="per-update smoothing in [0, 1]")
-    p.add_argument("--sigma-rel", type=float, help="power-function EMA relative width")
-    p.add_argument("--gamma", type=float, help="power-function EMA exponent")
-    p.add_argument("--interval", type=float, default=1.0, help="time between updates")
+    p.add_argument("--half-life", type=_finite, help="half-life, in units of training time")
+    p.add_argument("--smoothing", type=_finite, help="per-update smoothing in [0, 1]")
+    p.add_argument("--sigma-rel", type=_finite, help="power-function EMA relative width")
+    p.add_argument("--gamma", type=_finite, help="power-function EMA exponent")
+    p.add_argument("--interval", type=_finite, default=1.0, help="time between updates")
     p.set_defaults(func=_halflife)
 
     from .posthoc import DEFAULT_MAX_ERROR
 
     p = sub.add_parser("synthesize", help="post-hoc EMA of any sigma_rel from a snapshot folder")
     p.add_argument("dir", help="the snapshot_dir of a PostHocEMA")
-    p.add_argument("--sigma-rel", type=float, required=True, help="target relative width")
-    p.add_argument("--at", type=int, default=None, help="step of the snapshot to synthesize "
-                   "at (default: the last)")
+    p.add_argument("--sigma-rel", type=_finite, required=True, help="target relative width")
+    p.add_argument("--at", type=_at_least(1), default=None,
+                   help="step of the snapshot to synthesize at (default: the last)")
     p.add_argument("--out", required=True, help="output .safetensors file (a model state dict)")
-    p.add_argument("--max-error", type=float, default=DEFAULT_MAX_ERROR,
+    p.add_argument("--max-error", type=_max_error(allow_zero=True), default=DEFAULT_MAX_ERROR,
                    help="largest relative profile error accepted (0: any)")
     p.add_argument("--dtype", default=None, help="output dtype, e.g. float32 (default: the "
                    "model's)")
@@ -227,19 +291,74 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="what a snapshot folder, safetensors or torch file holds")
     p.add_argument("path", help="a snapshot folder, a .safetensors file or a torch checkpoint")
-    p.add_argument("--max-error", type=float, default=DEFAULT_MAX_ERROR,
+    p.add_argument("--max-error", type=_max_error(allow_zero=False), default=DEFAULT_MAX_ERROR,
                    help="profile error defining the supported sigma_rel range")
-    p.add_argument("--limit", type=int, default=20, help="tensors listed at most")
+    p.add_argument("--limit", type=_at_least(1), default=20, help="tensors listed at most")
     p.set_defaults(func=_inspect)
     return parser
 
 
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _max_error(allow_zero: bool):
+    def parse(text: str) -> float:
+        value = _finite(text)
+        if value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(
+                f"expected a number {'>= 0 (0: any)' if allow_zero else '> 0'}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0, or 2 for any error, reported as one
+    line on stderr naming the argument or file)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileExistsError) as err:
-        print(f"emakit {args.command}: {err}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as err:
+        if isinstance(err, OSError) and err.filename is not None:
+            msg = f"{err.filename}: {err.strerror or err}"
+        else:
+            msg = _one_line(err)
+        print(f"emakit {args.command}: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"emakit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if os.environ.get("EMAKIT_TRACEBACK"):
+            raise
+        print(f"emakit {args.command}: internal error, please report it: "
+              f"{type(err).__name__}: {_one_line(err)} (EMAKIT_TRACEBACK=1 shows where)",
+              file=sys.stderr)
         return 2
 
 

@@ -138,8 +138,8 @@ def posthoc_sweep(
     the snapshots support (one pass over the files); one row per sigma_rel."""
     _, _, x_test, y_test = load_digits_split(seed)
     snaps = _list_snapshots(snapshot_dir)
-    lo, hi = supported_sigma_rels(snaps) or (1.0, 0.0)
-    chosen = [s for s in sigma_rels if lo <= s <= hi]
+    ranges = supported_sigma_rels(snaps)
+    chosen = [s for s in sigma_rels if any(lo <= s <= hi for lo, hi in ranges)]
     if not chosen:
         return []
     bar = _progress(len(snaps), progress, desc="post-hoc sweep", unit="file")
@@ -205,11 +205,14 @@ def format_table(rows: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, float]], path: Path) -> None:
+def figure(rows: list[dict[str, float]]):
+    """The demo's matplotlib figure: test loss and accuracy per epoch, raw and EMA weights;
+    the epoch axis has whole-number ticks only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -220,10 +223,18 @@ def plot(rows: list[dict[str, float]], path: Path) -> None:
     ax_acc.plot(epochs, [100 * r["ema_acc"] for r in rows], label="EMA weights")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("emakit demo: digits, SGD lr high enough to be noisy")
     fig.tight_layout()
+    return fig
+
+
+def plot(rows: list[dict[str, float]], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows)
     with atomic_file(path) as f:
         fig.savefig(f, dpi=100, format="png")
     plt.close(fig)

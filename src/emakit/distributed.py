@@ -135,35 +135,18 @@ def _collective_device(group: Any = None) -> torch.device:
     return torch.device("cpu")
 
 
-# checkpoints with torch.distributed.checkpoint ------------------------------------------
+# checkpoints: emakit.checkpoint (kept importable from here) ---------------------------
 
 
 def save(ema: EMA, checkpoint_id: str | os.PathLike, overwrite: bool = False) -> None:
-    """Write ``ema.state_dict()`` with ``torch.distributed.checkpoint`` (a collective: every
-    rank calls it). Under FSDP2 each rank writes its shards; the folder loads on any number
-    of ranks (see :func:`load`), or in one process without a process group. A checkpoint
-    already in the folder is a FileExistsError (on every rank) unless ``overwrite=True``; the
-    folder's metadata is written last (temporary name, then rename), so a crash leaves no
-    loadable half."""
-    import torch.distributed.checkpoint as dcp
+    """Same as :func:`emakit.checkpoint.save`."""
+    from .checkpoint import save as _save
 
-    path = os.fspath(checkpoint_id)
-    exists = os.path.exists(os.path.join(path, ".metadata"))
-    if _initialized():  # a rank that sees it tells the others: all raise, none hangs
-        exists = not all_ranks(not exists)
-    if exists and not overwrite:
-        raise FileExistsError(
-            f"checkpoint_id: {path!r} already holds a checkpoint; pass overwrite=True to "
-            "replace it, or save to a new folder"
-        )
-    writer = dcp.FileSystemWriter(path, overwrite=overwrite)
-    dcp.save({"ema": ema.state_dict()}, storage_writer=writer)
+    _save(ema, checkpoint_id, overwrite=overwrite)
 
 
 def load(ema: EMA, checkpoint_id: str | os.PathLike) -> None:
-    """Read what :func:`save` wrote into ``ema`` (resharded to this run's ranks)."""
-    import torch.distributed.checkpoint as dcp
+    """Same as :func:`emakit.checkpoint.load` (never unpickles code)."""
+    from .checkpoint import load as _load
 
-    state = {"ema": ema.state_dict()}
-    dcp.load(state, checkpoint_id=os.fspath(checkpoint_id))
-    ema.load_state_dict(state["ema"])
+    _load(ema, checkpoint_id)

@@ -440,7 +440,10 @@ class EMA:
         (batch, epoch, sample and token counts), ``num_updates`` (the start copy counted),
         ``skipped_updates``, ``started``, ``origin`` and ``k`` (the warmup's training time:
         the clock count at which k = 1, and the k the average was last brought to) and
-        ``average``: name -> averaged tensor in the storage dtype."""
+        ``average``: name -> averaged tensor in the storage dtype, and with
+        ``compensated=True`` ``compensation``: name -> the compensation term (the exact
+        average is ``average + compensation``). A state without it loads with a zero
+        compensation; a compensation is ignored by an EMA built with ``compensated=False``."""
         self.shadow.synchronize()
         return {
             "version": _STATE_VERSION,
@@ -452,7 +455,19 @@ class EMA:
             "origin": self._origin,
             "k": self._k,
             "average": {n: t.detach().clone() for n, t in self.shadow.tensors().items()},
+            **self._compensation_state(),
         }
+
+    def _compensation_state(self) -> dict[str, Any]:
+        if not self.shadow.compensated:
+            return {}
+        comp = self.shadow.compensation_tensors()
+        return {"compensation": {n: t.detach().clone() for n, t in comp.items()}}
+
+    def nbytes(self) -> int:
+        """Bytes of averaged state this rank holds: the average, its compensation and the
+        staging and pinned buffers the updates use."""
+        return self.shadow.state_nbytes() + self.shadow.workspace_nbytes()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what ``state_dict()`` saved. All or nothing: everything is checked first
@@ -491,10 +506,17 @@ class EMA:
         if not isinstance(average, Mapping):
             raise ValueError(f"state['average']: expected a mapping of tensors, got "
                              f"{type(average).__name__}")
+        compensation = state.get("compensation")
+        if compensation is not None and not isinstance(compensation, Mapping):
+            raise ValueError(f"state['compensation']: expected a mapping of tensors, got "
+                             f"{type(compensation).__name__}")
         self.shadow.synchronize()
         self.shadow.check_load(average, what="EMA state_dict['average']")
+        if compensation is not None and self.shadow.compensated:
+            self.shadow.check_load(compensation, what="EMA state_dict['compensation']")
         # nothing below raises for a state that passed the checks above
-        self.shadow.load(average, what="EMA state_dict['average']")
+        self.shadow.load(average, what="EMA state_dict['average']",
+                         compensation=compensation if self.shadow.compensated else None)
         self.clock.counts = counts
         self.num_updates, self.skipped_updates, self.started = num_updates, skipped, started
         self._origin, self._k = origin, k

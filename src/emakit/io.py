@@ -20,6 +20,7 @@ import os
 import sys
 import uuid
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
@@ -38,6 +39,10 @@ __all__ = [
     "dtype_name",
     "dtype_from_name",
     "is_temporary",
+    "read_header",
+    "tensor_checksum",
+    "verify_checksum",
+    "CHECKSUMS_KEY",
 ]
 
 #: torch dtype -> safetensors dtype code
@@ -145,11 +150,45 @@ def save_torch(obj: object, path: str | os.PathLike, overwrite: bool = True) -> 
         torch.save(obj, f)
 
 
+#: metadata key of the per-tensor checksums written by ``write_safetensors(checksums=True)``
+CHECKSUMS_KEY = "checksums"
+_CRC_PLACEHOLDER = "crc32:" + "0" * 8
+
+
+def _bytes_of(t: Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    nbytes = t.numel() * t.element_size()
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(t.data_ptr())) if nbytes else (
+        memoryview(b""))
+
+
+def tensor_checksum(t: Tensor) -> str:
+    """``"crc32:<8 hex digits>"`` of a tensor's bytes as stored (CPU, contiguous,
+    little-endian), the checksum :func:`write_safetensors` records per tensor.
+
+    >>> tensor_checksum(torch.zeros(2, dtype=torch.float32))  # zlib.crc32(bytes(8))
+    'crc32:6522df69'
+    """
+    data = t.detach().cpu().contiguous()
+    return f"crc32:{zlib.crc32(_bytes_of(data)):08x}"
+
+
+def verify_checksum(t: Tensor, name: str, checksums: Mapping[str, str], path: Path,
+                    what: str = "file") -> None:
+    """Raise a ValueError naming ``path`` and ``name`` if ``t``'s bytes do not match the
+    checksum recorded for ``name`` (no check when none is recorded)."""
+    want = checksums.get(name)
+    if want is not None and tensor_checksum(t) != want:
+        raise ValueError(f"{what}: {path}: tensor {name!r} is corrupted (its bytes do not "
+                         f"match the checksum {want} in the file's header)")
+
+
 def write_safetensors(
     path: str | os.PathLike,
     tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor] | tuple[str, Tensor, torch.dtype]],
     metadata: Mapping[str, str],
     overwrite: bool = False,
+    checksums: bool = False,
 ) -> Path:
     """Write ``tensors`` to a safetensors file, atomically.
 
@@ -158,13 +197,19 @@ def write_safetensors(
     streamed one at a time, so the host memory needed is one tensor, not the whole file (and
     tensors may live on an accelerator or share storage). ``metadata`` values must be strings.
     Without ``overwrite``, an existing ``path`` raises FileExistsError and is left untouched.
+    ``checksums``: record :func:`tensor_checksum` of every tensor under the metadata key
+    ``"checksums"`` (JSON, name -> checksum), computed from the bytes as they are written.
     """
     if sys.byteorder != "little":  # safetensors is little-endian
         raise RuntimeError("write_safetensors: only little-endian hosts are supported")
     path = Path(path)
     raw = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
     items = [(it[0], it[1], it[2] if len(it) > 2 else it[1].dtype) for it in raw]
-    header: dict[str, object] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
+    meta = {str(k): str(v) for k, v in metadata.items()}
+    crcs = {name: _CRC_PLACEHOLDER for name, _, _ in items} if checksums else None
+    if crcs is not None:
+        meta[CHECKSUMS_KEY] = dumps(crcs)
+    header: dict[str, object] = {"__metadata__": meta}
     offset = 0
     for name, t, dtype in items:
         if dtype not in DTYPE_CODES:
@@ -178,14 +223,18 @@ def write_safetensors(
             "data_offsets": [offset, offset + nbytes],
         }
         offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+    def encode() -> bytes:
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        return blob + b" " * (-len(blob) % 8)
 
+    blob = encode()
     with atomic_file(path, overwrite=overwrite) as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for name, t, dtype in items:
             if t.numel() == 0:
+                if crcs is not None:
+                    crcs[name] = f"crc32:{zlib.crc32(b''):08x}"
                 continue
             data = t.detach().to(device="cpu", dtype=dtype).contiguous()
             if (dtype != t.dtype and data.is_floating_point()
@@ -196,9 +245,18 @@ def write_safetensors(
                     RuntimeWarning,
                     stacklevel=3,
                 )
-            nbytes = data.numel() * data.element_size()
-            f.write(memoryview((ctypes.c_ubyte * nbytes).from_address(data.data_ptr())))
-            del data
+            raw = _bytes_of(data)
+            if crcs is not None:
+                crcs[name] = f"crc32:{zlib.crc32(raw):08x}"
+            f.write(raw)
+            del raw, data
+        if crcs is not None:  # same length as the placeholders: rewrite the header in place
+            meta[CHECKSUMS_KEY] = dumps(crcs)
+            final = encode()
+            if len(final) != len(blob):
+                raise RuntimeError("write_safetensors: checksum header changed length")
+            f.seek(8)
+            f.write(final)
     return path
 
 
@@ -207,6 +265,28 @@ def _open_error(path: Path, err: Exception, what: str) -> ValueError:
         f"{what}: {path} is not a complete safetensors file (truncated, or another format): "
         f"{err}"
     )
+
+
+def read_header(
+    path: str | os.PathLike, what: str = "file"
+) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:
+    """The ``__metadata__`` of a safetensors file and, per tensor, its dtype code and shape,
+    without reading any tensor data. A truncated or foreign file raises a ValueError naming
+    it."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            tensors = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                tensors[k] = (str(sl.get_dtype()), tuple(int(d) for d in sl.get_shape()))
+            return dict(f.metadata() or {}), tensors
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # SafetensorError derives from Exception only
+        raise _open_error(path, err, what) from None
 
 
 def read_metadata(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, str], list[str]]:

@@ -39,7 +39,8 @@ CUDA graphs). A float weight of exactly 0 leaves ``avg`` and ``comp`` untouched 
 ``src`` holds NaN); exactly 1 copies: ``avg == src`` (converted) and ``comp`` the
 conversion's remainder (0 when ``src`` converts exactly). The fused kernel gives the same for
 a tensor weight; the eager kernel with a tensor weight of 1 lands within ``ulp(avg)`` of
-``src`` instead (no branch on a device value without a sync).
+``src`` instead, and a tensor weight of 0 leaves the average unchanged only where ``src`` is
+finite (no branch on a device value without a sync).
 
 **Lists.** Each list is one ``torch._foreach_*`` call chain, no Python loop per tensor, so
 the caller groups: within ``avg``, ``src`` and ``comp`` every tensor has the list's dtype and
@@ -275,8 +276,11 @@ class FusedLerp:
     on CUDA put it in a ``CUDAGraphUpdate`` when there are many tensors, or call it on flat
     buffers. Each instance compiles its own copy of the body (its own dynamo cache).
 
-    Where compiling is unavailable or the first compile fails, calls fall back to the eager
-    ``lerp_`` and ``compiled`` reads False.
+    Tensors of fewer than ``eager_below`` elements go to the eager ``lerp_`` instead, as one
+    ``_foreach`` call chain for all of them: for small tensors launches cost more than bytes
+    (ResNet-50's BatchNorm vectors), and a few foreach launches beat one launch each. Where
+    compiling is unavailable or fails, calls fall back to the eager ``lerp_`` and
+    ``compiled`` reads False.
 
     >>> import torch
     >>> fused = FusedLerp(compile=False)  # eager here, to keep the doctest fast
@@ -287,8 +291,9 @@ class FusedLerp:
 
     _count = 0
 
-    def __init__(self, *, compile: bool = True) -> None:
+    def __init__(self, *, compile: bool = True, eager_below: int = 1 << 16) -> None:
         self.compiled = bool(compile)
+        self.eager_below = int(eager_below)
         self._weights: dict[torch.device, Tensor] = {}
         self._checked: set[torch.device] = set()
         self._fn: Callable[..., None] | None = None
@@ -331,8 +336,12 @@ class FusedLerp:
             return
         w = self._device_weight(weight, device)
         fn = self._fn
+        small: list[int] = []
         for i in range(len(avg)):
             a, s = avg[i], src[i]
+            if a.numel() < self.eager_below:
+                small.append(i)
+                continue
             c = None if comp is None else comp[i]
             if a.is_contiguous() and s.is_contiguous() and (c is None or c.is_contiguous()):
                 a, s = a.view(-1), s.view(-1)  # one compiled kernel for every shape
@@ -340,13 +349,20 @@ class FusedLerp:
             try:
                 fn(a, s, c, w)
             except torch._dynamo.exc.TorchDynamoException as e:
-                if i:  # tensors before i were updated: finish eagerly, never half an update
-                    raise
-                # raised while compiling, before anything ran: nothing was written yet
+                # raised while compiling tensor i, before its kernel ran: the tensors
+                # before i are updated, i and the rest are done eagerly, so the update
+                # is whole either way
                 _log.warning("FusedLerp: compiling failed (%s); using the eager lerp_", e)
                 self.compiled = False
-                lerp_(avg, src, weight, comp)
-                return
+                small.extend(range(i, len(avg)))
+                break
+        if small:
+            lerp_(
+                [avg[i] for i in small],
+                [src[i] for i in small],
+                w if isinstance(weight, Tensor) else weight,
+                None if comp is None else [comp[i] for i in small],
+            )
 
 
 class CUDAGraphUpdate:
@@ -373,16 +389,18 @@ class CUDAGraphUpdate:
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def capture(self) -> None:
-        self.weight.fill_(0.0)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(self.warmup):
+        """Warm ``fn`` up at weight 0 (compiles, allocator pools) and capture it."""
+        with torch.cuda.device(self.device):
+            self.weight.fill_(0.0)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(self.warmup):
+                    self.fn(self.weight)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
                 self.fn(self.weight)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.fn(self.weight)
         self.graph = graph
 
     def recapture(self) -> None:

@@ -14,6 +14,8 @@ subclass, nothing else changes):
   tensor (a DTensor's local shard, a ZeRO-3 partition, or ``t`` itself). The staleness check
   watches its ``data_ptr``, and swaps write into it.
 - ``shape(t)``: ``t``'s global shape (what checkpoints and exports use).
+- ``full(t)``: the whole value of a model tensor the store does not keep (a live one),
+  gathered where the model spreads it; exports read live tensors through it.
 - ``allocate(slots)``: one flat per ``slot.key``; sets ``slot.avg`` to this rank's part of
   the average (a view of the flat; ``None`` when this rank keeps none of it), aligned to
   :data:`~emakit.layout.ALIGN` and in slot order, so that a model laid out by
@@ -27,8 +29,9 @@ subclass, nothing else changes):
 - ``scatter(slot, value)``: this rank's part of ``value`` (a full tensor or any DTensor),
   shaped like ``slot.avg``; no communication for a full tensor.
 - ``swap_pairs(slots)``: the model tensors a swap writes and the values it writes there.
-- optionally ``watch_local(slots)``: a C-level callable (``operator.attrgetter``) that the
-  staleness check maps over the model's tensors to reach ``local(t)`` (default: ``local``).
+- optionally ``watch_local(slot)``: a C-level callable (``operator.attrgetter``) that the
+  staleness check maps over the slot's model tensor to reach ``local(t)``, or None for the
+  tensor itself (default: ``local``, a Python call per tensor).
 - attributes ``group`` (process group of the collectives, or None), ``collective`` (whether
   ``values``/``gather``/``swap_pairs`` are collectives every rank must call) and
   ``model_forward`` (a forward on the average must run the model's own forward, because the
@@ -78,6 +81,7 @@ __all__ = [
 ]
 
 Key = tuple[torch.device, torch.dtype]
+_LOCAL_TENSOR = operator.attrgetter("_local_tensor")  # a DTensor's local shard, C-level
 
 
 def rank(group: Any = None) -> int:
@@ -110,14 +114,21 @@ class Placement:
     def local(self, t: Tensor) -> Tensor:
         return t
 
-    def watch_local(self, slots: Sequence[Slot]) -> Callable[[Tensor], Tensor] | None:
-        """What the staleness check maps over the model's tensors to reach the parts whose
-        ``data_ptr`` it compares (None: the tensors themselves). A C-level callable where
-        possible (``operator.attrgetter``): it runs once per tensor per update."""
+    def watch_local(self, slot: Slot) -> Callable[[Tensor], Tensor] | None:
+        """What the staleness check maps over the model's tensor of ``slot`` to reach the
+        part whose ``data_ptr`` it compares (None: the tensor itself). Slots that share a
+        callable are checked in one C-level ``map``: return a C-level callable
+        (``operator.attrgetter``), one object for all slots, not a Python function."""
         return None if type(self).local is Placement.local else self.local
 
     def shape(self, t: Tensor) -> torch.Size:
         return t.shape
+
+    def full(self, t: Tensor) -> Tensor:
+        """The whole value of model tensor ``t`` (a live one: frozen, integer), gathered where
+        the model spreads it (a collective then); exports read live tensors through it."""
+        t = t.detach()
+        return t.full_tensor() if isinstance(t, DTensor) else t
 
     def allocate(self, slots: Sequence[Slot]) -> dict[Key, Tensor]:
         """Default: every slot keeps its whole local part, aligned, in slot order."""
@@ -200,10 +211,8 @@ class DTensorShard(Placement):
     def local(self, t: Tensor) -> Tensor:
         return t._local_tensor if isinstance(t, DTensor) else t
 
-    def watch_local(self, slots: Sequence[Slot]) -> Callable[[Tensor], Tensor] | None:
-        if all(s.meta is not None for s in slots):  # all DTensors: no Python call per tensor
-            return operator.attrgetter("_local_tensor")
-        return self.local
+    def watch_local(self, slot: Slot) -> Callable[[Tensor], Tensor] | None:
+        return _LOCAL_TENSOR if slot.meta is not None else None
 
     def allocate(self, slots: Sequence[Slot]) -> dict[Key, Tensor]:
         for s in slots:

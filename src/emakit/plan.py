@@ -179,18 +179,28 @@ class Watch:
     a tensor replaced behind torch's back is seen too); no Python loop per tensor.
     """
 
-    def __init__(self, entries: Sequence[Entry], local: Callable[[Tensor], Tensor] | None) -> None:
-        self.tables = [e.table for e in entries]
-        self.attrs = [e.attr for e in entries]
-        self.local = local
+    def __init__(
+        self, entries: Sequence[Entry], local: Sequence[Callable[[Tensor], Tensor] | None]
+    ) -> None:
+        """``local[i]``: what maps ``entries[i]``'s tensor to the part to watch (None: the
+        tensor); entries that share one are checked in one ``map``."""
+        groups: dict[Callable | None, tuple[Callable | None, list, list]] = {}
+        for e, f in zip(entries, local, strict=True):
+            g = groups.setdefault(f, (f, [], []))  # bound methods of one object are equal
+            g[1].append(e.table)
+            g[2].append(e.attr)
+        self.groups = list(groups.values())
         self.generation = generation()
         self.ptrs = self._ptrs()
 
     def _ptrs(self) -> list[int]:
-        ts = map(dict.__getitem__, self.tables, self.attrs)
-        if self.local is not None:
-            ts = map(self.local, ts)
-        return list(map(Tensor.data_ptr, ts))
+        out: list[int] = []
+        for f, tables, attrs in self.groups:
+            ts = map(dict.__getitem__, tables, attrs)
+            if f is not None:
+                ts = map(f, ts)
+            out += map(Tensor.data_ptr, ts)
+        return out
 
     def same_tensors(self) -> bool:
         """Whether every watched tensor is where it was (no registration counter)."""

@@ -154,10 +154,15 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """Exponent ``gamma`` of the power-function EMA with relative width ``sigma_rel``.
 
     The largest real root of ``g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2) = 0``
-    (Karras et al. 2024, eq. 3). ``sigma_rel`` must lie in (0, sqrt(1/12)).
+    (Karras et al. 2024, eq. 3). ``sigma_rel`` must lie in (0, sqrt(1/12)). Solved for
+    ``u = s g`` (``u^3 + 7 s u^2 + (16 s^2 - 1) u + 12 s^3 - s = 0``, root in (0, 1]) so that
+    no intermediate overflows however small ``s`` is; a ``gamma`` beyond the float range is a
+    ValueError naming ``sigma_rel``.
 
     >>> round(sigma_rel_to_gamma(0.05), 2), round(sigma_rel_to_gamma(0.10), 3)
     (16.97, 6.937)
+    >>> f"{sigma_rel_to_gamma(1e-200):.3g}"
+    '1e+200'
     """
     sigma_rel = _positive(sigma_rel, "sigma_rel")
     if sigma_rel >= _MAX_SIGMA_REL:
@@ -165,13 +170,14 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
             f"sigma_rel: expected a value in (0, sqrt(1/12) = {_MAX_SIGMA_REL:.6f}), "
             f"got {sigma_rel!r}"
         )
-    t = sigma_rel**-2
+    s = sigma_rel
 
-    def cubic(g: float) -> float:
-        return ((g + 7.0) * g + (16.0 - t)) * g + (12.0 - t)
+    def cubic(u: float) -> float:
+        return ((u + 7.0 * s) * u + (16.0 * s * s - 1.0)) * u + (12.0 * s * s - 1.0) * s
 
-    # f(0) = 12 - t < 0 and f(sqrt(t)) > 0, and f rises beyond its largest root.
-    lo, hi = 0.0, math.sqrt(t)
+    # f(0) = s (12 s^2 - 1) < 0 and f(1) = 6 s + 16 s^2 + 12 s^3 > 0; f rises beyond its
+    # largest root, which is the only one in (0, 1].
+    lo, hi = 0.0, 1.0
     for _ in range(200):
         mid = 0.5 * (lo + hi)
         if cubic(mid) > 0:
@@ -180,17 +186,25 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
             lo = mid
         if hi - lo <= 4 * math.ulp(hi):
             break
-    return 0.5 * (lo + hi)
+    gamma = 0.5 * (lo + hi) / s
+    if not math.isfinite(gamma):
+        raise ValueError(f"sigma_rel: {sigma_rel!r} is so small that gamma (about "
+                         "1 / sigma_rel) exceeds the float range")
+    return gamma
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
-    """Relative width ``sqrt((g + 1) / ((g + 2)^2 (g + 3)))`` of the power-function EMA.
+    """Relative width ``sqrt((g + 1) / ((g + 2)^2 (g + 3)))`` of the power-function EMA,
+    computed as ``sqrt((g + 1) / (g + 3)) / (g + 2)`` so that any finite ``gamma`` works.
 
     >>> round(gamma_to_sigma_rel(6.94), 3)
     0.1
+    >>> f"{gamma_to_sigma_rel(1e308):.3g}"
+    '1e-308'
     """
     gamma = _positive(gamma, "gamma")
-    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+    g1, g3 = gamma + 1.0, gamma + 3.0
+    return math.sqrt(g1 / g3) / (gamma + 2.0)
 
 
 def power_smoothing(t: float, dt: float, gamma: float) -> float:

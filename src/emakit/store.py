@@ -162,7 +162,7 @@ class Store:
             if comps is not None and s.avg is not None:
                 a = s.avg
                 s.comp = comps[s.key].as_strided(a.shape, a.stride(), a.storage_offset())
-        watch = Watch([s.entry for s in slots], p.watch_local(slots))
+        watch = Watch([s.entry for s in slots], [p.watch_local(s) for s in slots])
         self.entries, self.slots, self.flat, self.comps = entries, slots, flats, comps
         self._signature = _signature(entries)
         self.plan: Plan = build(slots, watch, comps, self.side_stream)
@@ -209,11 +209,6 @@ class Store:
     def model_forward(self) -> bool:
         """Whether a forward pass with the average needs the model's own forward (FSDP2:
         its forward gathers the parameters, so the averaged shards are swapped in)."""
-        return self.placement.model_forward
-
-    @property
-    def fsdp(self) -> bool:
-        """The name :attr:`model_forward` had before placements (kept for callers)."""
         return self.placement.model_forward
 
     @torch.no_grad()

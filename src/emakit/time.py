@@ -123,6 +123,24 @@ def convert(
     return batches / batches_per_epoch
 
 
+def _count(value: Any, name: str) -> int | None:
+    """``value`` as a whole number >= 0 (an int, or an integral 0-d integer tensor), or None;
+    a bool, a string, a fraction, NaN or a negative number is an error naming ``name``."""
+    if value is None:
+        return None
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # a tensor or numpy scalar
+        dtype = str(getattr(value, "dtype", ""))
+        if "int" not in dtype or "bool" in dtype:
+            raise TypeError(f"{name}: expected a whole number >= 0, got a {dtype} scalar")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected a whole number >= 0 (int), got "
+                        f"{type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name}: expected a whole number >= 0, got {value!r}")
+    return value
+
+
 class Clock:
     """Counts batches, epochs, samples and tokens as training advances."""
 
@@ -132,11 +150,15 @@ class Clock:
         self.counts: dict[str, int] = {"ba": 0, "ep": 0, "sp": 0, "tok": 0}
 
     def advance_batch(self, samples: int | None = None, tokens: int | None = None) -> None:
+        """One batch more; ``samples``/``tokens``: how many this batch held (whole numbers
+        >= 0, or None). Checked before anything is counted, so a refused call counts nothing."""
+        samples = _count(samples, "samples")
+        tokens = _count(tokens, "tokens")
         self.counts["ba"] += 1
         if samples is not None:
-            self.counts["sp"] += int(samples)
+            self.counts["sp"] += samples
         if tokens is not None:
-            self.counts["tok"] += int(tokens)
+            self.counts["tok"] += tokens
 
     def advance_epoch(self) -> None:
         self.counts["ep"] += 1

@@ -87,7 +87,7 @@ def test_average_matches_plain_ema_and_evaluation_uses_it():
         if (i + 1) % 8 == 0:
             ref.epoch_end()
     ema = algorithm.ema
-    assert ema.num_updates == ref.num_updates == 12
+    assert ema.num_updates == ref.num_updates == 13  # the start copy counts
     got, want = ema.ema_state_dict(), ref.ema_state_dict()
     for k in want:
         assert torch.equal(got[k], want[k]), k  # BatchNorm statistics included
@@ -113,7 +113,7 @@ def test_checkpoint_holds_the_average_and_resume_is_exact(tmp_path):
     half = tmp_path / "a" / "ep1.pt"
     ckpt = torch.load(half, weights_only=False)
     [(name, saved)] = [a for a in ckpt["state"]["algorithms"] if a[0] == "EMA"]
-    assert saved["ema"]["num_updates"] == 6 and saved["ema"]["clock"]["ba"] == 8
+    assert saved["ema"]["num_updates"] == 7 and saved["ema"]["clock"]["ba"] == 8
     model_weights = ckpt["state"]["model"]
     # the checkpoint's model weights are the average; the training weights ride along
     assert torch.equal(model_weights["module.0.weight"], saved["ema"]["average"]["module.0.weight"])
@@ -123,7 +123,7 @@ def test_checkpoint_holds_the_average_and_resume_is_exact(tmp_path):
     resumed_alg = EMA(half_life="3ba", ema_start="2ba")
     resumed = tiny()
     trainer(resumed, resumed_alg, load_path=str(half)).fit()
-    assert resumed_alg.ema.num_updates == straight_alg.ema.num_updates == 14
+    assert resumed_alg.ema.num_updates == straight_alg.ema.num_updates == 15
     a, b = straight_alg.ema.state_dict(), resumed_alg.ema.state_dict()
     assert a["clock"] == b["clock"]
     for k in a["average"]:
@@ -138,6 +138,24 @@ def test_arguments():
     with pytest.raises(ValueError, match="give one of them"):
         EMA(half_life="10ba", smoothing=0.9)
     algorithm = EMA(smoothing=0.9)  # the seed crashed here
-    assert algorithm.ema_kwargs["smoothing"] == 0.9
+    assert algorithm.config.smoothing == 0.9
     with pytest.raises(ValueError, match="update_interval"):
         EMA(half_life="10ba", update_interval="10sp")
+
+
+def test_every_ema_argument_reaches_the_algorithm():
+    import inspect
+
+    ema_args = set(inspect.signature(emakit.EMA).parameters) - {"model", "start", "total"}
+    ours = set(inspect.signature(EMA).parameters)
+    assert ema_args | {"ema_start"} <= ours, ema_args - ours
+    algorithm = EMA(half_life="4ba", buffers="copy", compensated=True, skip_nonfinite=True)
+    assert algorithm.config.buffers == "copy" and algorithm.config.compensated
+    config = emakit.EMAConfig(half_life="4ba", start="3ba")
+    assert EMA(config=config).config is config
+    with pytest.raises(TypeError, match="not both"):
+        EMA(half_life="2ba", config=config)
+    with pytest.raises(TypeError, match="ema_start"):
+        EMA(start="2ba")
+    with pytest.raises(TypeError, match="max_duration"):
+        EMA(total="2ep")

@@ -47,9 +47,11 @@ def main(out: str, devices: int) -> None:
     x = torch.randn(64, 3, generator=g)
     ds = TensorDataset(x, x.sum(1, keepdim=True).sin())
     cb = EMACallback(half_life="3ba", start="2ba")
+    # 16 samples of all ranks = 2 global batches: the same start, counted in samples
+    cb_samples = EMACallback(half_life="3ba", start="16sp", evaluate_with="model")
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-        max_epochs=2, callbacks=[cb], logger=False, enable_progress_bar=False,
+        max_epochs=2, callbacks=[cb, cb_samples], logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
         use_distributed_sampler=False,
     )
@@ -62,6 +64,7 @@ def main(out: str, devices: int) -> None:
     torch.save(
         {
             "ema": cb.ema.state_dict(),
+            "ema_samples": cb_samples.ema.state_dict(),
             "model": model.state_dict(),
             "val_loss": float(trainer.callback_metrics["val_loss"]),
             "world_size": trainer.world_size,

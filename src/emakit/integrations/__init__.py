@@ -3,9 +3,12 @@
 One module per trainer; each imports its trainer, so import the one you use:
 
 - ``emakit.integrations.lightning``: ``EMACallback`` for ``lightning.pytorch.Trainer``
-- ``emakit.integrations.transformers``: ``EMACallback`` for ``transformers.Trainer``
+- ``emakit.integrations.transformers``: ``EMACallback`` for ``transformers.Trainer``, and
+  ``EMATrainer``/``EMATrainerMixin``
 - ``emakit.integrations.composer``: ``EMA``, a Composer ``Algorithm``
 
+Each takes the EMA arguments through :class:`~emakit.EMAConfig` (a ``config=`` or its fields
+as keyword arguments), so every argument of :class:`emakit.EMA` reaches every trainer.
 Accelerate needs no adapter: build ``emakit.EMA`` on the prepared model (wrappers are seen
 through) and register it with ``accelerator.register_for_checkpointing(ema)``.
 Nothing in the core imports this package.
@@ -13,35 +16,47 @@ Nothing in the core imports this package.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ..config import EMAConfig
 
-__all__ = ["check_ema_arguments", "callback_arguments", "EVALUATE_WITH"]
+__all__ = ["adapter_config", "with_total", "EVALUATE_WITH"]
 
-EVALUATE_WITH = ("ema", "model", "both")
-
-
-def check_ema_arguments(kwargs: dict[str, Any]) -> EMAConfig:
-    """The :class:`~emakit.EMAConfig` of ``EMA(model, **kwargs)``, raising its
-    ValueError/TypeError at the adapter's construction rather than when training starts.
-    ``dur`` times may lack ``total`` here: adapters fill it from the trainer's planned length
-    (``dataclasses.replace(config, total=...)``)."""
-    return EMAConfig(**kwargs)
+EVALUATE_WITH = ("ema", "model")
 
 
-def callback_arguments(
-    trainer: str, evaluate_with: str, allowed: tuple[str, ...] = EVALUATE_WITH, **ema_kwargs: Any
-) -> dict[str, Any]:
-    """Check a trainer callback's arguments at its construction and return the EMA keyword
-    arguments. ``trainer`` names the trainer in messages; callbacks count optimizer steps and
-    epochs, so times in samples or tokens are refused."""
-    if evaluate_with not in allowed:
-        raise ValueError(f"evaluate_with: expected one of {allowed}, got {evaluate_with!r}")
-    config = check_ema_arguments(ema_kwargs)
-    if config.start.unit in ("sp", "tok"):
-        raise ValueError(
-            f"start={str(config.start)!r}: the {trainer} callback counts optimizer steps and "
-            "epochs, not samples or tokens"
-        )
-    return ema_kwargs
+def adapter_config(
+    trainer: str,
+    config: EMAConfig | None,
+    kwargs: dict[str, Any],
+    counts: tuple[str, ...] = ("ba", "ep"),
+) -> EMAConfig:
+    """The :class:`~emakit.EMAConfig` of a trainer adapter, checked at the adapter's
+    construction rather than when training starts. ``dur`` times may lack ``total`` here
+    (see :func:`with_total`). ``counts``: the units the adapter can count; a ``start`` (or a
+    ``total`` for ``dur`` times) in another unit is refused, naming ``trainer``."""
+    if config is None:
+        config = EMAConfig(**kwargs)
+    elif kwargs:
+        raise TypeError(f"{trainer} adapter: pass either config or the EMA keyword arguments, "
+                        f"not both (got config and {sorted(kwargs)})")
+    elif not isinstance(config, EMAConfig):
+        raise TypeError(f"config: expected an emakit.EMAConfig, got {type(config).__name__}")
+    for name in ("start", "total"):
+        t = getattr(config, name)
+        if t is not None and t.unit in ("sp", "tok") and t.unit not in counts:
+            raise ValueError(
+                f"{name}={str(t)!r}: the {trainer} adapter counts "
+                f"{' and '.join(counts)}, not {'samples' if t.unit == 'sp' else 'tokens'}"
+            )
+    return config
+
+
+def with_total(config: EMAConfig, total: str) -> EMAConfig:
+    """``config`` with ``total`` set to the trainer's planned length ``total`` when a ``dur``
+    time needs it and none was given; then checked as :class:`emakit.EMA` checks it."""
+    if config.total is None and config.uses_dur():
+        config = dataclasses.replace(config, total=total)
+    config.require_total()
+    return config

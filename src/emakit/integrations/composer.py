@@ -30,6 +30,8 @@ Example (not a doctest: Composer lives in its own environment)::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 from typing import Any
 
 import torch
@@ -38,8 +40,8 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
 from .. import ema as _ema
-from ..time import Time
-from . import check_ema_arguments
+from ..config import EMAConfig
+from . import adapter_config
 
 __all__ = ["EMA"]
 
@@ -55,6 +57,25 @@ def _time_string(t: Any) -> str:
     return f"{t.value}{t.unit.value}"
 
 
+def _signature() -> inspect.Signature:
+    """Composer's four arguments first (the seed's), then every other EMA keyword."""
+    own = [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
+        for name, default in (("half_life", None), ("smoothing", None),
+                              ("ema_start", "0.0dur"), ("update_interval", None))
+    ]
+    rest = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                          annotation=f.type)
+        for f in dataclasses.fields(EMAConfig)
+        if f.name not in ("half_life", "smoothing", "start", "update_interval", "total")
+    ]
+    config = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
+                               annotation="EMAConfig | None")
+    return inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY),
+                              *own, config, *rest])
+
+
 class EMA(Algorithm):
     """Maintains an exponential moving average of the model's weights (see the module doc).
 
@@ -64,7 +85,9 @@ class EMA(Algorithm):
         smoothing: per-update factor in [0, 1], not adjusted by ``update_interval``.
         ema_start: time before which the average follows the model (default ``"0.0dur"``).
         update_interval: ``ba`` or ``ep``; default 1 unit of ``half_life``'s unit, or ``1ba``.
-        buffers, dtype, device, warmup, skip_nonfinite: as :class:`emakit.EMA`.
+        **kwargs: every other argument of :class:`emakit.EMA` (``buffers``, ``dtype``,
+            ``warmup``, ``skip_nonfinite``, ...), through :class:`~emakit.EMAConfig`;
+            ``total`` is the Trainer's ``max_duration``.
 
     The :class:`emakit.EMA` it drives is ``.ema`` (built at ``INIT``, or at ``FIT_START`` when a
     ``dur`` time needs ``max_duration`` given only to ``fit``).
@@ -76,22 +99,34 @@ class EMA(Algorithm):
         smoothing: float | None = None,
         ema_start: str = "0.0dur",
         update_interval: str | None = None,
-        buffers: str = "average",
-        dtype: torch.dtype | None = torch.float32,
-        device: torch.device | str | None = None,
-        warmup: Any = None,
-        skip_nonfinite: bool = False,
+        **kwargs: Any,
     ) -> None:
+        for name in ("start", "total"):
+            if name in kwargs:
+                raise TypeError(
+                    f"EMA (Composer): {name!r} is not an argument here: "
+                    + ("the start is ema_start" if name == "start" else
+                       "total comes from the Trainer's max_duration")
+                )
+        config = kwargs.pop("config", None)
+        if config is not None:
+            if (half_life, smoothing, ema_start, update_interval) != (None, None, "0.0dur", None):
+                raise TypeError("EMA (Composer): pass either config or the EMA arguments, "
+                                "not both")
+            half_life, smoothing = config.half_life, config.smoothing
+            ema_start, update_interval = config.start, config.update_interval
+            self.config = adapter_config("Composer", config, kwargs)
+        else:
+            self.config = adapter_config(
+                "Composer", None,
+                dict(half_life=half_life, smoothing=smoothing, start=ema_start,
+                     update_interval=update_interval, **kwargs),
+                counts=("ba", "ep", "sp", "tok"),
+            )
         self.half_life = half_life
         self.smoothing = smoothing
         self.ema_start = ema_start
         self.update_interval = update_interval
-        self.ema_kwargs: dict[str, Any] = dict(
-            half_life=half_life, smoothing=smoothing, start=ema_start,
-            update_interval=update_interval, buffers=buffers, dtype=dtype, device=device,
-            warmup=warmup, skip_nonfinite=skip_nonfinite,
-        )
-        check_ema_arguments(self.ema_kwargs)
         self.ema: _ema.EMA | None = None
         self._pending: dict[str, Any] | None = None
         self._swap = contextlib.ExitStack()
@@ -105,20 +140,14 @@ class EMA(Algorithm):
 
     # building ----------------------------------------------------------------------------
 
-    def _needs_total(self) -> bool:
-        return any(
-            self.ema_kwargs[n] is not None and Time.parse(self.ema_kwargs[n]).unit == "dur"
-            for n in ("half_life", "start")
-        )
-
     def _build(self, state: State) -> None:
         if self.ema is None:
-            total = None
+            config = self.config
             if state.max_duration is not None:
-                total = _time_string(state.max_duration)
-            elif self._needs_total():
+                config = dataclasses.replace(config, total=_time_string(state.max_duration))
+            elif config.uses_dur():
                 return  # max_duration comes with fit(): build at FIT_START
-            self.ema = _ema.EMA(state.model, total=total, **self.ema_kwargs)
+            self.ema = _ema.EMA(state.model, config=config)
         if self._pending is not None:
             self._load(self._pending)
             self._pending = None
@@ -203,3 +232,6 @@ class EMA(Algorithm):
         if state.get("training_weights") is not None:
             # Composer has loaded the checkpoint's model weights (the average) already.
             self.ema.model.load_state_dict(state["training_weights"])
+
+
+EMA.__init__.__signature__ = _signature()  # type: ignore[attr-defined]

@@ -21,16 +21,18 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.data import extract_batch_size
 
+from ..config import EMAConfig, takes_config
 from ..ema import EMA
-from ..time import Time
-from . import callback_arguments
+from . import EVALUATE_WITH, adapter_config, with_total
 
 __all__ = ["EMACallback", "TRAINING_WEIGHTS_KEY"]
 
@@ -43,55 +45,70 @@ class EMACallback(pl.Callback):
     """Keeps an :class:`emakit.EMA` of the LightningModule's weights during ``fit``.
 
     Args:
-        half_life, smoothing, start, update_interval, total, batches_per_epoch, buffers,
-            dtype, device, warmup, skip_nonfinite: as :class:`emakit.EMA` (times in ``ba``
-            count optimizer steps, ``ep`` epochs). A ``dur`` time without ``total`` takes
-            ``total`` from ``trainer.estimated_stepping_batches``.
-        evaluate_with: ``"ema"`` (validation and test on the averaged weights), ``"model"``
-            (on the training weights) or ``"both"``: each ``validation_step``/``test_step``
-            runs twice and every metric it logs appears as ``<name>_model`` and
-            ``<name>_ema``. Before the EMA has started, ``"ema"`` evaluates the model itself.
+        config: an :class:`~emakit.EMAConfig`, or its fields as keyword arguments: every
+            argument of :class:`emakit.EMA`. Times in ``ba`` count optimizer steps, ``ep``
+            epochs, ``sp`` the samples of all ranks (Lightning's ``extract_batch_size`` of
+            each micro-batch, summed), ``tok`` what ``count_tokens`` returns. A ``dur`` time
+            without ``total`` takes ``total`` from ``trainer.estimated_stepping_batches``.
+        evaluate_with: ``"ema"`` (validation, test and predict on the averaged weights) or
+            ``"model"`` (on the training weights). Before the EMA has started, ``"ema"``
+            evaluates the model itself. To log both in one pass, keep ``"model"`` and compute
+            the averaged model's metrics in your ``validation_step`` with
+            ``ema_cb.ema.module(x)`` (no swap; see docs/integrations.md).
         save_ema_weights: write the averaged weights as the checkpoint's ``"state_dict"``
             (what ``Module.load_from_checkpoint`` and ``trainer.test(ckpt_path=...)`` load),
             keeping the training weights under ``checkpoint["emakit_training_state_dict"]``;
             ``trainer.fit(ckpt_path=...)`` puts the training weights back and trains on.
         copy_on_fit_end: at the end of ``fit``, copy the averaged weights into the model.
+        count_tokens: ``callable(batch) -> int``, the tokens in a micro-batch (e.g.
+            ``lambda b: int(b["attention_mask"].sum())``); needed for times in ``tok``.
 
     The :class:`emakit.EMA` is built at ``on_fit_start`` (after the strategy has moved the
     model to its device) and exposed as ``.ema``.
+
+    Checkpoints: the EMA state is the callback's state in the Lightning checkpoint, restored
+    by ``fit``, ``validate``, ``test`` and ``predict`` with ``ckpt_path=...``. A ``fit``
+    resumed from a checkpoint without it warns once and restarts the average from the loaded
+    weights, its clock at the trainer's step and epoch (so ``start`` and ``dur`` times keep
+    their meaning); a ``validate``/``test`` of such a checkpoint warns that it evaluates the
+    checkpoint's own weights.
     """
 
+    @takes_config(EMAConfig)
     def __init__(
         self,
-        half_life: str | Time | None = None,
-        smoothing: float | Callable[[int], float] | None = None,
-        start: str | Time = "0ba",
-        update_interval: str | Time | None = None,
-        total: str | Time | None = None,
-        batches_per_epoch: int | None = None,
-        buffers: str = "average",
-        dtype: torch.dtype | None = torch.float32,
-        device: torch.device | str | None = None,
-        warmup: Any = None,
-        skip_nonfinite: bool = False,
+        config: EMAConfig | None = None,
         *,
         evaluate_with: str = "ema",
         save_ema_weights: bool = False,
         copy_on_fit_end: bool = False,
+        count_tokens: Callable[[Any], int] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__()
-        self.ema_kwargs: dict[str, Any] = callback_arguments(
-            "Lightning", evaluate_with,
-            half_life=half_life, smoothing=smoothing, start=start,
-            update_interval=update_interval, total=total, batches_per_epoch=batches_per_epoch,
-            buffers=buffers, dtype=dtype, device=device, warmup=warmup,
-            skip_nonfinite=skip_nonfinite,
-        )
+        if evaluate_with not in EVALUATE_WITH:
+            raise ValueError(
+                f"evaluate_with: expected one of {EVALUATE_WITH}, got {evaluate_with!r}"
+                + (" (to log both, see the class docstring)" if evaluate_with == "both" else "")
+            )
+        if count_tokens is not None and not callable(count_tokens):
+            raise TypeError(f"count_tokens: expected callable(batch) -> int, got {count_tokens!r}")
+        counts = ("ba", "ep", "sp") + (("tok",) if count_tokens is not None else ())
+        self.config = adapter_config("Lightning", config, kwargs, counts=counts)
+        self.count_tokens = count_tokens
+        # sp/tok times need the counts each step: summed over micro-batches and ranks
+        units = {self.config.start.unit}
+        if self.config.total is not None and self.config.uses_dur():
+            units.add(self.config.total.unit)
+        self._counting = bool(units & {"sp", "tok"})
+        self._samples = self._tokens = 0
         self.evaluate_with = evaluate_with
         self.save_ema_weights = bool(save_ema_weights)
         self.copy_on_fit_end = bool(copy_on_fit_end)
         self.ema: EMA | None = None
         self._pending: dict[str, Any] | None = None
+        self._restored = False  # an EMA state came from this run's ckpt_path
+        self._warned = False
         self._last_global_step = 0
         self._epoch_counted = False
         self._swap = contextlib.ExitStack()
@@ -99,46 +116,62 @@ class EMACallback(pl.Callback):
     @property
     def state_key(self) -> str:
         """Distinct per configuration, so that two EMA callbacks can share a checkpoint."""
-        kw = self.ema_kwargs
-        smoothing = kw["smoothing"]
+        c = self.config
+        smoothing = c.smoothing
         if smoothing is not None and not isinstance(smoothing, (int, float)):
             smoothing = type(smoothing).__name__
         return self._generate_state_key(
-            half_life=None if kw["half_life"] is None else str(kw["half_life"]),
-            smoothing=smoothing, start=str(kw["start"]),
-            update_interval=None if kw["update_interval"] is None else str(kw["update_interval"]),
+            half_life=None if c.half_life is None else str(c.half_life),
+            smoothing=smoothing, start=str(c.start), update_interval=str(c.update_interval),
         )
 
     # building the EMA --------------------------------------------------------------------
 
     def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> EMA:
-        kwargs = dict(self.ema_kwargs)
-        if kwargs["total"] is None and any(
-            kwargs[n] is not None and Time.parse(kwargs[n]).unit == "dur"
-            for n in ("half_life", "start")
-        ):
+        config = self.config
+        if config.total is None and config.uses_dur():
             steps = trainer.estimated_stepping_batches
             if not isinstance(steps, int) and not float(steps).is_integer():
                 raise ValueError(
                     "total: a 'dur' time needs the training length; the trainer cannot "
                     "estimate it (set max_steps or pass total)"
                 )
-            kwargs["total"] = f"{int(steps)}ba"
-        return EMA(pl_module, **kwargs)
+            config = with_total(config, f"{int(steps)}ba")
+        return EMA(pl_module, config=config)
 
     def _ensure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> EMA:
-        if self.ema is None or self.ema.model is not pl_module:
-            self.ema = self._build(trainer, pl_module)
-        if self._pending is not None:
-            self.ema.load_state_dict(self._pending)
-            self._pending = None
+        # Validate/test hooks run under torch.inference_mode: an average allocated there
+        # would be inference tensors, which a later load or update may not write.
+        with torch.inference_mode(False):
+            if self.ema is None or self.ema.model is not pl_module:
+                self.ema = self._build(trainer, pl_module)
+            if self._pending is not None:
+                self.ema.load_state_dict(self._pending)
+                self._pending = None
         return self.ema
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restored = False  # checkpoints are restored after setup, whatever the stage
+        self._warned = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._ensure(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_global_step = trainer.global_step
+        if trainer.ckpt_path is not None and not self._restored:
+            ema = self._ensure(trainer, pl_module)
+            counts = dict(ema.clock.state_dict())
+            counts.update(ba=trainer.global_step, ep=trainer.current_epoch)
+            ema.clock.load_state_dict(counts)
+            warnings.warn(
+                f"emakit: {trainer.ckpt_path} holds no state of this EMACallback "
+                f"(state_key {self.state_key!r}): the average restarts from the loaded weights, "
+                f"its clock at step {trainer.global_step}, epoch {trainer.current_epoch} "
+                "(start and dur times keep their meaning)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     # the loop ----------------------------------------------------------------------------
 
@@ -150,11 +183,21 @@ class EMACallback(pl.Callback):
         batch_idx: int,
     ) -> None:
         assert self.ema is not None
+        if self._counting:
+            self._samples += extract_batch_size(batch)
+            if self.count_tokens is not None:
+                self._tokens += int(self.count_tokens(batch))
         # global_step counts optimizer steps: with gradient accumulation it moves once per
         # accumulated group, and the EMA with it.
         if trainer.global_step > self._last_global_step:
             self._last_global_step = trainer.global_step
-            self.ema.step()
+            samples = tokens = None
+            if self._counting:
+                counts = torch.tensor([self._samples, self._tokens], device=pl_module.device)
+                counts = trainer.strategy.reduce(counts, reduce_op="sum")  # all ranks' batches
+                samples, tokens = (int(v) for v in counts.tolist())
+                self._samples = self._tokens = 0
+            self.ema.step(samples=samples, tokens=None if self.count_tokens is None else tokens)
         # Count the epoch here, on its last batch, so that the epoch-end validation (which
         # Lightning runs before on_train_epoch_end) already sees the epoch's update.
         if trainer.is_last_batch and not self._epoch_counted:
@@ -174,6 +217,21 @@ class EMACallback(pl.Callback):
 
     def _eval_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ema = self._ensure(trainer, pl_module)
+        if (
+            trainer.state.fn != TrainerFn.FITTING
+            and trainer.ckpt_path is not None
+            and not self._restored
+            and not self._warned
+            and self.evaluate_with == "ema"
+        ):
+            warnings.warn(
+                f"emakit: {trainer.ckpt_path} holds no state of this EMACallback "
+                f"(state_key {self.state_key!r}): {trainer.state.fn.value} runs on the "
+                "checkpoint's own weights",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._warned = True  # once per run
         if self.evaluate_with == "ema":
             self._swap.enter_context(ema.swapped())
 
@@ -192,81 +250,16 @@ class EMACallback(pl.Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._eval_end()
 
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_start(trainer, pl_module)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_end()
+
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._swap.close()  # training weights back whatever happened
-
-    # evaluate_with="both": the step runs on the training weights with "_model" names, then
-    # the callback runs it again on the averaged weights with "_ema" names.
-
-    def _suffix_logs(self, pl_module: pl.LightningModule, suffix: str) -> None:
-        original = type(pl_module).log
-
-        def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
-            original(pl_module, name + suffix, value, *args, **kwargs)
-
-        object.__setattr__(pl_module, "log", log)
-
-    @staticmethod
-    def _unsuffix_logs(pl_module: pl.LightningModule) -> None:
-        pl_module.__dict__.pop("log", None)
-
-    def _both_batch_start(self, pl_module: pl.LightningModule) -> None:
-        if self.evaluate_with == "both":
-            self._suffix_logs(pl_module, "_model")
-
-    def _both_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: str, batch: Any,
-        batch_idx: int, dataloader_idx: int,
-    ) -> None:
-        if self.evaluate_with != "both":
-            return
-        assert self.ema is not None
-        n_loaders = len(
-            trainer.num_val_batches if step == "validation_step" else trainer.num_test_batches
-        )
-        args = (batch, batch_idx) + ((dataloader_idx,) if n_loaders > 1 else ())
-        context = (
-            trainer.precision_plugin.val_step_context()
-            if step == "validation_step"
-            else trainer.precision_plugin.test_step_context()
-        )
-        self._suffix_logs(pl_module, "_ema")
-        fx_name = pl_module._current_fx_name
-        pl_module._current_fx_name = step
-        try:
-            with self.ema.swapped(), context:
-                getattr(pl_module, step)(*args)
-        finally:
-            pl_module._current_fx_name = fx_name
-            self._unsuffix_logs(pl_module)
-
-    def on_validation_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._both_batch_start(pl_module)
-
-    def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-        batch_idx: int, dataloader_idx: int = 0,
-    ) -> None:
-        self._both_batch_end(
-            trainer, pl_module, "validation_step", batch, batch_idx, dataloader_idx
-        )
-
-    def on_test_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._both_batch_start(pl_module)
-
-    def on_test_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-        batch_idx: int, dataloader_idx: int = 0,
-    ) -> None:
-        self._both_batch_end(trainer, pl_module, "test_step", batch, batch_idx, dataloader_idx)
 
     # checkpoints -------------------------------------------------------------------------
 
@@ -278,6 +271,7 @@ class EMACallback(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "ema" not in state_dict:
             return
+        self._restored = True
         if self.ema is not None:
             self.ema.load_state_dict(state_dict["ema"])
         else:  # restored before on_fit_start: load once the EMA exists

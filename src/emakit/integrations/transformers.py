@@ -1,4 +1,4 @@
-r"""EMA for Hugging Face Transformers: ``Trainer(..., callbacks=[EMACallback(half_life="500ba")])``.
+r"""EMA for Hugging Face Transformers, on the Trainer's public hooks only.
 
 After every optimizer step (``on_step_end``: once per ``gradient_accumulation_steps``
 micro-batches) the callback calls :meth:`emakit.EMA.step`, which applies
@@ -6,179 +6,225 @@ micro-batches) the callback calls :meth:`emakit.EMA.step`, which applies
 .. math:: \bar\theta \leftarrow s\,\bar\theta + (1 - s)\,\theta,
           \qquad s = 2^{-\text{update\_interval} / \text{half\_life}}
 
-and counts epochs with :meth:`emakit.EMA.epoch_end`. ``trainer.evaluate()``,
-``trainer.predict()`` and the evaluations during training run on the averaged weights. Each
-checkpoint folder ``checkpoint-N`` gets
+and counts epochs with :meth:`emakit.EMA.epoch_end`. Two ways to use it:
 
-- ``emakit_ema.pt``: the EMA state (``torch.load(..., weights_only=True)``), which
-  ``trainer.train(resume_from_checkpoint=...)`` restores exactly;
-- ``ema/``: the averaged model, saved with ``save_pretrained``, so that
-  ``AutoModel...from_pretrained("checkpoint-N/ema")`` loads it.
+- ``Trainer(..., callbacks=[EMACallback(...)])`` (or ``trainer.add_callback``): the average
+  is kept, checkpointed and resumed, and the evaluations the Trainer runs *during training*
+  use it: the callback puts the averaged weights in at ``on_step_end``/``on_epoch_end`` when
+  the Trainer's control says an evaluation follows, and the training weights back at
+  ``on_evaluate``, before any checkpoint is written. A callback is not told when a
+  ``trainer.evaluate()`` or ``trainer.predict()`` of yours begins: wrap those calls in
+  ``with ema_cb.swapped():``.
+- ``EMATrainer`` (or :class:`EMATrainerMixin` before any Trainer subclass, e.g. TRL's
+  ``SFTTrainer``): its ``evaluate()`` and ``predict()`` run on the averaged weights wherever
+  they are called from, several eval datasets included, and its ``train()`` tells the
+  callback which checkpoint it resumes from.
+
+Each checkpoint folder ``checkpoint-N`` gets ``emakit_ema.pt`` (the EMA state, loadable with
+``torch.load(..., weights_only=True)``) and ``ema/``, the averaged model written with
+``save_pretrained``, so ``AutoModel...from_pretrained("checkpoint-N/ema")`` loads it.
 
 Example:
-    >>> from emakit.integrations.transformers import EMACallback
+    >>> from emakit.integrations.transformers import EMACallback, EMATrainer
     >>> ema_cb = EMACallback(half_life="500ba")
-    >>> # trainer = transformers.Trainer(model, args, train_dataset=..., callbacks=[ema_cb])
+    >>> # trainer = EMATrainer(model, args, train_dataset=..., callbacks=[ema_cb])
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
 import os
 import shutil
-import sys
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from ..config import EMAConfig, takes_config
 from ..ema import EMA
 from ..io import save_torch
-from ..time import Time
-from . import callback_arguments
+from . import EVALUATE_WITH, adapter_config, with_total
 
-__all__ = ["EMACallback", "EMA_STATE_NAME", "EMA_MODEL_DIR"]
+__all__ = ["EMACallback", "EMATrainerMixin", "EMATrainer", "EMA_STATE_NAME", "EMA_MODEL_DIR"]
 
 EMA_STATE_NAME = "emakit_ema.pt"
 EMA_MODEL_DIR = "ema"
-EVALUATE_WITH = ("ema", "model")
 
 
-def _find_trainer() -> Trainer | None:
-    """The Trainer whose method is calling this callback. Callbacks are not handed the
-    trainer, but ``on_init_end`` and ``on_train_begin`` are called from its methods."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, Trainer):
-            return owner
-        frame = frame.f_back
-    return None
+def _fingerprint(model: nn.Module) -> torch.Tensor | None:
+    """Per trainable parameter, the float64 sum and sum of magnitudes: enough to tell the
+    weights a checkpoint saved from any other weights, at one host sync. ``None`` for a
+    sharded model (DTensor parameters): each rank holds other shards, so there is no one
+    fingerprint to compare."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if any(hasattr(p, "to_local") for p in params):
+        return None
+    rows = [torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()])
+            for p in params]
+    return torch.stack(rows).cpu() if rows else torch.zeros(0, 2, dtype=torch.float64)
 
 
 class EMACallback(TrainerCallback):
     """Keeps an :class:`emakit.EMA` of the model's weights while a ``transformers.Trainer``
-    trains, and evaluates and checkpoints with it.
+    trains, evaluates with it during training, and checkpoints it.
 
     Args:
-        half_life, smoothing, start, update_interval, total, batches_per_epoch, buffers,
-            dtype, device, warmup, skip_nonfinite: as :class:`emakit.EMA` (``ba`` counts
-            optimizer steps, ``ep`` epochs). A ``dur`` time without ``total`` takes ``total``
-            from the trainer's ``max_steps``.
-        evaluate_with: ``"ema"`` (default): ``evaluate()`` and ``predict()`` run on the
-            averaged weights (the model's own before the EMA starts); ``"model"``: on the
-            training weights.
+        config: an :class:`~emakit.EMAConfig`, or its fields as keyword arguments: every
+            argument of :class:`emakit.EMA` (``ba`` counts optimizer steps, ``ep`` epochs,
+            ``tok`` the Trainer's ``state.num_input_tokens_seen``, which needs
+            ``TrainingArguments(include_num_input_tokens_seen=True)``). A ``dur`` time
+            without ``total`` takes ``total`` from the trainer's ``max_steps``.
+        evaluate_with: ``"ema"`` (default): evaluations run on the averaged weights (the
+            model's own before the EMA starts), and ``load_best_model_at_end`` loads the
+            averaged weights of the best checkpoint; ``"model"``: on the training weights.
         save_ema_model: also write ``checkpoint-N/ema/`` with ``save_pretrained``.
 
     The EMA is built at ``on_train_begin`` on the (unwrapped) model and exposed as ``.ema``.
+
+    Resuming: at ``on_train_begin`` of a resumed run (the Trainer's step ``N > 0``) the EMA
+    state is read from the checkpoint the run resumes from: the folder given to
+    :meth:`resume_from` (``EMATrainer.train`` gives it), else ``output_dir/checkpoint-N``. The
+    file records a fingerprint of the training weights it was saved with; a file that does
+    not belong to the loaded weights is a ``ValueError``. No file: a warning, and the average
+    restarts from the loaded weights with its clock at step ``N``.
     """
 
+    @takes_config(EMAConfig)
     def __init__(
         self,
-        half_life: str | Time | None = None,
-        smoothing: float | Callable[[int], float] | None = None,
-        start: str | Time = "0ba",
-        update_interval: str | Time | None = None,
-        total: str | Time | None = None,
-        batches_per_epoch: int | None = None,
-        buffers: str = "average",
-        dtype: torch.dtype | None = torch.float32,
-        device: torch.device | str | None = None,
-        warmup: Any = None,
-        skip_nonfinite: bool = False,
+        config: EMAConfig | None = None,
         *,
         evaluate_with: str = "ema",
         save_ema_model: bool = True,
+        **kwargs: Any,
     ) -> None:
-        self.ema_kwargs: dict[str, Any] = callback_arguments(
-            "Transformers", evaluate_with, allowed=EVALUATE_WITH,
-            half_life=half_life, smoothing=smoothing, start=start,
-            update_interval=update_interval, total=total, batches_per_epoch=batches_per_epoch,
-            buffers=buffers, dtype=dtype, device=device, warmup=warmup,
-            skip_nonfinite=skip_nonfinite,
-        )
+        if evaluate_with not in EVALUATE_WITH:
+            raise ValueError(
+                f"evaluate_with: expected one of {EVALUATE_WITH}, got {evaluate_with!r}"
+            )
+        self.config = adapter_config("Transformers", config, kwargs, counts=("ba", "ep", "tok"))
+        units = {self.config.start.unit}
+        if self.config.total is not None and self.config.uses_dur():
+            units.add(self.config.total.unit)
+        self._counting_tokens = "tok" in units
+        self._tokens_seen = 0
         self.evaluate_with = evaluate_with
         self.save_ema_model = bool(save_ema_model)
         self.ema: EMA | None = None
-        self._trainer: Trainer | None = None
         self._resume_dir: str | None = None
-        self._evaluating = False
+        self._training = False
+        self._swap = contextlib.ExitStack()
+        self._swapped = False
+        self._holders = 0  # open evaluating() blocks: they, not on_evaluate, end the swap
+        self._warned_outside = False
 
-    # attaching to the trainer ------------------------------------------------------------
+    # the averaged weights in the model ---------------------------------------------------
 
-    def _attach(self) -> None:
-        if self._trainer is not None:
+    def _swap_in(self) -> None:
+        if self._swapped or self.ema is None or self.evaluate_with != "ema":
             return
-        trainer = _find_trainer()
-        if trainer is None:
+        self._swap.enter_context(self.ema.swapped())
+        self._swapped = True
+
+    def _release(self) -> None:
+        self._swap.close()
+        self._swapped = False
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Within the block the model holds the averaged weights when ``evaluate_with`` is
+        ``"ema"`` (no-op otherwise, or before training has begun); training weights back
+        after, bitwise. Blocks may nest. ``EMATrainer`` wraps ``evaluate``/``predict`` in it."""
+        self._swap_in()
+        self._holders += 1
+        try:
+            yield
+        finally:
+            self._holders -= 1
+            if self._holders == 0:
+                self._release()
+
+    def swapped(self) -> contextlib.AbstractContextManager[None]:
+        """The averaged weights in the model for a ``trainer.evaluate()``/``predict()`` of
+        yours: ``with ema_cb.swapped(): trainer.evaluate()``. Same as :meth:`evaluating`."""
+        return self.evaluating()
+
+    def _check_evaluated_on_average(self, what: str) -> None:
+        """Called after an evaluation: if it ran on the training weights although
+        ``evaluate_with="ema"`` and the average exists, say so."""
+        if self._swapped or self.ema is None or self.evaluate_with != "ema":
+            return
+        if not self.ema.started:
+            return  # before the start the average is the model itself
+        if self._training:
+            raise RuntimeError(
+                f"emakit: an {what} during training ran on the training weights: the "
+                "EMACallback puts the average in only for the evaluation its on_step_end/"
+                "on_epoch_end sees announced, and a Trainer with several eval datasets (or a "
+                "callback that requests the evaluation after this one) evaluates more. Use "
+                "emakit.integrations.transformers.EMATrainer (or EMATrainerMixin)"
+            )
+        if not self._warned_outside:
+            self._warned_outside = True
             warnings.warn(
-                "emakit: EMACallback could not find its Trainer; evaluation will use the "
-                "training weights and resuming will restart the EMA",
+                f"emakit: this {what} ran on the training weights: a callback is not told "
+                "when trainer.evaluate()/predict() begins. Wrap the call in "
+                "`with ema_cb.swapped():` or use EMATrainer",
                 RuntimeWarning,
                 stacklevel=3,
             )
-            return
-        self._trainer = trainer
-        # Instance attributes shadow the methods: evaluate() (also called by the training
-        # loop), predict() and train() go through these wrappers.
-        for name in ("evaluate", "predict"):
-            setattr(trainer, name, self._evaluating_with_ema(getattr(trainer, name)))
-        trainer.train = self._recording_resume(trainer.train)
-
-    def _evaluating_with_ema(self, method: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(method)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if self.ema is None or self.evaluate_with != "ema" or self._evaluating:
-                return method(*args, **kwargs)  # nested: evaluate() recurses over datasets
-            self._evaluating = True
-            try:
-                with self.ema.swapped():
-                    return method(*args, **kwargs)
-            finally:
-                self._evaluating = False
-
-        return wrapper
-
-    def _recording_resume(self, method: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(method)
-        def train(resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-            path = resume_from_checkpoint
-            if path is True:
-                assert self._trainer is not None
-                path = get_last_checkpoint(self._trainer.args.output_dir)
-            self._resume_dir = path if isinstance(path, (str, os.PathLike)) else None
-            return method(resume_from_checkpoint, *args, **kwargs)
-
-        return train
-
-    def on_init_end(self, args, state, control, **kwargs):
-        self._attach()
 
     # training ----------------------------------------------------------------------------
 
+    def resume_from(self, checkpoint: str | os.PathLike | None) -> None:
+        """The checkpoint folder the next ``train()`` resumes from (``EMATrainer`` calls
+        this); ``None``: look in ``output_dir/checkpoint-N``."""
+        self._resume_dir = None if checkpoint is None else os.fspath(checkpoint)
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._attach()
         if model is None:
             raise RuntimeError("EMACallback: the Trainer passed no model to on_train_begin")
-        ema_kwargs = dict(self.ema_kwargs)
-        if ema_kwargs["total"] is None and state.max_steps and state.max_steps > 0:
-            ema_kwargs["total"] = f"{state.max_steps}ba"
-        self.ema = EMA(model, **ema_kwargs)
+        self._release()
+        if self._counting_tokens and args.include_num_input_tokens_seen in ("no", False):
+            raise ValueError(
+                f"start={str(self.config.start)!r}: the callback counts tokens with the "
+                "Trainer's state.num_input_tokens_seen; set "
+                "TrainingArguments(include_num_input_tokens_seen=True) (or 'non_padding')"
+            )
+        config = self.config
+        if state.max_steps and state.max_steps > 0:
+            config = with_total(config, f"{state.max_steps}ba")
+        self.ema = EMA(model, config=config)
+        self._tokens_seen = int(state.num_input_tokens_seen or 0)
         if state.global_step > 0:
-            self._resume(state)
+            self._resume(args, state)
+        self._training = True
+        if args.eval_on_start:
+            self._swap_in()
 
-    def _resume(self, state) -> None:
+    def _resume(self, args, state) -> None:
         assert self.ema is not None
-        path = None if self._resume_dir is None else os.path.join(self._resume_dir, EMA_STATE_NAME)
-        if path is None or not os.path.isfile(path):
+        folder = self._resume_dir or os.path.join(
+            args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        )
+        self._resume_dir = None  # good for one train() only
+        path = os.path.join(folder, EMA_STATE_NAME)
+        if not os.path.isfile(path):
+            self.ema.clock.load_state_dict({
+                "ba": state.global_step, "ep": int(state.epoch or 0), "sp": 0,
+                "tok": int(state.num_input_tokens_seen or 0),
+            })
             warnings.warn(
-                f"emakit: training resumes at step {state.global_step} but no {EMA_STATE_NAME} "
-                f"was found in {self._resume_dir!r}: the EMA restarts from the current weights",
+                f"emakit: training resumes at step {state.global_step} but {path} does not "
+                "exist: the EMA restarts from the loaded weights, its clock at that step "
+                "(start and dur times keep their meaning). If the checkpoint is elsewhere, "
+                "pass it with ema_cb.resume_from(folder) or use EMATrainer",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -189,7 +235,23 @@ class EMACallback(TrainerCallback):
                 f"{path}: EMA state saved at step {saved.get('global_step')}, but the trainer "
                 f"resumes at step {state.global_step}"
             )
+        self._check_fingerprint(saved, path, "resumes from")
         self.ema.load_state_dict(saved["ema"])
+
+    def _check_fingerprint(self, saved: dict[str, Any], path: str, action: str) -> None:
+        assert self.ema is not None
+        want = saved.get("fingerprint")
+        if want is None:
+            return  # written before fingerprints existed
+        got = _fingerprint(self.ema.model)
+        if got is None:
+            return
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-9, atol=0.0):
+            raise ValueError(
+                f"{path} holds the EMA of other training weights than those the Trainer "
+                f"{action}: it belongs to another run. Pass the checkpoint folder with "
+                "ema_cb.resume_from(folder), or use EMATrainer, which passes it"
+            )
 
     def _count_epochs(self, done: int) -> None:
         assert self.ema is not None
@@ -199,15 +261,59 @@ class EMACallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.ema is None:
             return
-        self.ema.step()
+        tokens = None
+        if self._counting_tokens:  # all ranks' tokens, as the Trainer gathers them
+            seen = int(state.num_input_tokens_seen)
+            tokens, self._tokens_seen = seen - self._tokens_seen, seen
+        self.ema.step(tokens=tokens)
         # On an epoch's last step state.epoch is a whole number. Count the epoch now: the
         # checkpoint and evaluation of that step come before on_epoch_end.
         if state.epoch is not None and float(state.epoch).is_integer():
             self._count_epochs(int(state.epoch))
+        if control.should_evaluate:  # set by DefaultFlowCallback, which runs first
+            self._swap_in()
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.ema is not None and state.epoch is not None:
+        if self.ema is None:
+            return
+        if state.epoch is not None:
             self._count_epochs(math.ceil(state.epoch - 1e-9))  # a cut-short epoch counts
+        if control.should_evaluate:
+            self._swap_in()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._check_evaluated_on_average("evaluation")
+        if self._holders == 0:
+            self._release()  # before the Trainer picks the best metric and saves
+
+    def on_predict(self, args, state, control, metrics=None, **kwargs):
+        self._check_evaluated_on_average("prediction")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._release()
+        self._training = False
+        if (
+            self.ema is not None
+            and self.evaluate_with == "ema"
+            and args.load_best_model_at_end
+            and state.best_model_checkpoint is not None
+        ):
+            self._load_best(state.best_model_checkpoint)
+
+    def _load_best(self, folder: str) -> None:
+        """The Trainer has loaded the best checkpoint's training weights; the metric that
+        made it best was measured on its average, so that is what the model gets."""
+        assert self.ema is not None
+        path = os.path.join(folder, EMA_STATE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"load_best_model_at_end: {path} not found; the best checkpoint's average "
+                "cannot be loaded"
+            )
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        self._check_fingerprint(saved, path, "loaded as the best model")
+        self.ema.load_state_dict(saved["ema"])
+        self.ema.copy_to()
 
     # checkpoints -------------------------------------------------------------------------
 
@@ -223,7 +329,11 @@ class EMACallback(TrainerCallback):
             )
             return
         save_torch(
-            {"ema": self.ema.state_dict(), "global_step": state.global_step},
+            {
+                "ema": self.ema.state_dict(),
+                "global_step": state.global_step,
+                "fingerprint": _fingerprint(self.ema.model),
+            },
             os.path.join(folder, EMA_STATE_NAME),
         )
         if self.save_ema_model:
@@ -250,3 +360,53 @@ class EMACallback(TrainerCallback):
         finally:
             if os.path.exists(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+class EMATrainerMixin:
+    """Put before a Trainer class: ``class MyTrainer(EMATrainerMixin, SFTTrainer)``.
+
+    ``evaluate()`` and ``predict()`` run on the averaged weights of the trainer's
+    :class:`EMACallback` (when its ``evaluate_with`` is ``"ema"``), however they are called;
+    ``train(resume_from_checkpoint=...)`` tells the callback which checkpoint it resumes from.
+    The callback may be passed to the constructor or added later with ``add_callback``. Only
+    public, documented override points of ``transformers.Trainer`` are used.
+    """
+
+    def ema_callbacks(self) -> list[EMACallback]:
+        """The trainer's EMA callbacks, in order."""
+        handler = self.callback_handler  # type: ignore[attr-defined]
+        return [cb for cb in handler.callbacks if isinstance(cb, EMACallback)]
+
+    @contextlib.contextmanager
+    def _on_average(self) -> Iterator[None]:
+        callbacks = [cb for cb in self.ema_callbacks() if cb.evaluate_with == "ema"]
+        if len(callbacks) > 1:
+            raise RuntimeError(
+                "EMATrainer: several EMACallbacks with evaluate_with='ema'; give the others "
+                "evaluate_with='model' so that one average is evaluated"
+            )
+        with contextlib.ExitStack() as stack:
+            for cb in callbacks:
+                stack.enter_context(cb.evaluating())
+            yield
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        path = resume_from_checkpoint
+        if path is True:
+            path = get_last_checkpoint(self.args.output_dir)  # type: ignore[attr-defined]
+        for cb in self.ema_callbacks():
+            cb.resume_from(path if isinstance(path, (str, os.PathLike)) else None)
+        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        with self._on_average():
+            return super().evaluate(*args, **kwargs)  # type: ignore[misc]
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        with self._on_average():
+            return super().predict(*args, **kwargs)  # type: ignore[misc]
+
+
+class EMATrainer(EMATrainerMixin, Trainer):
+    """``transformers.Trainer`` whose ``evaluate()``/``predict()`` run on the average of its
+    :class:`EMACallback` (see :class:`EMATrainerMixin`)."""

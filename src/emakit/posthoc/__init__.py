@@ -35,6 +35,7 @@ from .snapshots import SnapshotInfo, list_snapshots, read_snapshot_info, scan
 from .synthesis import (
     DEFAULT_MAX_ERROR,
     SynthesisPlan,
+    format_intervals,
     plan_synthesis,
     supported_sigma_rels,
     synthesize,
@@ -49,6 +50,7 @@ __all__ = [
     "profile_dot",
     "list_snapshots",
     "supported_sigma_rels",
+    "format_intervals",
     "DEFAULT_MAX_ERROR",
     "plan_synthesis",
     "SynthesisPlan",

@@ -39,9 +39,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["profile_dot", "solve_coefficients", "check_sigma_rel", "MAX_SIGMA_REL"]
+__all__ = ["profile_dot", "solve_coefficients", "check_sigma_rel", "MAX_SIGMA_REL",
+           "MIN_SIGMA_REL"]
 
 MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)
+#: Narrowest profile post-hoc EMA tracks or synthesizes (see :func:`check_sigma_rel`).
+MIN_SIGMA_REL = 1e-6
 
 
 def profile_dot(t_a: Tensor, gamma_a: Tensor, t_b: Tensor, gamma_b: Tensor) -> Tensor:
@@ -101,12 +104,14 @@ def solve_coefficients(
 
 
 def check_sigma_rel(value: Any, name: str = "sigma_rel") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a float in (0, {MAX_SIGMA_REL:.4f}), "
-                        f"got {type(value).__name__}")
-    value = float(value)
-    if not 0.0 < value < MAX_SIGMA_REL:
-        raise ValueError(f"{name}: expected a float in (0, sqrt(1/12) = {MAX_SIGMA_REL:.4f}), "
-                         f"got {value!r}")
-    return value
+    """``value`` as a float in ``[MIN_SIGMA_REL, MAX_SIGMA_REL)``, or an error naming ``name``.
 
+    The floor keeps every profile computable in float64 (``gamma`` is about ``1 / sigma_rel``
+    and the inner products multiply two ``gamma``): 1e-6 is a width of 100 updates at 1e8."""
+    expected = f"a float in [{MIN_SIGMA_REL:g}, sqrt(1/12) = {MAX_SIGMA_REL:.4f})"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
+    value = float(value)
+    if not MIN_SIGMA_REL <= value < MAX_SIGMA_REL:
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return value

@@ -3,20 +3,41 @@ that find a folder's usable snapshots (one model, one run, the latest history)."
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
+import math
 import os
+import socket
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import read_metadata
+import torch
+from torch import Tensor
 
-__all__ = ["SnapshotInfo", "read_snapshot_info", "scan", "list_snapshots", "FORMAT",
-           "FORMAT_VERSION", "PREFIX", "SUFFIX"]
+from ..io import (
+    CHECKSUMS_KEY,
+    DTYPE_CODES,
+    dtype_from_name,
+    model_fingerprint,
+    read_header,
+    write_safetensors,
+)
+from ..schedules import sigma_rel_to_gamma
+from .profiles import check_sigma_rel
+
+__all__ = ["SnapshotInfo", "read_snapshot_info", "scan", "list_snapshots", "write_snapshot",
+           "FORMAT", "FORMAT_VERSION", "PREFIX", "SUFFIX", "LOCK_NAME"]
 
 FORMAT = "emakit.posthoc-snapshot"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: per-tensor checksums; 1 (read only): none
+_READABLE_VERSIONS = ("1", "2")
 PREFIX = "phema-"
 SUFFIX = ".safetensors"
+#: the lock file a writing run holds in its snapshot folder
+LOCK_NAME = ".emakit-writer.lock"
 
 
 @dataclass(frozen=True)
@@ -40,30 +61,45 @@ class SnapshotInfo:
     layout: tuple[tuple[str, str, str, tuple[str, ...]], ...] = field(repr=False)
     # layout rows: (name, kind, model dtype, tied aliases); kind in average|copy|live
     order: tuple[str, ...] = field(repr=False, default=())  # the model's state-dict order
+    checksums: Mapping[str, str] = field(repr=False, default_factory=dict)  # tensor -> crc32
 
 
 def _not_snapshot(path: Path, why: str) -> ValueError:
     return ValueError(f"snapshot_dir: {path} is not an emakit post-hoc snapshot ({why})")
 
 
+def _whole(meta: Mapping[str, str], key: str, low: int) -> int:
+    value = int(meta[key])
+    if value < low:
+        raise ValueError(f"{key}={value} is below {low}")
+    return value
+
+
 def read_snapshot_info(path: str | os.PathLike) -> SnapshotInfo:
-    """Parse and check a snapshot's header; a truncated or foreign file is a ValueError."""
+    """Parse and check a snapshot's header; a truncated, foreign or inconsistent file is a
+    ValueError naming it. Checks: numbers finite and in range, each gamma the one its
+    sigma_rel gives, tensor names, dtypes and shapes as the layout and the model fingerprint
+    say, a checksum for every tensor (format 2)."""
     path = Path(path)
-    meta, keys = read_metadata(path, what="snapshot_dir")
+    meta, tensors = read_header(path, what="snapshot_dir")
     if meta.get("format") != FORMAT:
         raise _not_snapshot(path, f"format {meta.get('format')!r}, expected {FORMAT!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise _not_snapshot(path, f"format_version {meta.get('format_version')!r} is not "
-                                  f"{FORMAT_VERSION!r}")
+    version = meta.get("format_version")
+    if version not in _READABLE_VERSIONS:
+        raise _not_snapshot(path, f"format_version {version!r} is not one of "
+                                  f"{_READABLE_VERSIONS}")
     try:
         layout = tuple(
             (str(n), str(k), str(d), tuple(str(a) for a in al))
             for n, k, d, al in json.loads(meta["layout"])
         )
+        checksums = json.loads(meta[CHECKSUMS_KEY]) if version != "1" else {}
+        if not isinstance(checksums, dict):
+            raise TypeError("checksums is not a mapping")
         info = SnapshotInfo(
             path=path,
-            step=int(meta["step"]),
-            samples=int(meta["samples"]),
+            step=_whole(meta, "step", 1),
+            samples=_whole(meta, "samples", 0),
             t=float(meta["t"]),
             time_unit=meta["time_unit"],
             sigma_rels=tuple(float(x) for x in json.loads(meta["sigma_rels"])),
@@ -72,25 +108,75 @@ def read_snapshot_info(path: str | os.PathLike) -> SnapshotInfo:
             fingerprint=meta["fingerprint"],
             run_id=meta["run_id"],
             segment=meta["segment"],
-            resumed_at=int(meta["resumed_at"]),
-            written_ns=int(meta["written_ns"]),
+            resumed_at=_whole(meta, "resumed_at", -1),
+            written_ns=_whole(meta, "written_ns", 0),
             emakit_version=meta.get("emakit_version", "?"),
             layout=layout,
             order=tuple(str(n) for n in json.loads(meta["order"])),
+            checksums={str(k): str(v) for k, v in checksums.items()},
         )
     except (KeyError, ValueError, TypeError) as err:
         raise _not_snapshot(path, f"bad or missing metadata: {err!r}") from None
-    if not info.t > 0 or len(info.gammas) != len(info.sigma_rels) or not info.gammas:
-        raise _not_snapshot(path, "inconsistent metadata")
+    if not (math.isfinite(info.t) and info.t > 0):
+        raise _not_snapshot(path, f"its time t={info.t!r} is not a finite number > 0")
+    if info.time_unit not in ("ba", "ep"):
+        raise _not_snapshot(path, f"its time unit {info.time_unit!r} is not 'ba' or 'ep'")
+    if len(info.gammas) != len(info.sigma_rels) or not info.gammas:
+        raise _not_snapshot(path, "inconsistent metadata: one gamma per sigma_rel expected")
+    for s, g in zip(info.sigma_rels, info.gammas, strict=True):
+        try:
+            want = sigma_rel_to_gamma(check_sigma_rel(s))
+        except (TypeError, ValueError) as err:
+            raise _not_snapshot(path, f"its {err}") from None
+        if not math.isclose(g, want, rel_tol=1e-6):
+            raise _not_snapshot(path, f"its gamma {g!r} is not that of sigma_rel {s!r} "
+                                      f"({want:.6g})")
+    keys = set(tensors)
     expected = {f"p{k}/{n}" for k in range(len(info.gammas)) for n, kind, _, _ in layout
                 if kind == "average"}
     expected |= {f"{kind}/{n}" for n, kind, _, _ in layout if kind in ("copy", "live")}
-    if set(keys) != expected:
+    if keys != expected:
         raise _not_snapshot(path, "its tensors do not match its layout")
     names = [n for row in layout for n in (row[0], *row[3])]
     if sorted(names) != sorted(info.order) or len(set(names)) != len(names):
         raise _not_snapshot(path, "its name order does not match its layout")
+    _check_tensors(info, tensors, require_checksums=version != "1")
     return info
+
+
+def _check_tensors(
+    info: SnapshotInfo,
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]],
+    require_checksums: bool,
+) -> None:
+    """Dtypes, shapes (against the fingerprint) and checksum coverage of a snapshot."""
+    path = info.path
+    stored = None
+    if info.dtype != "model":
+        try:
+            stored = DTYPE_CODES[dtype_from_name(info.dtype, "dtype")]
+        except (KeyError, ValueError):
+            raise _not_snapshot(path, f"its dtype {info.dtype!r} is unknown") from None
+    shapes: list[tuple[str, tuple[int, ...]]] = []
+    for name, kind, _, aliases in info.layout:
+        if kind == "average":
+            found = {k: tensors[f"p{k}/{name}"] for k in range(len(info.gammas))}
+            if len({shape for _, shape in found.values()}) != 1:
+                raise _not_snapshot(path, f"tensor {name!r} has different shapes in its "
+                                          f"profiles: {sorted({s for _, s in found.values()})}")
+            if stored is not None and any(code != stored for code, _ in found.values()):
+                raise _not_snapshot(path, f"tensor {name!r} is not stored as {info.dtype}")
+            shape = found[0][1]
+        else:
+            shape = tensors[f"{kind}/{name}"][1]
+        shapes.extend((n, shape) for n in (name, *aliases))
+    if model_fingerprint(shapes) != info.fingerprint:
+        raise _not_snapshot(path, "its tensor shapes are not those of its model (fingerprint "
+                                  f"{info.fingerprint}): a tensor has the wrong shape")
+    if require_checksums:
+        missing = sorted(set(tensors) - set(info.checksums))
+        if missing:
+            raise _not_snapshot(path, f"no checksum for tensors {missing[:3]}")
 
 
 def scan(directory: str | os.PathLike) -> list[SnapshotInfo]:
@@ -145,3 +231,140 @@ def list_snapshots(directory: str | os.PathLike) -> list[SnapshotInfo]:
                          "layouts or time units")
     return _lineage(infos)
 
+
+
+# writing -----------------------------------------------------------------------------------
+
+_HELD: dict[Path, Path] = {}  # folder -> lock file this process holds
+
+
+def _host() -> str:
+    return socket.gethostname()
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:  # os.kill(0 or -1, 0) would ask about whole process groups
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _release_all() -> None:
+    for lock in list(_HELD.values()):
+        with contextlib.suppress(OSError, ValueError):
+            owner = json.loads(lock.read_text())
+            if owner.get("pid") == os.getpid() and owner.get("host") == _host():
+                lock.unlink()
+    _HELD.clear()
+
+
+atexit.register(_release_all)
+
+
+def _owner(lock: Path) -> tuple[int, str, str] | None:
+    """(pid, host, run) written in a lock file; None if it is gone; (-1, host, "?") if it
+    cannot be read as a lock (garbage: treated as left by a dead process)."""
+    try:
+        owner = json.loads(lock.read_text())
+        return int(owner["pid"]), str(owner["host"]), str(owner.get("run_id", "?"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1, _host(), "?"
+
+
+def _lock(directory: Path, run_id: str) -> None:
+    """Hold ``directory``'s writer lock for this process (until it exits), or raise.
+
+    The lock file holds pid, host and run. It is published complete and exclusively: written
+    under a unique temporary name, then hard-linked to :data:`LOCK_NAME`, which fails if the
+    name exists (the same exclusivity as ``O_EXCL``, without a moment where a reader sees an
+    empty lock). A lock whose process is gone (same host) is taken over."""
+    key = directory.resolve()
+    if key in _HELD and _HELD[key].exists():
+        return
+    lock = directory / LOCK_NAME
+    me = {"pid": os.getpid(), "host": _host(), "run_id": run_id, "since": time.time()}
+    tmp = directory / f"{LOCK_NAME}.{os.getpid()}.{time.time_ns()}.tmp"
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+    try:
+        for _ in range(100):
+            try:
+                os.link(tmp, lock)
+            except FileExistsError:
+                pass
+            else:
+                _HELD[key] = lock
+                return
+            owner = _owner(lock)
+            if owner is None:
+                continue  # released meanwhile
+            pid, host, run = owner
+            if host == _host() and pid == os.getpid():
+                _HELD[key] = lock
+                return
+            if host == _host() and not _alive(pid):
+                stale = lock.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
+                try:
+                    os.rename(lock, stale)
+                except FileNotFoundError:
+                    continue  # another process took it over first
+                if _owner(stale) != owner:  # a newer lock was renamed meanwhile: put it back
+                    with contextlib.suppress(OSError):
+                        os.link(stale, lock)
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+                continue
+            raise ValueError(
+                f"snapshot_dir: {str(directory)!r} is being written by another process "
+                f"(pid {pid} on {host}, run {run[:12]}); two runs writing one folder would "
+                "mix their histories. Give this run its own folder, or stop the other (a lock "
+                f"left by a process that died on another machine: delete {str(lock)!r})"
+            )
+        raise ValueError(f"snapshot_dir: could not take the writer lock {str(lock)!r}")
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def write_snapshot(
+    directory: str | os.PathLike,
+    step: int,
+    items: Iterable[tuple[str, Tensor, torch.dtype]],
+    metadata: Mapping[str, str],
+    run_id: str,
+) -> Path:
+    """Write one snapshot file ``phema-<step>[.r<n>].safetensors`` into ``directory`` and
+    return its path; never replaces a file.
+
+    The folder is created if needed; a path that exists and is not a folder is a ValueError at
+    once. The first write takes the folder's writer lock (:data:`LOCK_NAME`, held until this
+    process exits): a second process writing the same folder gets a ValueError instead of
+    mixing two histories. Every tensor's checksum goes into the header and is verified when
+    the tensor is read.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"snapshot_dir: {str(directory)!r} exists and is not a folder")
+    directory.mkdir(parents=True, exist_ok=True)
+    _lock(directory, run_id)
+    items = list(items)
+    for revision in range(1000):
+        tag = "" if revision == 0 else f".r{revision}"
+        path = directory / f"{PREFIX}{step:010d}{tag}{SUFFIX}"
+        if path.exists():
+            continue
+        try:
+            write_safetensors(path, items, metadata, checksums=True)
+        except FileExistsError:  # another writer took the name meanwhile
+            continue
+        return path
+    raise ValueError(f"snapshot_dir: {str(directory)!r} already holds 1000 snapshots of step "
+                     f"{step}")

@@ -11,13 +11,13 @@ from typing import Any, overload
 import torch
 from torch import Tensor
 
-from ..io import dtype_from_name, read_tensors
+from ..io import dtype_from_name, read_tensors, verify_checksum
 from ..schedules import sigma_rel_to_gamma
 from .profiles import MAX_SIGMA_REL, check_sigma_rel, solve_coefficients
 from .snapshots import SnapshotInfo, list_snapshots
 
 __all__ = ["synthesize", "plan_synthesis", "SynthesisPlan", "supported_sigma_rels",
-           "DEFAULT_MAX_ERROR"]
+           "format_intervals", "DEFAULT_MAX_ERROR"]
 
 #: Largest relative L2 error of the synthesized profile that synthesize() accepts by default.
 DEFAULT_MAX_ERROR = 0.05
@@ -48,21 +48,77 @@ def _rows(snaps: list[SnapshotInfo]) -> tuple[list[tuple[int, int]], list[float]
     return rows, ts, gammas
 
 
+def _errors(ts: list[float], gammas: list[float], t: float, sigma_rels: list[float]) -> list[float]:
+    g_out = [sigma_rel_to_gamma(float(x)) for x in sigma_rels]
+    return solve_coefficients(ts, gammas, t, g_out)[1].tolist()
+
+
 def supported_sigma_rels(
-    snapshots: list[SnapshotInfo], max_error: float = DEFAULT_MAX_ERROR, points: int = 400
-) -> tuple[float, float] | None:
-    """The range of sigma_rel whose profile at the last snapshot's time the snapshots
-    reproduce with a relative L2 error at most ``max_error`` (scanned on a log grid), or None.
+    snapshots: list[SnapshotInfo],
+    max_error: float = DEFAULT_MAX_ERROR,
+    points: int = 400,
+    refused: Sequence[float] = (),
+) -> list[tuple[float, float]]:
+    """The sigma_rel the snapshots reproduce at the last snapshot's time with a relative L2
+    profile error at most ``max_error``, as disjoint intervals ``[(lo, hi), ...]`` in
+    increasing order (empty when there is none).
+
+    The error is scanned on a log grid of ``points`` values from 0.001 to sqrt(1/12), plus the
+    ``refused`` values (known to fail: they split any interval they fall in); each edge next
+    to a failing grid value is then bisected to 1e-6 relative. Snapshots of two profiles far
+    apart support two islands, not the range between them.
     """
     _, ts, gammas = _rows(snapshots)
-    grid = torch.logspace(math.log10(0.002), math.log10(MAX_SIGMA_REL * 0.999), points,
-                          dtype=torch.float64)
-    g_out = [sigma_rel_to_gamma(float(s)) for s in grid]
-    _, err = solve_coefficients(ts, gammas, snapshots[-1].t, g_out)
-    ok = grid[err <= max_error]
-    if ok.numel() == 0:
-        return None
-    return float(ok.min()), float(ok.max())
+    t = snapshots[-1].t
+    top = MAX_SIGMA_REL * 0.999
+    grid = torch.logspace(math.log10(0.001), math.log10(top), points, dtype=torch.float64)
+    known_bad = {float(x) for x in refused if 0.001 < x < top}
+    grid = sorted(set(grid.tolist()) | known_bad)
+    ok = [e <= max_error and x not in known_bad
+          for x, e in zip(grid, _errors(ts, gammas, t, grid), strict=True)]
+
+    def edge(inside: float, outside: float) -> float:
+        """The last supported value from ``inside`` towards ``outside`` (log bisection)."""
+        if outside in known_bad:
+            return inside
+        a, b = math.log(inside), math.log(outside)
+        while abs(b - a) > 1e-6:
+            mid = 0.5 * (a + b)
+            good = _errors(ts, gammas, t, [math.exp(mid)])[0] <= max_error
+            a, b = (mid, b) if good else (a, mid)
+        return math.exp(a)
+
+    out: list[tuple[float, float]] = []
+    i, n = 0, len(ok)
+    while i < n:
+        if not ok[i]:
+            i += 1
+            continue
+        j = i
+        while j + 1 < n and ok[j + 1]:
+            j += 1
+        lo = grid[i] if i == 0 else edge(grid[i], grid[i - 1])
+        hi = grid[j] if j == n - 1 else edge(grid[j], grid[j + 1])
+        out.append((lo, hi))
+        i = j + 1
+    return out
+
+
+def format_intervals(intervals: Sequence[tuple[float, float]], digits: int = 4) -> str:
+    """``"0.04562 to 0.05512, 0.2741 to 0.2848"``: each end rounded inwards to ``digits``
+    significant digits, so a printed interval holds only supported values; ``"none"`` when
+    empty.
+
+    >>> format_intervals([(0.045612, 0.055129), (0.27409, 0.28481)])
+    '0.04562 to 0.05512, 0.2741 to 0.2848'
+    """
+    def inward(x: float, up: bool) -> str:
+        q = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+        k = math.ceil(x / q) if up else math.floor(x / q)
+        return f"{k * q:.{digits}g}"
+
+    parts = [f"{inward(lo, True)} to {inward(hi, False)}" for lo, hi in intervals]
+    return ", ".join(parts) if parts else "none"
 
 
 # --------------------------------------------------------------------------------------
@@ -99,8 +155,8 @@ def plan_synthesis(
     if max_error is not None:
         bad = [(s, float(e)) for s, e in zip(sigma_rels, errors, strict=True) if not e <= max_error]
         if bad:
-            rng = supported_sigma_rels(snaps, max_error)
-            where = (f"between {rng[0]:.4f} and {rng[1]:.4f}" if rng else "nowhere")
+            ranges = supported_sigma_rels(snaps, max_error, refused=[s for s, _ in bad])
+            where = format_intervals(ranges) if ranges else "nowhere"
             raise ValueError(
                 f"sigma_rel: {', '.join(f'{s:g} (profile error {e:.3f})' for s, e in bad)} "
                 f"cannot be represented by the {len(snaps)} snapshots up to step "
@@ -126,7 +182,7 @@ def synthesize(
     at: int | None = None,
     *,
     max_error: float | None = DEFAULT_MAX_ERROR,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
     r"""The post-hoc EMA of relative width ``sigma_rel`` at step ``at``, as a model state dict.
@@ -147,13 +203,22 @@ def synthesize(
         at: the step to synthesize at; must be the step of a snapshot.
         max_error: largest accepted relative L2 error of the synthesized profile
             (``None``: accept any).
-        dtype: dtype of the returned tensors (default: the model's own, per tensor).
+        dtype: floating dtype of the returned floating tensors, a ``torch.dtype`` or its name
+            (``"float16"``); default: the model's own, per tensor. Integer tensors keep theirs.
         progress: called as ``progress(files_done, files_total)`` after each file.
 
     Raises:
         ValueError: empty folder, truncated or foreign file, snapshots of different models
             or runs, ``at`` not a snapshot step, or a target the snapshots cannot represent.
     """
+    if isinstance(dtype, str):
+        dtype = dtype_from_name(dtype, "dtype")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating torch.dtype (or its name) or None, got "
+                        f"{dtype!r}: an average is not a whole number")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress: expected a callable progress(done, total) or None, got "
+                        f"{type(progress).__name__} {progress!r}")
     single = not isinstance(sigma_rel, Sequence)
     targets = [sigma_rel] if single else list(sigma_rel)
     if not targets:
@@ -169,7 +234,11 @@ def synthesize(
         with read_tensors(snap.path, what="snapshot_dir") as f:
             for name in averaged:
                 for r, k in rows:
-                    x = f.get_tensor(f"p{k}/{name}").to(f32)
+                    key = f"p{k}/{name}"
+                    raw = f.get_tensor(key)
+                    verify_checksum(raw, key, snap.checksums, snap.path, "snapshot_dir")
+                    x = raw.to(f32)
+                    del raw
                     for j in range(len(targets)):
                         c = float(plan.coefficients[r, j])
                         if name not in acc[j]:
@@ -178,8 +247,12 @@ def synthesize(
                             acc[j][name].add_(x, alpha=c)
                     del x
             if i == total - 1:  # copied and live tensors from the target snapshot
-                rest = {n: f.get_tensor(f"{kind}/{n}") for n, kind, _, _ in layout
-                        if kind in ("copy", "live")}
+                rest = {}
+                for n, kind, _, _ in layout:
+                    if kind in ("copy", "live"):
+                        rest[n] = f.get_tensor(f"{kind}/{n}")
+                        verify_checksum(rest[n], f"{kind}/{n}", snap.checksums, snap.path,
+                                        "snapshot_dir")
         if progress is not None:
             progress(i + 1, total)
     results = []

@@ -16,13 +16,13 @@ from torch import Tensor, nn
 
 from ..distributed import check_same_model, process_group
 from ..functional import unwrap_model
-from ..io import dtype_from_name, dtype_name, dumps, model_fingerprint, write_safetensors
+from ..io import dtype_from_name, dtype_name, dumps, model_fingerprint
 from ..placement import rank
 from ..schedules import power_smoothing, sigma_rel_to_gamma
 from ..store import Store
 from ..time import Clock, Time
 from .profiles import check_sigma_rel
-from .snapshots import FORMAT, FORMAT_VERSION, PREFIX, SUFFIX, scan
+from .snapshots import FORMAT, FORMAT_VERSION, scan, write_snapshot
 
 __all__ = ["PostHocEMA"]
 
@@ -297,19 +297,10 @@ class PostHocEMA:
         if items is None or rank() != 0:
             return None
         self._check_folder_run()
-        step = self.clock.counts["ba"]
-        for revision in range(10_000):
-            tag = "" if revision == 0 else f".r{revision}"
-            path = self.snapshot_dir / f"{PREFIX}{step:010d}{tag}{SUFFIX}"
-            if path.exists():
-                continue
-            try:
-                write_safetensors(path, items, self._metadata())
-            except FileExistsError:  # another writer took the name meanwhile
-                continue
-            self.snapshots.append(path)
-            return path
-        raise RuntimeError(f"snapshot_dir: too many snapshots of step {step}")
+        path = write_snapshot(self.snapshot_dir, self.clock.counts["ba"], items,
+                              self._metadata(), self.run_id)
+        self.snapshots.append(path)
+        return path
 
     # checkpoints -------------------------------------------------------------------------
 
