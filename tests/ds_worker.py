@@ -140,6 +140,9 @@ def _record(result: dict, ema: emakit.EMA, engine, rank: int) -> None:
     per_rank: list = [None] * world
     dist.all_gather_object(per_rank, ema.shadow.state_nbytes())
     result["ema_bytes"] = per_rank
+    # the same EMA of the same model in one process, for scale
+    alone = emakit.EMA(make_model(), half_life=HALF_LIFE)
+    result["one_process_bytes"] = alone.shadow.state_nbytes()
     # swapped(): ZeRO-3's gathered forward computes with the average. Right after a step
     # the partitioned parameters are released (the forward gathers the averaged partitions);
     # after an evaluation forward ZeRO-3 keeps them gathered (the swap writes .data too).

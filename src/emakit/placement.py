@@ -182,12 +182,6 @@ class Placement:
         forward (ZeRO-3 releases the parameters it gathered with averaged values)."""
         return contextlib.nullcontext()
 
-    def full(self, t: Tensor) -> Tensor:
-        """A model tensor that is not stored (a live one), detached, as a full tensor (a
-        collective where the model spreads it)."""
-        t = t.detach()
-        return t.full_tensor() if isinstance(t, DTensor) else t
-
 
 class Whole(Placement):
     """One process, or a replicated model (DDP) with a whole average on every rank: each

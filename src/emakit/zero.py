@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+import operator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,9 @@ from .placement import Placement, Slot
 __all__ = ["ZeroPartition", "is_partitioned", "uses_zero3", "SOURCES"]
 
 SOURCES = ("param", "master")
+# The staleness check compares data_ptr: that of ds_tensor is that of the partition's view,
+# and a C-level getter keeps the check one C-level map over the slots.
+_DS_TENSOR = operator.attrgetter("ds_tensor")
 
 
 def is_partitioned(t: Tensor) -> bool:
@@ -109,6 +113,9 @@ class ZeroPartition(Placement):
         if not is_partitioned(t):
             return t
         return t.ds_tensor.narrow(0, 0, _part(t).numel)
+
+    def watch_local(self, slot: Slot) -> Callable[[Tensor], Tensor] | None:
+        return _DS_TENSOR if slot.meta is not None else None
 
     def shape(self, t: Tensor) -> torch.Size:
         return torch.Size(t.ds_shape) if is_partitioned(t) else t.shape
