@@ -85,7 +85,7 @@ def test_bf16_model_fp32_average_keeps_moving():
     model = nn.Linear(64, 64).to(torch.bfloat16)
     s = 0.999
     ema32 = emakit.EMA(model, smoothing=s)  # dtype=float32, the default
-    ema16 = emakit.EMA(model, smoothing=s, dtype=None)  # the model's own bf16
+    ema16 = emakit.EMA(model, smoothing=s, dtype=None, compensated=False)  # plain bf16
     base = model.weight.detach().clone()
     ema32.step()
     ema16.step()

@@ -223,3 +223,21 @@ def test_switch_every_writes_the_average_into_the_model():
         else:
             assert torch.equal(flat_params(model), before)
     assert all(s["momentum_buffer"] is not None for s in opt.state.values())
+
+
+def test_nan_in_a_copied_buffer_skips_the_update():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ema = emakit.EMA(model, smoothing=0.5, buffers="copy", skip_nonfinite=True)
+    model(torch.randn(8, 3))
+    ema.step()
+    kept = {n: t.clone() for n, t in ema.state_dict()["average"].items()}
+    model(torch.randn(8, 3))
+    with torch.no_grad():
+        model[1].running_mean[0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="skipped an EMA update"):
+        ema.step()
+    assert ema.skipped_updates == 1
+    after = ema.state_dict()["average"]
+    for n, t in kept.items():  # neither the averaged weights nor the copied buffer moved
+        assert torch.equal(after[n], t), n

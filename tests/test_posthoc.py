@@ -240,3 +240,35 @@ def test_fp16_overflow_warns(tmp_path):
     ph = emakit.PostHocEMA(model, snapshot_every="1ba", snapshot_dir=tmp_path)
     with pytest.warns(RuntimeWarning, match="not finite in torch.float16"):
         ph.step()
+
+
+def test_start_delays_the_profiles_and_the_copy_stands_for_the_time_before(tmp_path):
+    from reference import set_random_weights
+
+    import emakit as _emakit
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ph = _emakit.PostHocEMA(model, sigma_rels=(0.05, 0.2), start="5ba", snapshot_every="2ba",
+                            snapshot_dir=tmp_path / "snaps")
+    gen = torch.Generator().manual_seed(7)
+    thetas = {}
+    for batch in range(1, 13):
+        set_random_weights(model, gen)
+        thetas[batch] = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
+        ph.step()
+        if batch < 5:  # nothing tracked yet: the average is the model, no snapshot written
+            assert ph.num_updates == 0 and not (tmp_path / "snaps").exists()
+            got = ph.ema_state_dict()
+            assert torch.equal(got["weight"], model.weight.detach())
+    T = 12
+    for sigma in (0.05, 0.2):
+        g = _emakit.sigma_rel_to_gamma(sigma)
+        # the copy at batch 5 stands for (0, 5]; each later batch b for (b - 1, b]
+        expected = (5 ** (g + 1)) / T ** (g + 1) * thetas[5]
+        for b in range(6, T + 1):
+            expected = expected + (b ** (g + 1) - (b - 1) ** (g + 1)) / T ** (g + 1) * thetas[b]
+        sd = ph.ema_state_dict(sigma)
+        got = torch.cat([sd[n].double().reshape(-1) for n, _ in model.named_parameters()])
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    assert [p.name for p in ph.snapshots][0].startswith("phema-0000000006")

@@ -9,27 +9,13 @@ training scripts do (``step(parameters)`` after each optimizer step); emakit's
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 from reference import set_random_weights
+from test_migrating import timm_model_ema
 from torch import nn
 
 import emakit
-
-
-def _timm_model_ema_v3():
-    # `import timm` needs a torchvision built for this torch; model_ema.py needs only torch
-    spec = importlib.util.find_spec("timm")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("timm is not installed")
-    path = os.path.join(spec.submodule_search_locations[0], "utils", "model_ema.py")
-    loader = importlib.util.spec_from_file_location("_timm_model_ema", path)
-    module = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(module)
-    return module.ModelEmaV3
 
 
 def _model() -> nn.Module:
@@ -53,7 +39,7 @@ def _params(sd: dict[str, torch.Tensor], model: nn.Module) -> torch.Tensor:
 @pytest.mark.parametrize(("inv_gamma", "power", "min_s", "max_s"), CASES)
 def test_power_warmup_matches_timm_model_ema_v3(inv_gamma, power, min_s, max_s):
     model = _model()
-    peer = _timm_model_ema_v3()(
+    peer = timm_model_ema().ModelEmaV3(
         model, decay=max_s, min_decay=min_s, use_warmup=True, warmup_gamma=inv_gamma,
         warmup_power=power, foreach=True,
     )

@@ -21,24 +21,21 @@ ValueError: half_life and smoothing: give one of them, not both
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from .layout import Matcher, Selector, check_storage
 from .schedules import PowerWarmup, check_smoothing, smoothing_from_half_life
 from .time import Time, convert
 
-__all__ = ["StoreConfig", "EMAConfig", "BUFFER_MODES", "takes_config", "Matcher"]
+__all__ = ["StoreConfig", "EMAConfig", "takes_config"]
 
-BUFFER_MODES = ("average", "copy")
 INTERVAL_UNITS = ("ba", "ep")
 
-#: exclude/include: glob patterns over state-dict names, or ``callable(name, tensor) -> bool``
-Matcher = str | Sequence[str] | Callable[[str, torch.Tensor], bool] | None
 
 
 def _flag(value: Any, name: str) -> bool:
@@ -75,27 +72,6 @@ def _device(value: Any) -> torch.device | None:
             raise ValueError(f"device: {value!r} does not exist; this process sees "
                              f"{count()} {device.type} device(s)")
     return device
-
-
-def _matcher(value: Any, name: str) -> Matcher:
-    if value is None or callable(value):
-        return value
-    patterns = (value,) if isinstance(value, str) else value
-    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{name}: expected glob patterns (a string or a sequence of strings) or "
-                        f"a callable(name, tensor) -> bool, got {value!r}")
-    if not patterns:
-        raise ValueError(f"{name}: expected at least one pattern, got an empty sequence")
-    return tuple(patterns)
-
-
-def matches(matcher: Matcher, name: str, tensor: torch.Tensor) -> bool:
-    """Whether ``name`` (and its tensor) is selected by an exclude/include matcher."""
-    if matcher is None:
-        return False
-    if callable(matcher):
-        return bool(matcher(name, tensor))
-    return any(fnmatch.fnmatchcase(name, p) for p in matcher)
 
 
 def _optional_time(value: Any, name: str) -> Time | None:
@@ -144,21 +120,33 @@ class StoreConfig:
     compensated: bool = True
     side_stream: bool = False
     shard: bool = False
-    exclude: Matcher = None
-    include: Matcher = None
+    exclude: Selector = None
+    include: Selector = None
 
     def __post_init__(self) -> None:
-        if self.buffers not in BUFFER_MODES:
-            raise ValueError(f"buffers: expected one of {BUFFER_MODES}, got {self.buffers!r}")
-        if self.dtype is not None and not (
-            isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point
-        ):
-            raise TypeError(f"dtype: expected a floating torch.dtype or None, got {self.dtype!r}")
+        check_storage(self.dtype, None, self.buffers)
         object.__setattr__(self, "device", _device(self.device))
         for name in ("compensated", "side_stream", "shard"):
             _flag(getattr(self, name), name)
-        object.__setattr__(self, "exclude", _matcher(self.exclude, "exclude"))
-        object.__setattr__(self, "include", _matcher(self.include, "include"))
+        for name in ("exclude", "include"):
+            value = getattr(self, name)
+            Matcher(value, name)  # raises a TypeError naming a bad argument
+            if value is not None and not callable(value):  # patterns, as a tuple
+                object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+
+    @classmethod
+    def resolve(cls, config: StoreConfig | None, kwargs: dict[str, Any], who: str) -> Any:
+        """``config``, or one built from ``kwargs`` (the keyword form); giving both, or a
+        config of another class, is a TypeError naming ``who``."""
+        if config is None:
+            return cls(**kwargs)
+        if kwargs:
+            raise TypeError(f"{who}: pass either config or keyword arguments, not both (got "
+                            f"config and {sorted(kwargs)})")
+        if not isinstance(config, cls):
+            raise TypeError(f"config: expected an emakit.{cls.__name__}, got "
+                            f"{type(config).__name__}")
+        return config
 
     def store_arguments(self) -> dict[str, Any]:
         """The fields of :class:`StoreConfig` alone, by name."""

@@ -157,13 +157,7 @@ class EMA:
 
     @takes_config(EMAConfig)
     def __init__(self, model: nn.Module, config: EMAConfig | None = None, **kwargs: Any) -> None:
-        if config is None:
-            config = EMAConfig(**kwargs)
-        elif kwargs:
-            raise TypeError(f"EMA: pass either config or keyword arguments, not both "
-                            f"(got config and {sorted(kwargs)})")
-        elif not isinstance(config, EMAConfig):
-            raise TypeError(f"config: expected an emakit.EMAConfig, got {type(config).__name__}")
+        config = EMAConfig.resolve(config, kwargs, type(self).__name__)
         config.require_total()
         self.config = config
         self.half_life = config.half_life

@@ -39,6 +39,7 @@ __all__ = [
     "BUFFER_MODES",
     "Entry",
     "Selector",
+    "Matcher",
     "check_storage",
     "classify",
     "generation",
@@ -127,7 +128,7 @@ def check_storage(
     return dtype, (torch.device(device) if device is not None else None), buffers
 
 
-class _Matcher:
+class Matcher:
     """A compiled ``exclude``/``include`` argument; remembers which patterns matched."""
 
     def __init__(self, spec: Selector, what: str) -> None:
@@ -183,8 +184,8 @@ def classify(
      ('1.bias', 'average'), ('1.running_mean', 'copy'), ('1.running_var', 'copy'),
      ('1.num_batches_tracked', 'live')]
     """
-    excluded = _Matcher(exclude, "exclude")
-    included = _Matcher(include, "include")
+    excluded = Matcher(exclude, "exclude")
+    included = Matcher(include, "include")
     found: list[tuple[list[str], Tensor, nn.Module, str, bool]] = []
     by_id: dict[int, list[str]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():

@@ -243,12 +243,11 @@ class Store:
                 c.zero_()
 
     def sources_finite(self) -> bool:
-        """Whether the model's averaged tensors are finite on this rank's parts (one
-        host-device sync; combine ranks with :func:`emakit.distributed.all_ranks`)."""
+        """Whether the model's stored tensors (averaged and copied) are finite on this rank's
+        parts (one host-device sync; combine ranks with :func:`emakit.distributed.all_ranks`).
+        """
         self._ensure()
-        return all_finite(
-            [s.src for s in self.slots if s.avg is not None and s.entry.kind == "average"]
-        )
+        return all_finite([s.src for s in self.slots if s.avg is not None])
 
     def workspace_nbytes(self) -> int:
         """Bytes of staging buffers (dtype/device conversion, pinned host copies)."""

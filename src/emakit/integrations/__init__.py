@@ -36,13 +36,7 @@ def adapter_config(
     construction rather than when training starts. ``dur`` times may lack ``total`` here
     (see :func:`with_total`). ``counts``: the units the adapter can count; a ``start`` (or a
     ``total`` for ``dur`` times) in another unit is refused, naming ``trainer``."""
-    if config is None:
-        config = EMAConfig(**kwargs)
-    elif kwargs:
-        raise TypeError(f"{trainer} adapter: pass either config or the EMA keyword arguments, "
-                        f"not both (got config and {sorted(kwargs)})")
-    elif not isinstance(config, EMAConfig):
-        raise TypeError(f"config: expected an emakit.EMAConfig, got {type(config).__name__}")
+    config = EMAConfig.resolve(config, kwargs, f"{trainer} adapter")
     for name in ("start", "total"):
         t = getattr(config, name)
         if t is not None and t.unit in ("sp", "tok") and t.unit not in counts:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..config import StoreConfig, takes_config
 from ..distributed import check_same_model, process_group
 from ..functional import unwrap_model
 from ..io import dtype_from_name, dtype_name, dumps, model_fingerprint
@@ -72,7 +73,13 @@ class PostHocEMA:
             halves the files; a stored profile then comes back to ~2e-4 (relative).
         update_interval: time between updates, ``"1ba"`` by default; in ba or ep.
         batches_per_epoch: unused by the math; kept for symmetry with :class:`~emakit.EMA`.
-        buffers, dtype, device, shard: as for :class:`~emakit.EMA`.
+        start: before it nothing is tracked (posthoc-ema's ``update_after_step``); the
+            first update on or after it copies the model, and that copy stands for the
+            weights of all of ``(0, t_start]``: time ``t`` still counts from the start of
+            training, so the profiles keep their shape.
+        config: a :class:`~emakit.StoreConfig`, or its fields as keyword arguments
+            (``buffers``, ``dtype``, ``device``, ``compensated``, ``shard``, ``exclude``,
+            ``include``; see there), as for :class:`~emakit.EMA`.
 
     Under ``torch.distributed`` (DDP, FSDP2, ``shard=True``) every rank keeps its part of
     each profile as :class:`~emakit.EMA` does; a snapshot gathers the profiles (a
@@ -96,6 +103,7 @@ class PostHocEMA:
         >>> import shutil; shutil.rmtree(folder)
     """
 
+    @takes_config(StoreConfig)
     def __init__(
         self,
         model: nn.Module,
@@ -105,11 +113,15 @@ class PostHocEMA:
         snapshot_dtype: torch.dtype | None = torch.float16,
         update_interval: str | Time = "1ba",
         batches_per_epoch: int | None = None,
-        buffers: str = "average",
-        dtype: torch.dtype | None = torch.float32,
-        device: torch.device | str | None = None,
-        shard: bool = False,
+        start: str | Time = "0ba",
+        config: StoreConfig | None = None,
+        **kwargs: Any,
     ) -> None:
+        self.config = config = StoreConfig.resolve(config, kwargs, "PostHocEMA")
+        self.start = Time.parse(start, "start")
+        if self.start.unit == "dur":
+            raise ValueError(f"start: expected a time in ba, ep, sp or tok (PostHocEMA has no "
+                             f"total), got {str(self.start)!r}")
         if isinstance(sigma_rels, (int, float)) or not isinstance(sigma_rels, Sequence):
             raise TypeError(f"sigma_rels: expected a sequence of floats, got {sigma_rels!r}")
         self.sigma_rels = tuple(check_sigma_rel(s, "sigma_rels") for s in sigma_rels)
@@ -129,18 +141,16 @@ class PostHocEMA:
             raise TypeError(f"snapshot_dtype: expected a floating torch.dtype or None, "
                             f"got {snapshot_dtype!r}")
         self.snapshot_dtype = snapshot_dtype
-        if not isinstance(shard, bool):
-            raise TypeError(f"shard: expected a bool, got {shard!r}")
+        shard = config.shard
         self._group = process_group(model, shard)
         self.model = unwrap_model(model)
         if self._group is not None:
             check_same_model(self.model, self._group)
         self.stores = [
-            Store(self.model, dtype=dtype, device=device, buffers=buffers, shard=shard,
-                  group=self._group)
+            Store(self.model, **config.store_arguments(), group=self._group)
             for _ in self.gammas
         ]
-        self.dtype = dtype
+        self.dtype = config.dtype
         self.clock = Clock(batches_per_epoch)
         self.t = 0  # time of the last update, in update_interval's unit
         self.num_updates = 0
@@ -176,11 +186,14 @@ class PostHocEMA:
         self._on_event("ep")
 
     def _on_event(self, unit: str) -> None:
+        if not self.clock.reached(self.start):
+            return  # before the start nothing is tracked, and no snapshot is due
         count = self.clock.counts[unit]
         if self.update_interval.unit == unit and count % self.update_interval.value == 0:
             self.update()
         every = self.snapshot_every
-        if every is not None and every.unit == unit and count % every.value == 0:
+        if (every is not None and every.unit == unit and count % every.value == 0
+                and self.num_updates > 0):
             self.snapshot()
 
     def update(self) -> None:
@@ -309,6 +322,7 @@ class PostHocEMA:
             "sigma_rels": list(self.sigma_rels),
             "update_interval": str(self.update_interval),
             "snapshot_every": None if self.snapshot_every is None else str(self.snapshot_every),
+            "start": str(self.start),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -324,6 +338,10 @@ class PostHocEMA:
             "averages": [
                 {n: t.detach().clone() for n, t in s.tensors().items()} for s in self.stores
             ],
+            **({"compensations": [
+                {n: t.detach().clone() for n, t in s.compensation_tensors().items()}
+                for s in self.stores
+            ]} if self.config.compensated else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -339,18 +357,24 @@ class PostHocEMA:
             raise ValueError(f"state: version {state['version']!r} is not {_STATE_VERSION}")
         cfg = state["config"]
         mine = self._config()
-        for key in ("sigma_rels", "update_interval"):
-            if cfg.get(key) != mine[key]:
+        for key in ("sigma_rels", "update_interval", "start"):
+            if cfg.get(key, "0ba" if key == "start" else None) != mine[key]:
                 raise ValueError(f"state: saved with {key}={cfg.get(key)!r}, this PostHocEMA "
                                  f"has {key}={mine[key]!r}")
         if len(state["averages"]) != len(self.stores):
             raise ValueError("state: number of profiles differs")
         pairs = list(enumerate(zip(self.stores, state["averages"], strict=True)))
+        comps = state.get("compensations") if self.config.compensated else None
+        if comps is not None and (not isinstance(comps, Sequence) or len(comps) != len(pairs)):
+            raise ValueError("state['compensations']: expected one mapping per profile")
         for k, (store, tensors) in pairs:  # all of them first: a refused state changes nothing
             store.check_load(tensors, what=f"PostHocEMA state_dict['averages'][{k}]")
+            if comps is not None:
+                store.check_load(comps[k], what=f"PostHocEMA state_dict['compensations'][{k}]")
         Clock(self.clock.batches_per_epoch).load_state_dict(state["clock"])
         for k, (store, tensors) in pairs:
-            store.load(tensors, what=f"PostHocEMA state_dict['averages'][{k}]")
+            store.load(tensors, what=f"PostHocEMA state_dict['averages'][{k}]",
+                       compensation=None if comps is None else comps[k])
         self.clock.load_state_dict(state["clock"])
         self.t = int(state["t"])
         self.num_updates = int(state["num_updates"])
