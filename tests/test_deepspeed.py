@@ -4,13 +4,16 @@ The workers (``tests/ds_worker.py``) record the full weights after every step, g
 with DeepSpeed's own ``GatheredParameters``; the reference is the float64 EMA of those
 weights computed here in one process. Skipped where DeepSpeed is not installed
 (``pip install emakit[deepspeed]``). DeepSpeed compiles a shared-memory op at its first
-use on a machine (about 30 s); the compiled op is cached (``TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``), so later runs and the other tests of a run reuse it.
+use on a machine (about a minute here); the compiled op is cached (``TORCH_EXTENSIONS_DIR``,
+default ``~/.cache/torch_extensions``), so later runs and the other tests of a run reuse it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,15 @@ pytestmark = [
 
 WORKER = Path(__file__).with_name("ds_worker.py")
 ENV = {"DS_ACCELERATOR": "cpu"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shm_op_built() -> None:
+    """DeepSpeed's CPU communication op, compiled once (about a minute on a fresh machine,
+    then cached under TORCH_EXTENSIONS_DIR) before any test starts ranks that wait on it."""
+    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **ENV), check=True,
+                   timeout=900, capture_output=True)
 
 
 def _outputs(result: dict, want: dict[str, torch.Tensor]) -> None:
