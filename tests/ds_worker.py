@@ -11,6 +11,8 @@ Scenarios:
   ``emakit.distributed.save``).
 - ``zero3_resume``: loads that checkpoint on this run's ranks and trains on.
 - ``posthoc``: ``PostHocEMA`` under ZeRO-3, snapshots in ``OUTDIR/snapshots``.
+- ``accelerate``: Accelerate with its DeepSpeed plugin (ZeRO-3); the EMA of
+  ``accelerator.unwrap_model(model)``.
 
 Every rank trains on its share of the same global batches. After each step rank 0 records
 the full weights, gathered with ``deepspeed.zero.GatheredParameters`` (DeepSpeed's gather,
@@ -221,6 +223,42 @@ def posthoc(out: str, rank: int, world: int) -> None:
         torch.save({"weights": weights}, os.path.join(out, "posthoc.pt"))
 
 
+def accelerate(out: str, rank: int, world: int) -> None:
+    """Accelerate with its DeepSpeed plugin (ZeRO-3): the EMA of the unwrapped model."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin(zero_stage=3, gradient_accumulation_steps=1)
+    plugin.deepspeed_config.update(config(3, world), train_batch_size=BATCH)
+    accelerator = Accelerator(deepspeed_plugin=plugin)
+    model = make_model()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model, opt = accelerator.prepare(model, opt)
+    inner = accelerator.unwrap_model(model)
+    ema = emakit.EMA(inner, half_life=HALF_LIFE)
+    weights = []
+    share = BATCH // world
+    for step in range(STEPS):
+        x, y = batch(step)
+        x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+        accelerator.backward(nn.functional.mse_loss(model(x), y))
+        opt.step()
+        opt.zero_grad()
+        ema.step()
+        weights.append(full_weights(inner))
+    result = {"weights": weights, "trainable": _trainable(inner),
+              "placement": type(ema.shadow.placement).__name__}
+    result["average"] = ema.ema_state_dict()
+    model.eval()
+    with torch.no_grad(), ema.swapped():
+        result["swapped_out"] = model(eval_input())
+    with torch.no_grad():
+        result["train_out"] = model(eval_input())
+    result["module_out"] = ema.module(eval_input())
+    if rank == 0:
+        torch.save(result, os.path.join(out, "accelerate.pt"))
+
+
 def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     scenario, out, *args = sys.argv[1:]
@@ -229,7 +267,7 @@ def main() -> None:
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         {"zero12": zero12, "zero3": zero3, "zero3_resume": zero3_resume,
-         "posthoc": posthoc}[scenario](
+         "posthoc": posthoc, "accelerate": accelerate}[scenario](
             out, rank, world, *args
         )
         dist.barrier()

@@ -152,3 +152,15 @@ def test_posthoc_zero3(tmp_path: Path) -> None:
     want = emakit.synthesize(tmp_path / "one", sigma_rel=0.08)
     assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
     assert_close(got, want)
+
+
+def test_accelerate_deepspeed_plugin_zero3(tmp_path: Path) -> None:
+    """Accelerate's DeepSpeed plugin (ZeRO-3, 2 ranks): the EMA of the unwrapped model is
+    kept partition by partition and equals the float64 EMA of the same weights; evaluation
+    inside swapped() computes with the average."""
+    env = dict(ENV, ACCELERATE_USE_DEEPSPEED="true", HF_HUB_OFFLINE="1")
+    result = launch(WORKER, "accelerate", tmp_path, 2, env=env)
+    assert result["placement"] == "ZeroPartition"
+    want = replay(result["weights"], set(result["trainable"]))
+    assert_close(result["average"], want)
+    _outputs(result, want)
