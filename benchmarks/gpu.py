@@ -49,6 +49,7 @@ from _common import (  # noqa: E402
 
 import emakit  # noqa: E402
 from emakit.kernels import CUDAGraphUpdate, FusedLerp, compilation_available, lerp_  # noqa: E402
+from emakit.store import Store  # noqa: E402
 
 W = 1.0 - DECAY
 FUSED = FusedLerp()  # tensors under 64Ki elements go to the eager foreach path
@@ -168,8 +169,21 @@ def emakit_ema(**kwargs):
     def setup(model: nn.Module):
         ema = emakit.EMA(model, smoothing=DECAY, **kwargs)
         ema.update()  # starts the average
-        bpe = averaged(model)[0].element_size() + 8
+        comp = ema.shadow.compensated
+        bpe = averaged(model)[0].element_size() + 8 + (8 if comp else 0)
         return ema.update, bpe
+
+    return setup
+
+
+def emakit_store(executor: str, compensated: bool):
+    """The engine with one executor (emakit.EMA picks "auto": graph on CUDA, eager on CPU)."""
+
+    def setup(model: nn.Module):
+        store = Store(model, executor=executor, compensated=compensated)
+        store.update(W)  # compiles and captures outside the timing
+        bpe = averaged(model)[0].element_size() + 8 + (8 if compensated else 0)
+        return (lambda: store.update(W)), bpe
 
     return setup
 
@@ -201,7 +215,13 @@ def contestants(fused_ok: bool, device: torch.device) -> dict[str, Callable]:
         "CUDA graph: lerp_ + comp": ours("CUDA graph comp", fused_ok, device),
         "CUDA graph: FusedLerp": ours("CUDA graph fused", fused_ok, device),
         "CUDA graph: FusedLerp + comp": ours("CUDA graph fused comp", fused_ok, device),
-        "emakit.EMA": emakit_ema(),
+        "emakit.EMA (default: compensated, executor auto)": emakit_ema(),
+        "emakit.EMA compensated=False": emakit_ema(compensated=False),
+        **{
+            f"Store executor={ex}{' + comp' if comp else ''}": emakit_store(ex, comp)
+            for ex in ("eager", "fused", "graph")
+            for comp in (False, True)
+        },
         "timm ModelEmaV3": peer(timm_update),
         "torch AveragedModel": peer(torch_update),
         "ema-pytorch": peer(ema_pytorch_update),

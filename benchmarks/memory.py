@@ -51,10 +51,6 @@ def main() -> None:
                 rows.append(
                     row(f"{name}, {label} CUDA model, device='cpu'", m.cuda(), device="cpu")
                 )
-                rows.append(
-                    row(f"{name}, {label} CUDA model, side_stream=True", m.cuda(),
-                        side_stream=True)
-                )
     if not torch.cuda.is_available():
         rule = "rule"
         rows += [
@@ -62,7 +58,6 @@ def main() -> None:
              "model in its dtype)", rule],
             ["bf16 CUDA model, device='cpu'", "4 (host)", "2 pinned host + conversion "
              "staging <= 4 MiB host", rule],
-            ["any CUDA model, side_stream=True", "as without", "0 (as without)", rule],
         ]
     print(table(["model and option", "state B/element", "workspace B/element", "device"], rows))
 

@@ -85,7 +85,7 @@ def main() -> None:
     device = args.device
     contestants = dict(CONTESTANTS)
     if torch.device(device).type == "cuda":
-        contestants["emakit, side stream"] = lambda m: emakit_update(m, side_stream=True)
+        contestants["emakit, compensated=False"] = lambda m: emakit_update(m, compensated=False)
         contestants["emakit, device='cpu'"] = lambda m: emakit_update(m, device="cpu")
     print(f"# one EMA update / one lerp_ over a contiguous buffer; {machine()}\n")
     header = ["model", "floor (lerp_)"] + list(contestants) + [TENTH]

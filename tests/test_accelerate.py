@@ -73,7 +73,8 @@ def test_prepared_model_and_save_state_round_trip(tmp_path):
 
 
 def test_ddp_wrapped_by_accelerate_on_two_processes(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # CPU ranks (gloo), also on a GPU machine
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
     for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     done = subprocess.run(

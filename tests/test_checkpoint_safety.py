@@ -150,7 +150,8 @@ def _free_port() -> int:
 
 def launch(scenario: str, out: Path, world: int, timeout: float = 120.0) -> None:
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+               WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="")  # gloo CPU ranks, also on a GPU machine
     procs = [subprocess.Popen([sys.executable, str(WORKER), scenario, str(out)],
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

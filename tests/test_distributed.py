@@ -49,8 +49,10 @@ def _free_port() -> int:
 
 def launch(scenario: str, out: Path, world: int = 2, timeout: float = 120.0) -> dict | None:
     """Run ``world`` ranks of the worker; fail (not hang) on an error or a timeout."""
+    # CPU ranks over gloo also on a GPU machine: FSDP2's default mesh would otherwise put
+    # both ranks on the one CUDA device, with gloo collectives on CUDA tensors (a hang)
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+               WORLD_SIZE=str(world), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), scenario, str(out)],

@@ -34,8 +34,9 @@ class Net(nn.Module):
 def _train(model, ema, steps, seed=0, lr=0.1):
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    device = next(model.parameters()).device
     for _ in range(steps):
-        x = torch.randn(16, 6, generator=gen)
+        x = torch.randn(16, 6, generator=gen).to(device)  # the same inputs on any device
         opt.zero_grad()
         model(x).square().mean().backward()
         opt.step()
@@ -123,10 +124,18 @@ def test_device_cpu_holds_the_average_there():
 def test_device_cpu_for_a_cuda_model():
     model = Net().cuda()
     ema = emakit.EMA(model, device="cpu", smoothing=0.5)
-    _train(model, ema, 3)
+    names = list(ema.shadow.tensors())
+    ref = None
+    for seed in range(3):  # one step each; a float64 replay of the average beside it
+        _train(model, ema, 1, seed=seed)
+        sd = {n: t.detach().double().cpu() for n, t in model.state_dict().items()}
+        ref = {n: sd[n].clone() for n in names} if ref is None else {
+            n: ref[n].lerp(sd[n], 0.5) for n in names}
+    got = ema.state_dict()["average"]
     assert all(t.device.type == "cpu" for t in ema.shadow.tensors().values())
-    reference = {n: t.cpu() for n, t in model.state_dict().items()}
-    assert reference.keys() == ema.ema_state_dict().keys()
+    for n in names:
+        torch.testing.assert_close(got[n].double(), ref[n], rtol=1e-6, atol=1e-6)
+    assert model.state_dict().keys() == ema.ema_state_dict().keys()
 
 
 # swapped ----------------------------------------------------------------------------------

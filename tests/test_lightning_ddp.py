@@ -15,7 +15,8 @@ SCRIPT = Path(__file__).parent / "scripts" / "lightning_ddp.py"
 
 def run(out: Path, devices: int) -> None:
     out.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # CPU ranks (gloo), also on a GPU machine
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     done = subprocess.run(

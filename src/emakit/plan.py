@@ -1,7 +1,9 @@
 """Plan: the typed operations one update runs, built once from layout x placement, and the
 check that they still fit the model.
 
-Every operation works on ``(slot.avg, slot.src)`` pairs, this rank's part of an average and
+Every operation's ``run(weight, kernel)`` calls ``kernel(avg, src, weight, comp)`` (by default
+:func:`emakit.kernels.lerp_`; an executor may pass :class:`~emakit.kernels.FusedLerp`) on
+``(slot.avg, slot.src)`` pairs, this rank's part of an average and
 the matching part of the model's tensor (see :mod:`emakit.placement`), so every placement
 gets every path:
 
@@ -16,7 +18,10 @@ gets every path:
   (``benchmarks/gather_vs_foreach.py``).
 - :class:`Staged`: sources of another dtype or device are converted chunk by chunk into a
   staging buffer, then lerped (a staging that stays in cache is faster on a CPU as well as
-  smaller: bf16 ResNet-50 -> fp32, 12.4 ms with 2**20 elements, 22.7 ms with 2**24).
+  smaller: bf16 ResNet-50 -> fp32, 12.4 ms with 2**20 elements, 22.7 ms with 2**24). With
+  ``build(..., stage=False)`` (an executor whose kernel converts inside its one pass, e.g.
+  :class:`emakit.kernels.FusedLerp`), sources of another dtype on the same device are a
+  :class:`Foreach` instead: no staging buffer.
 - :class:`Offload`: a CPU average of CUDA sources: pinned host copies made without blocking,
   then the CPU arithmetic (run by the executor on a worker thread).
 - :class:`Copy`: ``buffers="copy"`` entries take the model's values.
@@ -66,6 +71,8 @@ GATHER_MAX = 2048
 GATHER_MIN = 8
 
 Weight = float | Tensor
+# kernel(avg, src, weight, comp): kernels.lerp_ or a kernels.FusedLerp
+Kernel = Callable[[list[Tensor], list[Tensor], Weight, "list[Tensor] | None"], None]
 
 
 def _comp_of(avg: Tensor, comps: dict | None, key) -> Tensor | None:
@@ -87,8 +94,8 @@ class Foreach:
     def device(self) -> torch.device:
         return self.avg[0].device
 
-    def run(self, weight: Weight) -> None:
-        kernels.lerp_(self.avg, self.src, weight, self.comp)
+    def run(self, weight: Weight, kernel: Kernel = kernels.lerp_) -> None:
+        kernel(self.avg, self.src, weight, self.comp)
 
 
 @dataclass
@@ -104,10 +111,10 @@ class Gather:
     def device(self) -> torch.device:
         return self.span.device
 
-    def run(self, weight: Weight) -> None:
+    def run(self, weight: Weight, kernel: Kernel = kernels.lerp_) -> None:
         torch.cat(self.parts, out=self.staging)
         comp = None if self.comp is None else [self.comp]
-        kernels.lerp_([self.span], [self.staging], weight, comp)
+        kernel([self.span], [self.staging], weight, comp)
 
 
 @dataclass
@@ -128,10 +135,10 @@ class Staged:
     def device(self) -> torch.device:
         return self.chunks[0].avg[0].device
 
-    def run(self, weight: Weight) -> None:
+    def run(self, weight: Weight, kernel: Kernel = kernels.lerp_) -> None:
         for c in self.chunks:
             torch._foreach_copy_(c.staging, c.src)
-            kernels.lerp_(c.avg, c.staging, weight, c.comp)
+            kernel(c.avg, c.staging, weight, c.comp)
 
 
 @dataclass
@@ -143,7 +150,6 @@ class Offload:
     pinned: Tensor
     host: list[Tensor]
     ops: list[Foreach | Staged]
-    side: bool  # launched on the device's side stream
 
     @property
     def device(self) -> torch.device:
@@ -220,11 +226,10 @@ class Watch:
 
 @dataclass
 class Plan:
-    """Everything one update runs: ``main`` on the current stream, ``side`` per CUDA device
-    on a side stream, ``offloads`` (CPU arithmetic on a worker), ``copy``."""
+    """Everything one update runs: ``main`` on the current stream, ``offloads`` (CPU
+    arithmetic on a worker), ``copy``."""
 
     main: list[Op]
-    side: dict[torch.device, list[Op]]
     offloads: list[Offload]
     copy: Copy
     workspace: list[Tensor]
@@ -294,8 +299,9 @@ class _Item:
 
 
 class _Builder:
-    def __init__(self, comps: dict | None) -> None:
+    def __init__(self, comps: dict | None, stage: bool = True) -> None:
         self.comps = comps
+        self.staging = stage
         self.workspace: list[Tensor] = []
         self.offloads: list[Offload] = []
 
@@ -326,7 +332,7 @@ class _Builder:
                 items.append(_Item(run, first.avg, first.src, self.comp(first, first.avg)))
         return items
 
-    def ops(self, slots: list[Slot], position: dict[int, Slot], side: bool) -> list[Op]:
+    def ops(self, slots: list[Slot], position: dict[int, Slot]) -> list[Op]:
         ops: list[Op] = []
         rest: list[_Item] = []
         gathers = []
@@ -351,10 +357,10 @@ class _Builder:
             avg = [it.avg for it in its]
             src = [it.src for it in its]
             comp = None if self.comps is None else [it.comp for it in its]
-            if (s_dev, s_dtype) == (v_dev, v_dtype):
+            if (s_dev, s_dtype) == (v_dev, v_dtype) or (s_dev == v_dev and not self.staging):
                 ops.append(Foreach(avg, src, comp))
             elif s_dev.type == "cuda" and v_dev.type == "cpu":
-                self.offloads.append(self.offload(avg, src, comp, side))
+                self.offloads.append(self.offload(avg, src, comp))
             else:
                 ops.append(self.stage(avg, src, comp))
         return ops
@@ -419,7 +425,7 @@ class _Builder:
             used += n
         return Staged(chunks)
 
-    def offload(self, avg, src, comp, side: bool) -> Offload:
+    def offload(self, avg, src, comp) -> Offload:
         total = sum(align(s.numel()) for s in src)
         pinned = torch.empty(total, dtype=src[0].dtype, pin_memory=True)
         host: list[Tensor] = []
@@ -431,7 +437,7 @@ class _Builder:
             ops: list = [Foreach(avg, host, comp)]
         else:
             ops = [self.stage(avg, host, comp)]
-        return Offload(list(src), pinned, host, ops, side)
+        return Offload(list(src), pinned, host, ops)
 
 
 def _gather_runs(items: list[_Item], successor: dict[int, Slot]) -> list[list[_Item]]:
@@ -478,30 +484,22 @@ def build(
     slots: Sequence[Slot],
     watch: Watch,
     comps: dict | None = None,
-    side_stream: bool = False,
+    stage: bool = True,
 ) -> Plan:
     """The plan for ``slots`` (bound: ``avg`` and ``src`` set). Averaged slots are grouped by
     (source device and dtype, storage device and dtype); spans, gathers, foreach, staged and
-    offload operations as in the module docstring. With ``side_stream``, CUDA parameters go
-    to a per-device list run on a side stream; buffers stay on the current stream, since the
-    forward pass writes them."""
+    offload operations as in the module docstring. ``stage=False``: a source of another
+    dtype on the storage's device is read by the kernel directly (no staging buffer)."""
     live = [s for s in slots if s.avg is not None and s.avg.numel() > 0]
     position = _successors(live)
     main: list[Slot] = []
-    side: dict[torch.device, list[Slot]] = {}
     copy = Copy()
     for s in live:
         if s.entry.kind == "copy":
             copy.dst.append(s.avg)
             copy.src.append(s.src)
-        elif side_stream and s.entry.is_param and s.src.device.type == "cuda":
-            side.setdefault(s.src.device, []).append(s)
         else:
             main.append(s)
-    b = _Builder(comps)
-    main_ops = b.ops(main, position, side=False)
-    side_ops = {d: b.ops(ss, position, side=True) for d, ss in side.items()}
-    side_ops = {d: ops for d, ops in side_ops.items() if ops}
-    for d in side:  # an offloaded side group still needs the stream for its copies
-        side_ops.setdefault(d, [])
-    return Plan(main_ops, side_ops, b.offloads, copy, b.workspace, watch)
+    b = _Builder(comps, stage)
+    main_ops = b.ops(main, position)
+    return Plan(main_ops, b.offloads, copy, b.workspace, watch)

@@ -29,6 +29,7 @@ memory under another shape; :meth:`Store.reset` re-classifies the model.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .executors import Eager
+from .executors import EXECUTORS, Eager, select
 from .functional import all_finite, check_same_names, copy_, unwrap_model, values_swapped
 from .layout import Entry, Selector, check_storage, classify
 from .placement import Placement, Slot, choose, rank
@@ -69,7 +70,9 @@ class Store:
         dtype: storage dtype (``None``: each tensor's own).
         device: where the average lives (``None``: beside each tensor).
         buffers: ``"average"`` or ``"copy"`` for floating buffers.
-        side_stream: on CUDA, update parameters on a side stream.
+        side_stream: deprecated, ignored with a ``FutureWarning``: a side stream saved
+            nothing measurable in a GPU training step and raced with weights written in
+            place outside ``torch.optim``; updates run on the current stream.
         shard: keep 1/world of the average of a replicated model on each rank.
         group: the process group of ``shard`` and FSDP2 collectives.
         exclude, include: see :mod:`emakit.layout`.
@@ -77,6 +80,9 @@ class Store:
             so that ``average + compensation`` tracks a float64 EMA
             (:func:`emakit.kernels.lerp_`); doubles the state.
         placement: a :class:`~emakit.placement.Placement` to use instead of the default.
+        executor: how updates run (:func:`emakit.executors.select`): ``"auto"`` (CUDA: fused
+            kernels replayed from a CUDA graph; CPU: fused when compensated, else eager),
+            ``"eager"``, ``"fused"`` or ``"graph"``.
 
     Example:
         >>> import torch
@@ -103,17 +109,29 @@ class Store:
         include: Selector = None,
         compensated: bool = False,
         placement: Placement | None = None,
+        executor: str = "auto",
     ) -> None:
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor: expected one of {EXECUTORS}, got {executor!r}")
+        if side_stream:
+            warnings.warn(
+                "side_stream=True is deprecated and ignored: updates run on the current "
+                "stream (a side stream saved nothing measurable and raced with in-place "
+                "writes outside torch.optim)",
+                FutureWarning,
+                stacklevel=3,  # the caller of EMA(...)
+            )
         self.model = unwrap_model(model)
         self.dtype, self.device, self.buffers = check_storage(dtype, device, buffers)
-        self.side_stream = bool(side_stream)
+        self.side_stream = False
+        self.executor_kind = executor
         self.exclude, self.include = exclude, include
         self.compensated = bool(compensated)
         # chosen again at each re-plan unless given: deepspeed.initialize partitions the
         # parameters of a model that an EMA was built on before it (ZeRO-3)
         self._auto_placement = None if placement is not None else (shard, group)
         self.placement = placement if placement is not None else choose(self.model, shard, group)
-        self.executor = Eager()
+        self.executor: Eager = Eager()
         self.flat: dict = {}
         self.comps: dict | None = None
         self._build(self._classify(), carry=None)
@@ -154,6 +172,7 @@ class Store:
         if carry:
             self._check_shapes(slots, carry)
         self.executor.synchronize()  # pending work may still use the buffers being dropped
+        self.executor = select(self.executor_kind, {s.key[0] for s in slots}, self.compensated)
         p = self.placement
         flats = p.allocate(slots)
         comps = {k: torch.zeros_like(f) for k, f in flats.items()} if self.compensated else None
@@ -165,7 +184,7 @@ class Store:
         watch = Watch([s.entry for s in slots], [p.watch_local(s) for s in slots])
         self.entries, self.slots, self.flat, self.comps = entries, slots, flats, comps
         self._signature = _signature(entries)
-        self.plan: Plan = build(slots, watch, comps, self.side_stream)
+        self.plan: Plan = build(slots, watch, comps, stage=self.executor.stage)
         dst, src, cdst, csrc = [], [], [], []
         for s in slots:
             if s.avg is None:
@@ -215,12 +234,12 @@ class Store:
     def update(self, weight: float | Tensor) -> None:
         """``avg <- avg + weight * (src - avg)`` on this rank's parts; ``copy`` entries take
         the source. ``weight`` = 1 - smoothing, a float or a 0-d tensor (read on the device,
-        no host sync). May return before side-stream or offloaded work is done."""
+        no host sync). May return before offloaded work is done."""
         self._ensure()
         self.executor.run(self.plan, weight)
 
     def synchronize(self) -> None:
-        """Order pending side-stream and offloaded work before what comes next."""
+        """Wait for pending offloaded work (``device="cpu"`` for a CUDA model)."""
         self.executor.synchronize()
 
     @torch.no_grad()
