@@ -1,6 +1,12 @@
-"""EMA memory per rank under FSDP2 and DDP (whole or ``shard=True``), for 1, 2 and 4 ranks.
+"""EMA memory per rank under FSDP2, DDP (whole or ``shard=True``) and DeepSpeed ZeRO-3, for
+1, 2 and 4 ranks.
 
     python benchmarks/distributed_memory.py [--worlds 1 2 4] [--width 1024] [--depth 12]
+        [--modes fsdp2 ddp ddp-shard zero3]
+
+``zero3`` (needs ``pip install emakit[deepspeed]``; runs on the CPU accelerator here) trains
+under ZeRO stage 3 with ``stage3_param_persistence_threshold`` 0, so every parameter is
+partitioned, and builds the EMA after ``deepspeed.initialize``.
 
 Launches each (mode, world) as ``world`` local processes (gloo, CPU) and prints a Markdown
 table. Per rank: ``EMA bytes``, what the average holds on that rank (its flat buffers), and
@@ -13,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
 
-MODES = ("fsdp2", "ddp", "ddp-shard")
+MODES = ("fsdp2", "ddp", "ddp-shard", "zero3")
 
 
 def _rss() -> int:
@@ -41,6 +48,9 @@ def worker(mode: str, width: int, depth: int) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)])
+    if mode == "zero3":
+        _zero3(model, width)
+        return
     if mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
@@ -65,6 +75,34 @@ def worker(mode: str, width: int, depth: int) -> None:
     dist.destroy_process_group()
 
 
+def _zero3(model, width: int) -> None:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    import emakit
+
+    world = dist.get_world_size()
+    config = {"train_micro_batch_size_per_gpu": 4, "zero_allow_untested_optimizer": True,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "steps_per_print": 10**9}
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    loss = engine(torch.randn(4, width)).square().mean()
+    engine.backward(loss)
+    engine.step()
+    before = _rss()
+    ema = emakit.EMA(engine.module, half_life="100ba")
+    ema.update()
+    ema.update()
+    grown = _rss() - before
+    n = sum(p.ds_numel for p in engine.module.parameters())
+    report = {"rank": dist.get_rank(), "ema_bytes": ema.shadow.state_nbytes(),
+              "rss": grown, "params": n, "world": world}
+    print("RESULT " + json.dumps(report), flush=True)
+    dist.destroy_process_group()
+
+
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,7 +111,8 @@ def _port() -> int:
 
 def launch(mode: str, world: int, width: int, depth: int) -> list[dict]:
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()),
-               WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+               WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    env.setdefault("DS_ACCELERATOR", "cpu")
     cmd = [sys.executable, __file__, "--worker", mode, "--width", str(width),
            "--depth", str(depth)]
     procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
@@ -93,6 +132,7 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--depth", type=int, default=12)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -100,7 +140,11 @@ def main() -> None:
         return
     mib = 2**20
     rows = []
-    for mode in MODES:
+    modes = list(args.modes)
+    if "zero3" in modes and importlib.util.find_spec("deepspeed") is None:
+        print("(zero3 left out: DeepSpeed is not installed; pip install emakit[deepspeed])\n")
+        modes.remove("zero3")
+    for mode in modes:
         for world in args.worlds:
             res = launch(mode, world, args.width, args.depth)
             rows.append((mode, world, max(r["ema_bytes"] for r in res) / mib,

@@ -54,7 +54,8 @@ def _ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
 def process_group(model: nn.Module, shard: bool = False) -> Any:
     """The process group the EMA's collectives run over, or ``None`` when it needs none.
 
-    Under FSDP2 the group of a 1-D mesh (the default group for a larger mesh); with
+    Under FSDP2 the group of a 1-D mesh (the default group for a larger mesh); under
+    DeepSpeed ZeRO-3 the parameters' partition group (``ds_process_group``); with
     ``shard=True`` DDP's own group, or the default group. A DDP model without ``shard`` needs
     none: every rank keeps the whole average and nothing is communicated (DDP itself checks
     the ranks' shapes when it wraps the model), so an EMA built on rank 0 alone works.
@@ -72,6 +73,8 @@ def process_group(model: nn.Module, shard: bool = False) -> Any:
         if isinstance(p, DTensor):
             mesh = p.device_mesh
             return mesh.get_group() if mesh.ndim == 1 else dist.group.WORLD
+        if getattr(p, "ds_tensor", None) is not None:  # DeepSpeed ZeRO-3 partitions
+            return p.ds_process_group
     return dist.group.WORLD if shard else None
 
 

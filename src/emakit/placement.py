@@ -43,6 +43,7 @@ subclass, nothing else changes):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -175,6 +176,11 @@ class Placement:
 
     def swap_pairs(self, slots: Sequence[Slot]) -> tuple[list[Tensor], list[Tensor]]:
         return [self.local(s.entry.tensor()) for s in slots], [s.avg for s in slots]
+
+    def swap_scope(self, slots: Sequence[Slot]) -> contextlib.AbstractContextManager:
+        """A context around a swap, for placements that must tidy up after the model's
+        forward (ZeRO-3 releases the parameters it gathered with averaged values)."""
+        return contextlib.nullcontext()
 
 
 class Whole(Placement):
@@ -352,10 +358,21 @@ class ReplicaSlice(Placement):
 
 
 def choose(model: nn.Module, shard: bool = False, group: Any = None) -> Placement:
-    """The placement for ``model``: :class:`ReplicaSlice` with ``shard``, :class:`DTensorShard`
-    when a parameter is a DTensor, else :class:`Whole`."""
+    """The placement for ``model``: :class:`ReplicaSlice` with ``shard``,
+    :class:`~emakit.zero.ZeroPartition` when DeepSpeed ZeRO-3 partitions the parameters,
+    :class:`DTensorShard` when a parameter is a DTensor, else :class:`Whole`."""
+    zero3 = any(getattr(p, "ds_tensor", None) is not None for p in model.parameters())
+    if shard and zero3:
+        raise ValueError(
+            "shard=True is for replicated models; DeepSpeed ZeRO-3 partitions this model's "
+            "parameters, and their average is kept partition by partition already: drop shard"
+        )
     if shard:
         return ReplicaSlice(group)
+    if zero3:
+        from .zero import ZeroPartition  # DeepSpeed ZeRO-3 partitions
+
+        return ZeroPartition(group)
     if any(isinstance(p, DTensor) for p in model.parameters()):
         return DTensorShard(group)
     return Whole()

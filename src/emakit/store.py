@@ -127,6 +127,9 @@ class Store:
         self.executor_kind = executor
         self.exclude, self.include = exclude, include
         self.compensated = bool(compensated)
+        # chosen again at each re-plan unless given: deepspeed.initialize partitions the
+        # parameters of a model that an EMA was built on before it (ZeRO-3)
+        self._auto_placement = None if placement is not None else (shard, group)
         self.placement = placement if placement is not None else choose(self.model, shard, group)
         self.executor: Eager = Eager()
         self.flat: dict = {}
@@ -215,6 +218,8 @@ class Store:
             value = (full[i], None if comp is None else comp[i])
             for n in s.entry.names:
                 carry[n] = value
+        if self._auto_placement is not None:
+            self.placement = choose(self.model, *self._auto_placement)
         self._build(entries, carry)
 
     # the update --------------------------------------------------------------------------
@@ -246,6 +251,8 @@ class Store:
         self.executor.synchronize()
         entries = self._classify()  # also sees parameters frozen or unfrozen since
         if not self.plan.watch.valid() or _signature(entries) != self._signature:
+            if self._auto_placement is not None:
+                self.placement = choose(self.model, *self._auto_placement)
             self._build(entries, carry=None)
             return
         live = [s for s in self.slots if s.avg is not None]
@@ -424,7 +431,7 @@ class Store:
         self._ensure()
         self.executor.synchronize()
         targets, values = self.placement.swap_pairs(self.slots)
-        with values_swapped(targets, values):
+        with self.placement.swap_scope(self.slots), values_swapped(targets, values):
             del values
             yield
 
