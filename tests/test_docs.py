@@ -9,7 +9,9 @@ declared beside it in an HTML comment just above the block (invisible when rende
 
 Flags on the comment's first line: ``subprocess`` (run in its own interpreter, e.g. for a
 one-rank process group standing in for torchrun), ``twice`` (run again in the same folder:
-a rerun must work too), ``skip: <reason>`` (not run; the reason is required). A block with
+a rerun must work too), ``needs=<module>`` (skipped where that optional extra is not
+installed, e.g. DeepSpeed on a machine without it), ``skip: <reason>`` (not run; the reason
+is required). A block with
 no comment runs with no set-up.
 """
 
@@ -79,6 +81,9 @@ def test_every_file_has_examples_and_links_stay_inside_the_repository():
 
 @pytest.mark.parametrize("ex", [e for e in ALL if e.skip is None], ids=lambda e: e.id)
 def test_example_runs(ex: Example, tmp_path, monkeypatch):
+    for flag in ex.flags:
+        if flag.startswith("needs="):
+            pytest.importorskip(flag.partition("=")[2])
     source = ex.setup + "\n" + ex.code
     runs = 2 if "twice" in ex.flags else 1
     if "subprocess" in ex.flags:
