@@ -1,4 +1,5 @@
-"""The average under ``torch.distributed``: DDP, the ``shard=True`` store, FSDP2 checkpoints.
+"""The average under ``torch.distributed``: process groups, the every-rank model check, and
+the entry points of sharded checkpoints (implemented in :mod:`emakit.checkpoint`).
 
 - **FSDP2** (``fully_shard``): nothing here is needed for the update; the store
   (:class:`~emakit.placement.DTensorShard`) keeps the local shard of each DTensor parameter

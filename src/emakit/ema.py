@@ -1,4 +1,5 @@
-"""EMA: the training clock, the smoothing schedule and the shadow, driven by the loop."""
+"""EMA: the configuration, the training clock, the smoothing schedule and the store, driven by
+the loop."""
 
 from __future__ import annotations
 
