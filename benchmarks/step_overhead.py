@@ -13,6 +13,7 @@ A step is ``zero_grad``, forward, backward and ``AdamW.step()`` on the benchmark
 
     python benchmarks/step_overhead.py
     python benchmarks/step_overhead.py --device cuda
+    python benchmarks/step_overhead.py --device cuda --bf16   # bf16 weights, fp32 averages
 
 Long-lived objects are frozen out of Python's garbage collector while timing (``gc.freeze``):
 otherwise full collections over the thousands of modules held by the model copies land on
@@ -146,6 +147,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=None, help="default: 5 (10 for every 10)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="train in bf16 (bf16 weights, fp32 averages: what large models do)")
     args = parser.parse_args()
     setup_threads()
     device = args.device
@@ -158,13 +161,17 @@ def main() -> None:
         factories["emakit, device='cpu'"] = lambda m, every: emakit_update(
             m, f"{every}ba", device="cpu"
         )
-    print(f"# training step time with EMA over without; {machine()}, decay {DECAY}\n")
+    what = "bf16 weights, AdamW" if args.bf16 else "fp32 weights, AdamW"
+    print(f"# training step time with EMA over without ({what}); {machine()}, decay {DECAY}\n")
     rows = []
     for name in args.models:
         build, make_batch = MODELS[name]
         torch.manual_seed(0)
-        model = build().to(device)
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        model = build().to(device, dtype)
         batch = make_batch().to(device)
+        if batch.is_floating_point():
+            batch = batch.to(dtype)
         flat_model = emakit.flatten_parameters(copy.deepcopy(model))
         cells: dict[str, list[str]] = {label: [] for label in list(factories) + [FLAT]}
         for every in (1, 10):
