@@ -342,3 +342,28 @@ def test_sample_and_token_times(accumulate):
     _, ref = plain_loop_ema(model0, epochs=2, accumulate=accumulate, half_life="4ba",
                             start=f"{start_step}ba")
     assert_states_equal(by_samples.ema.ema_state_dict(), ref.ema_state_dict(), exact=False)
+
+
+def test_a_bema_config_makes_the_callback_drive_a_bema():
+    from test_bema import Reference
+
+    model = Tiny()
+    cb = EMACallback(config=emakit.BEMAConfig(lag=4.0, bias_power=0.3))
+    params = [n for n, _ in model.named_parameters()]
+    thetas = []
+
+    class Record(pl.Callback):  # runs after the EMA callback: the weights it just averaged
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            sd = pl_module.state_dict()
+            thetas.append(torch.cat([sd[n].double().reshape(-1) for n in params]))
+
+    t = trainer([cb, Record()], max_epochs=1)
+    t.fit(model, loader(data(N_TRAIN, 1)))
+    assert isinstance(cb.ema, emakit.BEMA)
+    ref = Reference(bias_power=0.3, lag=4.0)  # float64, from the paper's formulas
+    ref.start(thetas[0])
+    for t_, theta in enumerate(thetas[1:], start=1):
+        ref.update(t_, theta)
+    out = cb.ema.state_dict()["bema_weights"]
+    got = torch.cat([out[n].double().reshape(-1) for n in params])
+    torch.testing.assert_close(got, ref.out, rtol=1e-5, atol=1e-6)

@@ -9,7 +9,7 @@
 """
 
 from .bema import BEMA
-from .config import EMAConfig, StoreConfig
+from .config import BEMAConfig, EMAConfig, StoreConfig
 from .ema import EMA, EMAModule
 from .flat import flatten_parameters
 from .functional import compute_ema
@@ -31,6 +31,7 @@ __all__ = [
     "EMAModule",
     "BEMA",
     "EMAConfig",
+    "BEMAConfig",
     "StoreConfig",
     "PostHocEMA",
     "CosineSmoothing",

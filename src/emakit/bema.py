@@ -9,21 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import EMAConfig, takes_config
+from .config import BEMAConfig, takes_config
 from .ema import EMA
 from .store import Store
 
 __all__ = ["BEMA"]
-
-
-def _positive(value: Any, name: str, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {value!r}")
-    value = float(value)
-    if not (value >= 0 if allow_zero else value > 0) or value != value or value == float("inf"):
-        raise ValueError(f"{name}: expected a finite number {'>=' if allow_zero else '>'} 0, "
-                         f"got {value!r}")
-    return value
 
 
 class BEMA(EMA):
@@ -54,10 +44,12 @@ class BEMA(EMA):
 
     Args:
         model: the model being trained.
-        ema_power, bias_power, lag, multiplier, min_ema_multiplier: the schedule above.
-        config / keyword arguments: as for :class:`~emakit.EMA` (``start``,
-            ``update_interval``, storage arguments); ``half_life``, ``smoothing`` and
-            ``warmup`` are replaced by the schedule above and refused.
+        config: a :class:`~emakit.BEMAConfig`, or its fields as keyword arguments:
+            ``ema_power``, ``bias_power``, ``lag``, ``multiplier``, ``min_ema_multiplier``
+            (the schedule above) and :class:`~emakit.EMA`'s (``start``, ``update_interval``,
+            storage arguments); ``half_life``, ``smoothing`` and ``warmup`` are replaced by
+            the schedule and refused. The trainer callbacks take ``config=BEMAConfig(...)``
+            and drive a BEMA.
 
     Example:
         >>> import torch, emakit
@@ -71,35 +63,12 @@ class BEMA(EMA):
         5
     """
 
-    @takes_config(EMAConfig)
-    def __init__(
-        self,
-        model: nn.Module,
-        config: EMAConfig | None = None,
-        *,
-        ema_power: float = 0.5,
-        bias_power: float = 0.2,
-        lag: float = 10.0,
-        multiplier: float = 1.0,
-        min_ema_multiplier: float = 0.0,
-        **kwargs: Any,
-    ) -> None:
-        for name in ("half_life", "smoothing", "warmup"):
-            if kwargs.get(name) is not None or (config is not None and name != "half_life"
-                                                and getattr(config, name) is not None):
-                raise ValueError(f"{name}: BEMA sets its own smoothing (ema_power, lag, "
-                                 "multiplier); leave it out")
-        if config is None:
-            config = EMAConfig(smoothing=0.0, **kwargs)
-        self.ema_power = _positive(ema_power, "ema_power", allow_zero=True)
-        self.bias_power = _positive(bias_power, "bias_power", allow_zero=True)
-        self.lag = _positive(lag, "lag")
-        self.multiplier = _positive(multiplier, "multiplier", allow_zero=True)
-        self.min_ema_multiplier = _positive(min_ema_multiplier, "min_ema_multiplier",
-                                            allow_zero=True)
-        if self.min_ema_multiplier > 1:
-            raise ValueError(f"min_ema_multiplier: expected a value in [0, 1], got "
-                             f"{min_ema_multiplier!r}")
+    @takes_config(BEMAConfig)
+    def __init__(self, model: nn.Module, config: BEMAConfig | None = None, **kwargs: Any) -> None:
+        config = BEMAConfig.resolve(config, kwargs, "BEMA")
+        self.ema_power, self.bias_power = config.ema_power, config.bias_power
+        self.lag, self.multiplier = config.lag, config.multiplier
+        self.min_ema_multiplier = config.min_ema_multiplier
         super().__init__(model, config)
         if config.shard or self.shadow.model_forward:
             raise ValueError("BEMA: not available with shard=True or FSDP2 models")

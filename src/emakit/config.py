@@ -33,7 +33,7 @@ from .layout import Matcher, Selector, check_storage
 from .schedules import PowerWarmup, check_smoothing, smoothing_from_half_life
 from .time import Time, convert
 
-__all__ = ["StoreConfig", "EMAConfig", "takes_config"]
+__all__ = ["StoreConfig", "EMAConfig", "BEMAConfig", "takes_config"]
 
 INTERVAL_UNITS = ("ba", "ep")
 
@@ -279,6 +279,52 @@ class EMAConfig(StoreConfig):
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _nonneg(value: Any, name: str, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name}: expected a finite number {'>' if positive else '>='} 0, "
+                         f"got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BEMAConfig(EMAConfig):
+    """The arguments of a :class:`~emakit.BEMA`: its schedule, plus :class:`EMAConfig`'s
+    timing and storage (``half_life``, ``smoothing`` and ``warmup`` are refused: the
+    schedule replaces them). TRL's names and defaults.
+
+    Args:
+        ema_power: ``p_e`` in ``beta_t = max((lag + multiplier t) ** -p_e, min_ema_multiplier)``.
+        bias_power: ``p_b`` in ``alpha_t = (lag + multiplier t) ** -p_b``.
+        lag: the offset ``lag > 0`` (a virtual age at the start), in batches.
+        multiplier: how fast the age grows per batch (>= 0).
+        min_ema_multiplier: a floor in [0, 1] on ``beta_t``.
+    """
+
+    ema_power: float = 0.5
+    bias_power: float = 0.2
+    lag: float = 10.0
+    multiplier: float = 1.0
+    min_ema_multiplier: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("half_life", "smoothing", "warmup"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name}: BEMA sets its own smoothing (ema_power, lag, "
+                                 "multiplier); leave it out")
+        object.__setattr__(self, "smoothing", 0.0)  # unused: the schedule gives each factor
+        super().__post_init__()
+        set_ = object.__setattr__
+        for name in ("ema_power", "bias_power", "multiplier", "min_ema_multiplier"):
+            set_(self, name, _nonneg(getattr(self, name), name))
+        set_(self, "lag", _nonneg(self.lag, "lag", positive=True))
+        if self.min_ema_multiplier > 1:
+            raise ValueError(f"min_ema_multiplier: expected a value in [0, 1], got "
+                             f"{self.min_ema_multiplier!r}")
 
 
 def takes_config(config: type[StoreConfig]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

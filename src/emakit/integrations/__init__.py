@@ -9,8 +9,11 @@ One module per trainer; each imports its trainer, so import the one you use:
 
 Each takes the EMA arguments through :class:`~emakit.EMAConfig` (a ``config=`` or its fields
 as keyword arguments), so every argument of :class:`emakit.EMA` reaches every trainer.
+A ``config=BEMAConfig(...)`` makes an adapter drive a :class:`~emakit.BEMA` instead.
 Accelerate needs no adapter: build ``emakit.EMA`` on the prepared model (wrappers are seen
-through) and register it with ``accelerator.register_for_checkpointing(ema)``.
+through) and carry it through ``save_state``/``load_state`` with the save and load hooks of
+``docs/integrations.md`` (emakit's own safe file, not ``register_for_checkpointing``, whose
+``load_state`` unpickles).
 Nothing in the core imports this package.
 """
 
@@ -19,9 +22,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..config import EMAConfig
+from ..bema import BEMA
+from ..config import BEMAConfig, EMAConfig
+from ..ema import EMA
 
-__all__ = ["adapter_config", "with_total", "EVALUATE_WITH"]
+__all__ = ["adapter_config", "with_total", "build_average", "EVALUATE_WITH"]
 
 EVALUATE_WITH = ("ema", "model")
 
@@ -54,3 +59,9 @@ def with_total(config: EMAConfig, total: str) -> EMAConfig:
         config = dataclasses.replace(config, total=total)
     config.require_total()
     return config
+
+
+def build_average(model: Any, config: EMAConfig) -> EMA:
+    """The average an adapter drives: a :class:`~emakit.BEMA` for a
+    :class:`~emakit.BEMAConfig`, else an :class:`~emakit.EMA`."""
+    return (BEMA if isinstance(config, BEMAConfig) else EMA)(model, config=config)

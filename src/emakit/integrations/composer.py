@@ -41,7 +41,7 @@ from composer.loggers import Logger
 
 from .. import ema as _ema
 from ..config import EMAConfig
-from . import adapter_config
+from . import adapter_config, build_average
 
 __all__ = ["EMA"]
 
@@ -147,7 +147,7 @@ class EMA(Algorithm):
                 config = dataclasses.replace(config, total=_time_string(state.max_duration))
             elif config.uses_dur():
                 return  # max_duration comes with fit(): build at FIT_START
-            self.ema = _ema.EMA(state.model, config=config)
+            self.ema = build_average(state.model, config)
         if self._pending is not None:
             self._load(self._pending)
             self._pending = None

@@ -32,7 +32,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 
 from ..config import EMAConfig, takes_config
 from ..ema import EMA
-from . import EVALUATE_WITH, adapter_config, with_total
+from . import EVALUATE_WITH, adapter_config, build_average, with_total
 
 __all__ = ["EMACallback", "TRAINING_WEIGHTS_KEY"]
 
@@ -137,7 +137,7 @@ class EMACallback(pl.Callback):
                     "estimate it (set max_steps or pass total)"
                 )
             config = with_total(config, f"{int(steps)}ba")
-        return EMA(pl_module, config=config)
+        return build_average(pl_module, config)
 
     def _ensure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> EMA:
         # Validate/test hooks run under torch.inference_mode: an average allocated there

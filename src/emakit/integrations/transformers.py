@@ -49,7 +49,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from ..config import EMAConfig, takes_config
 from ..ema import EMA
 from ..io import save_torch
-from . import EVALUATE_WITH, adapter_config, with_total
+from . import EVALUATE_WITH, adapter_config, build_average, with_total
 
 __all__ = ["EMACallback", "EMATrainerMixin", "EMATrainer", "EMA_STATE_NAME", "EMA_MODEL_DIR"]
 
@@ -200,7 +200,7 @@ class EMACallback(TrainerCallback):
         config = self.config
         if state.max_steps and state.max_steps > 0:
             config = with_total(config, f"{state.max_steps}ba")
-        self.ema = EMA(model, config=config)
+        self.ema = build_average(model, config)
         self._tokens_seen = int(state.num_input_tokens_seen or 0)
         if state.global_step > 0:
             self._resume(args, state)
