@@ -28,11 +28,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(worker: Path, scenario: str, out: Path, world: int, *args: str,
-           timeout: float = 180.0, env: dict[str, str] | None = None,
-           result: str | None = None) -> dict:
-    """Run ``world`` ranks of ``worker SCENARIO OUT ARGS...``; return what rank 0 wrote to
-    ``OUT/<result>.pt`` (``result`` defaults to the scenario)."""
+def run_ranks(worker: Path, scenario: str, out: Path, world: int, *args: str,
+              timeout: float = 180.0, env: dict[str, str] | None = None) -> None:
+    """Run ``world`` ranks of ``worker SCENARIO OUT ARGS...`` to completion; a rank that
+    fails or hangs fails the test with its log."""
     base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                 WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
                 **(env or {}))
@@ -54,7 +53,27 @@ def launch(worker: Path, scenario: str, out: Path, world: int, *args: str,
         pytest.fail(f"{scenario} on {world} processes timed out after {timeout} s")
     for r, p in enumerate(procs):
         assert p.returncode == 0, f"rank {r} of {scenario} failed:\n{logs[r][-6000:]}"
+
+
+def launch(worker: Path, scenario: str, out: Path, world: int, *args: str,
+           timeout: float = 180.0, env: dict[str, str] | None = None,
+           result: str | None = None) -> dict:
+    """:func:`run_ranks`, then what rank 0 wrote to ``OUT/<result>.pt`` (``result``
+    defaults to the scenario)."""
+    run_ranks(worker, scenario, out, world, *args, timeout=timeout, env=env)
     return torch.load(out / f"{result or scenario}.pt", weights_only=True)
+
+
+def expected_outputs(want: dict[str, torch.Tensor], trained_state: dict[str, torch.Tensor],
+                     make_model, eval_input) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs on ``eval_input()`` of a fresh model holding the averaged weights
+    ``want`` and of one holding the trained weights ``trained_state``."""
+    avg_model = make_model()
+    avg_model.load_state_dict({k: v.float() for k, v in want.items()})
+    trained = make_model()
+    trained.load_state_dict(trained_state)
+    with torch.no_grad():
+        return avg_model(eval_input()), trained(eval_input())
 
 
 def replay(weights: list[dict[str, torch.Tensor]], averaged: set[str],

@@ -10,16 +10,13 @@ processes) must still reproduce the saved average bitwise.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from multiproc import run_ranks
 
 import emakit
 from emakit import checkpoint
@@ -142,30 +139,9 @@ def test_missing_folder_and_file_as_folder(tmp_path):
 # real processes ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(scenario: str, out: Path, world: int, timeout: float = 120.0) -> None:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="")  # gloo CPU ranks, also on a GPU machine
-    procs = [subprocess.Popen([sys.executable, str(WORKER), scenario, str(out)],
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"{scenario} on {world} ranks timed out")
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} of {scenario} failed:\n{logs[r][-4000:]}"
+    # gloo CPU ranks, also on a GPU machine
+    run_ranks(WORKER, scenario, out, world, timeout=timeout, env={"CUDA_VISIBLE_DEVICES": ""})
 
 
 def test_sharded_save_on_2_ranks_load_on_3_and_hostile_folder(tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from multiproc import TOL, assert_close, launch, replay
+from multiproc import TOL, assert_close, expected_outputs, launch, replay
 
 import emakit
 from emakit import distributed as edist
@@ -51,12 +51,8 @@ def _outputs(result: dict, want: dict[str, torch.Tensor]) -> None:
     """Outputs computed with the average (``swapped_out*``, ``module_out``) are the
     averaged model's; those computed outside the swaps (``train_out*``) the trained
     model's."""
-    avg_model = make_model()
-    avg_model.load_state_dict({k: v.float() for k, v in want.items()})
-    trained = make_model()
-    trained.load_state_dict(result["weights"][-1])
-    with torch.no_grad():
-        want_avg, want_train = avg_model(eval_input()), trained(eval_input())
+    want_avg, want_train = expected_outputs(want, result["weights"][-1], make_model,
+                                            eval_input)
     assert not torch.allclose(want_avg, want_train, atol=1e-4)  # the checks can tell them apart
     keys = [k for k in result if k.startswith(("swapped_out", "module_out", "train_out"))]
     assert len(keys) >= 2

@@ -7,10 +7,6 @@ closed form ``avg_1 = p_1, avg_k = s * avg_{k-1} + (1 - s) * p_k``, ``s = 2 ** (
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +22,7 @@ from dist_worker import (
     posthoc_run,
     tied_run,
 )
+from multiproc import run_ranks
 from torch import nn
 
 import emakit
@@ -41,36 +38,12 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 TOL = 1e-6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(scenario: str, out: Path, world: int = 2, timeout: float = 120.0) -> dict | None:
-    """Run ``world`` ranks of the worker; fail (not hang) on an error or a timeout."""
+    """Run ``world`` ranks of the worker (see :func:`multiproc.run_ranks`); what rank 0
+    wrote, if anything."""
     # CPU ranks over gloo also on a GPU machine: FSDP2's default mesh would otherwise put
     # both ranks on the one CUDA device, with gloo collectives on CUDA tensors (a hang)
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               WORLD_SIZE=str(world), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), scenario, str(out)],
-            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for r in range(world)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"{scenario} on {world} processes timed out after {timeout} s")
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} of {scenario} failed:\n{logs[r][-4000:]}"
+    run_ranks(WORKER, scenario, out, world, timeout=timeout, env={"CUDA_VISIBLE_DEVICES": ""})
     path = out / f"{scenario}.pt"
     return torch.load(path, weights_only=True) if path.exists() else None
 

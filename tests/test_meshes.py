@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from dist_worker import eval_input, make_model
 from mesh_worker import HALF_LIFE
-from multiproc import assert_close, launch, replay
+from multiproc import assert_close, expected_outputs, launch, replay
 
 import emakit
 from emakit import distributed as edist
@@ -53,12 +52,8 @@ def test_mesh(scenario: str, world: int, holders: int, tmp_path: Path) -> None:
     assert max(local) <= n / holders + 12, local
 
     # swapped() and ema.module compute with the average; outside, the trained weights
-    avg_model = make_model()
-    avg_model.load_state_dict({k: v.float() for k, v in want.items()})
-    trained = make_model()
-    trained.load_state_dict(result["weights"][-1])
-    with torch.no_grad():
-        want_avg, want_train = avg_model(eval_input()), trained(eval_input())
+    want_avg, want_train = expected_outputs(want, result["weights"][-1], make_model,
+                                            eval_input)
     for key, want_out in (("swapped_out", want_avg), ("module_out", want_avg),
                           ("train_out", want_train)):
         err = (result[key] - want_out).abs().max().item()
