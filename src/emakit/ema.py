@@ -161,13 +161,6 @@ class EMA:
         config = EMAConfig.resolve(config, kwargs, type(self).__name__)
         config.require_total()
         self.config = config
-        self.half_life = config.half_life
-        self.start = config.start
-        self.update_interval = config.update_interval
-        self.total = config.total
-        self.batches_per_epoch = config.batches_per_epoch
-        self.warmup = config.warmup
-        self.skip_nonfinite = config.skip_nonfinite
         self._schedule = config.smoothing if callable(config.smoothing) else None
         self._max_smoothing = config.max_smoothing()  # per unit of the interval's unit
         check_initialized(model)
@@ -189,6 +182,16 @@ class EMA:
         self._warned_start = False
         self._scaler = _ScalerWatch(config.grad_scaler) if config.grad_scaler is not None else None
         self.module = EMAModule(self)
+
+    # the configuration, read through (one copy of each argument: the config's) ----------
+
+    half_life = property(lambda self: self.config.half_life)
+    start = property(lambda self: self.config.start)
+    update_interval = property(lambda self: self.config.update_interval)
+    total = property(lambda self: self.config.total)
+    batches_per_epoch = property(lambda self: self.config.batches_per_epoch)
+    warmup = property(lambda self: self.config.warmup)
+    skip_nonfinite = property(lambda self: self.config.skip_nonfinite)
 
     # the loop's side ---------------------------------------------------------------------
 

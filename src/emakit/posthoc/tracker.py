@@ -150,7 +150,6 @@ class PostHocEMA:
             Store(self.model, **config.store_arguments(), group=self._group)
             for _ in self.gammas
         ]
-        self.dtype = config.dtype
         self.clock = Clock(batches_per_epoch)
         self.t = 0  # time of the last update, in update_interval's unit
         self.num_updates = 0
@@ -254,7 +253,7 @@ class PostHocEMA:
     def _metadata(self) -> dict[str, str]:
         from .. import __version__
 
-        dtype = self.snapshot_dtype or self.dtype
+        dtype = self.snapshot_dtype or self.config.dtype
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
