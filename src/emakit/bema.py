@@ -77,6 +77,7 @@ class BEMA(EMA):
                      exclude=config.exclude, include=config.include)
         self._origin_store = Store(self.model, **store)
         self._out_store = Store(self.model, **store)
+        self._cache: tuple | None = None  # (the three stores' plans, the correction's lists)
 
     def _t(self, k: int) -> float:
         """Batches (the interval's units) since the start for training time k."""
@@ -108,22 +109,33 @@ class BEMA(EMA):
     def _apply(self, weight: float | Tensor, k: int) -> None:
         super()._apply(weight, k)
         alpha = self._base(k) ** -self.bias_power
-        # The correction extrapolates along the trajectory: parameters only. Buffers
-        # (BatchNorm statistics) are handed out as their plain average: an extrapolated
-        # running variance can turn negative.
-        params = {n for n, p in self.model.named_parameters() if p.requires_grad}
         with torch.no_grad():
+            self._out_store.update(1.0)  # theta_t: a weight of 1 copies, through the plan
+            out, origin, ema, rest_out, rest_ema = self._lists()
+            torch._foreach_sub_(out, origin)
+            torch._foreach_mul_(out, alpha)
+            torch._foreach_add_(out, ema)
+            if rest_out:
+                torch._foreach_copy_(rest_out, rest_ema)
+
+    def _lists(self) -> tuple[list[Tensor], ...]:
+        """The tensor lists the correction runs on, built again only when a store re-planned
+        (the views stay valid as long as the three plans do). The correction extrapolates
+        along the trajectory: parameters only; buffers (BatchNorm statistics) are handed out
+        as their plain average, since an extrapolated running variance can turn negative."""
+        plans = (self._out_store.plan, self._origin_store.plan, self.shadow.plan)
+        cached = self._cache
+        if cached is None or any(a is not b for a, b in zip(plans, cached[0], strict=True)):
+            params = {n for n, p in self.model.named_parameters() if p.requires_grad}
             out, origin, ema = (s.tensors() for s in (self._out_store, self._origin_store,
                                                       self.shadow))
-            self._out_store.reset()  # theta_t
             names = [n for n in out if n in params]
-            o = [out[n] for n in names]
-            torch._foreach_sub_(o, [origin[n] for n in names])
-            torch._foreach_mul_(o, alpha)
-            torch._foreach_add_(o, [ema[n] for n in names])
             rest = [n for n in out if n not in params]
-            if rest:
-                torch._foreach_copy_([out[n] for n in rest], [ema[n] for n in rest])
+            lists = ([out[n] for n in names], [origin[n] for n in names],
+                     [ema[n] for n in names], [out[n] for n in rest], [ema[n] for n in rest])
+            plans = (self._out_store.plan, self._origin_store.plan, self.shadow.plan)
+            self._cache = cached = (plans, lists)
+        return cached[1]
 
     @property
     def _handout(self):  # the store whose weights export, swap and module hand out
