@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch keeps the environment small; any torch>=2.4 works.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint install clean test-composer ci
+.PHONY: demo test lint install clean test-composer
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -48,7 +48,5 @@ test-composer: $(COMPOSER_VENV)/.installed
 	$(COMPOSER_VENV)/bin/python -m pytest -q -p no:cacheprovider -o addopts="" tests/composer
 
 # What CI runs: the main suite, then Composer's.
-ci: test test-composer
-
 clean:
 	rm -rf $(VENV) $(COMPOSER_VENV) demo-output
