@@ -173,7 +173,7 @@ def diffusers_update(model: nn.Module):
 def emakit_update(model: nn.Module, interval: str = "1ba", **kwargs):
     ema = emakit.EMA(model, smoothing=DECAY, update_interval=interval, **kwargs)
     ema.update()  # starts the average
-    return ema.step, ema.shadow.synchronize
+    return ema.step, ema.synchronize
 
 
 PEERS: dict[str, Callable] = {

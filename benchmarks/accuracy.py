@@ -41,7 +41,7 @@ import time
 
 import torch
 
-from emakit.kernels import FusedLerp, compilation_available, lerp_
+from emakit._engine.kernels import FusedLerp, compilation_available, lerp_
 
 torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
 

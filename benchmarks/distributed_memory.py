@@ -69,7 +69,7 @@ def worker(mode: str, width: int, depth: int) -> None:
     ema.update()
     grown = _rss() - before
     n = sum(p.numel() for p in model.parameters())
-    report = {"rank": dist.get_rank(), "ema_bytes": ema.shadow.state_nbytes(),
+    report = {"rank": dist.get_rank(), "ema_bytes": ema.nbytes(),
               "rss": grown, "params": n}
     print("RESULT " + json.dumps(report), flush=True)
     dist.destroy_process_group()
@@ -97,7 +97,7 @@ def _zero3(model, width: int) -> None:
     ema.update()
     grown = _rss() - before
     n = sum(p.ds_numel for p in engine.module.parameters())
-    report = {"rank": dist.get_rank(), "ema_bytes": ema.shadow.state_nbytes(),
+    report = {"rank": dist.get_rank(), "ema_bytes": ema.nbytes(),
               "rss": grown, "params": n, "world": world}
     print("RESULT " + json.dumps(report), flush=True)
     dist.destroy_process_group()

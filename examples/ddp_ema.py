@@ -42,7 +42,7 @@ def main() -> None:
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
     ema = emakit.EMA(ddp, half_life="20ba", shard=args.shard)  # sees through the wrapper
-    print(f"rank {rank}: EMA holds {ema.shadow.state_nbytes()} bytes", flush=True)
+    print(f"rank {rank}: EMA holds {ema.nbytes()} bytes", flush=True)
 
     gen = torch.Generator().manual_seed(1234 + rank)
     true_w = torch.randn(32, 1, generator=torch.Generator().manual_seed(0))

@@ -52,7 +52,7 @@ def main() -> None:
     # After deepspeed.initialize, on engine.module (the model the engine wraps). Under ZeRO-3
     # each averaged tensor is this rank's partition: about 1/world of it.
     ema = emakit.EMA(engine.module, half_life="20ba", shard=args.shard)
-    print(f"rank {rank}: EMA holds {ema.shadow.state_nbytes()} bytes", flush=True)
+    print(f"rank {rank}: EMA holds {ema.nbytes()} bytes", flush=True)
 
     gen = torch.Generator().manual_seed(1234 + rank)  # each rank its own data
     true_w = torch.randn(32, 1, generator=torch.Generator().manual_seed(0))

@@ -49,7 +49,7 @@ def main() -> None:
 
     # After fully_shard: each averaged tensor is this rank's shard (about 1/world of it).
     ema = emakit.EMA(model, half_life="20ba")
-    print(f"rank {rank}: EMA holds {ema.shadow.state_nbytes()} bytes", flush=True)
+    print(f"rank {rank}: EMA holds {ema.nbytes()} bytes", flush=True)
 
     gen = torch.Generator().manual_seed(1234 + rank)  # each rank its own data
     true_w = torch.randn(32, 1, generator=torch.Generator().manual_seed(0))

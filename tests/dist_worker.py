@@ -17,6 +17,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
+from internals import store_of
 from torch import nn
 
 import emakit
@@ -74,16 +75,16 @@ def fsdp(out: str, rank: int, world: int) -> None:
     from torch.distributed.fsdp import fully_shard
 
     model, opt, ema = _fsdp_setup()
-    local_avg = sum(s.avg.numel() for s in ema.shadow.slots)
-    total_avg = sum(math.prod(s.shape) for s in ema.shadow.slots)
+    local_avg = sum(s.avg.numel() for s in store_of(ema).slots)
+    total_avg = sum(math.prod(s.shape) for s in store_of(ema).slots)
     per_rank: list = [None] * world
     dist.all_gather_object(per_rank, local_avg)
     result = {"local_numel": per_rank, "total_numel": total_avg}
-    plan = ema.shadow.plan
+    plan = store_of(ema).plan
     for step in range(STEPS):
         train_step(model, opt, step, rank, world)
         ema.step()
-        assert ema.shadow.plan is plan, "FSDP2 training made the store re-plan"
+        assert store_of(ema).plan is plan, "FSDP2 training made the store re-plan"
         if step + 1 == STEPS // 2:
             dcp_model = {"model": model.state_dict()}
             import torch.distributed.checkpoint as dcp
@@ -106,7 +107,7 @@ def fsdp(out: str, rank: int, world: int) -> None:
     plain["average"] = {k: v.full_tensor() for k, v in plain["average"].items()}
     fresh = emakit.EMA(model, half_life=HALF_LIFE)
     fresh.load_state_dict(plain)
-    for a, b in zip(fresh.shadow.slots, ema.shadow.slots, strict=True):
+    for a, b in zip(store_of(fresh).slots, store_of(ema).slots, strict=True):
         assert torch.equal(a.avg, b.avg), a.entry.names
     # swapped(): the forward inside sees the average; the shards come back bitwise
     before = _local(model)
@@ -127,7 +128,7 @@ def fsdp(out: str, rank: int, world: int) -> None:
         result["mismatch_error"] = str(err)
     # copy_to(): the average into the training shards for good, shard to shard
     ema.copy_to()
-    for s in ema.shadow.slots:
+    for s in store_of(ema).slots:
         assert torch.equal(s.src, s.avg), s.entry.names
     if rank == 0:
         torch.save(result, os.path.join(out, "fsdp.pt"))
@@ -145,20 +146,20 @@ def ddp(out: str, rank: int, world: int) -> None:
     full_ema = emakit.EMA(wrapped, half_life=HALF_LIFE)
     shard_ema = emakit.EMA(wrapped, half_life=HALF_LIFE, shard=True)
     shard_numel: list = [None] * world
-    dist.all_gather_object(shard_numel, sum(f.numel() for f in shard_ema.shadow.flat.values()))
+    dist.all_gather_object(shard_numel, sum(f.numel() for f in store_of(shard_ema).flat.values()))
     result = {
-        "full_numel": sum(f.numel() for f in full_ema.shadow.flat.values()),
+        "full_numel": sum(f.numel() for f in store_of(full_ema).flat.values()),
         "shard_numel": shard_numel,
-        "total_numel": sum(math.prod(s.shape) for s in shard_ema.shadow.slots),
-        "aligned_numel": sum(emakit.layout.align(math.prod(s.shape))
-                             for s in shard_ema.shadow.slots),
+        "total_numel": sum(math.prod(s.shape) for s in store_of(shard_ema).slots),
+        "aligned_numel": sum(emakit._engine.layout.align(math.prod(s.shape))
+                             for s in store_of(shard_ema).slots),
     }
-    plans = (full_ema.shadow.plan, shard_ema.shadow.plan)
+    plans = (store_of(full_ema).plan, store_of(shard_ema).plan)
     for step in range(STEPS):
         train_step(wrapped, opt, step, rank, world)
         full_ema.step()
         shard_ema.step()
-    assert (full_ema.shadow.plan, shard_ema.shadow.plan) == plans, "DDP training re-planned"
+    assert (store_of(full_ema).plan, store_of(shard_ema).plan) == plans, "DDP training re-planned"
     result["full"] = full_ema.ema_state_dict()
     result["shard"] = shard_ema.ema_state_dict()
     only0 = shard_ema.ema_state_dict(rank0_only=True)  # a gather to rank 0, not all-gather
@@ -175,8 +176,8 @@ def ddp(out: str, rank: int, world: int) -> None:
     state = shard_ema.state_dict()
     again = emakit.EMA(wrapped, half_life=HALF_LIFE, shard=True)
     again.load_state_dict(state)
-    for key, flat in again.shadow.flat.items():
-        assert torch.equal(flat, shard_ema.shadow.flat[key])
+    for key, flat in store_of(again).flat.items():
+        assert torch.equal(flat, store_of(shard_ema).flat[key])
     # a rank whose model differs (shape) gets an error naming it, on every rank
     other = make_model() if rank == 0 else nn.Sequential(nn.Linear(6, 10), nn.Linear(10, 4))
     try:
@@ -248,7 +249,7 @@ def tied_run(world: int = 1, rank: int = 0, shard: bool = False) -> dict:
     for step in range(STEPS):
         train_step(wrapped, opt, step, rank, world)
         ema.step()
-        ops.append(sum(len(op.avg) for op in ema.shadow.plan.main))  # lerped tensors
+        ops.append(sum(len(op.avg) for op in store_of(ema).plan.main))  # lerped tensors
         if step == STEPS // 2:  # storage moved out of the flat buffer: a re-plan, same average
             with torch.no_grad():
                 model.mid.weight.data = model.mid.weight.data.clone()

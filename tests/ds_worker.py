@@ -27,6 +27,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from internals import store_of
 from torch import nn
 
 import emakit
@@ -115,8 +116,8 @@ def zero12(out: str, rank: int, world: int, stage: str) -> None:
     result = {"weights": weights, "trainable": _trainable(engine.module)}
     result["whole"] = whole.ema_state_dict()
     result["shard"] = sliced.ema_state_dict()
-    result["shard_bytes"] = sliced.shadow.state_nbytes()
-    result["whole_bytes"] = whole.shadow.state_nbytes()
+    result["shard_bytes"] = store_of(sliced).state_nbytes()
+    result["whole_bytes"] = store_of(whole).state_nbytes()
     before = [p.detach().clone() for p in engine.module.parameters()]
     with torch.no_grad(), sliced.swapped():
         result["swapped_out"] = engine.module(eval_input())
@@ -140,11 +141,11 @@ def _record(result: dict, ema: emakit.EMA, engine, rank: int) -> None:
         assert only0 == {}, "rank0_only: other ranks must get nothing"
     result["average"] = full
     per_rank: list = [None] * world
-    dist.all_gather_object(per_rank, ema.shadow.state_nbytes())
+    dist.all_gather_object(per_rank, store_of(ema).state_nbytes())
     result["ema_bytes"] = per_rank
     # the same EMA of the same model in one process, for scale
     alone = emakit.EMA(make_model(), half_life=HALF_LIFE)
-    result["one_process_bytes"] = alone.shadow.state_nbytes()
+    result["one_process_bytes"] = store_of(alone).state_nbytes()
     # swapped(): ZeRO-3's gathered forward computes with the average. Right after a step
     # the partitioned parameters are released (the forward gathers the averaged partitions);
     # after an evaluation forward ZeRO-3 keeps them gathered (the swap writes .data too).
@@ -247,7 +248,7 @@ def accelerate(out: str, rank: int, world: int) -> None:
         ema.step()
         weights.append(full_weights(inner))
     result = {"weights": weights, "trainable": _trainable(inner),
-              "placement": type(ema.shadow.placement).__name__}
+              "placement": type(store_of(ema).placement).__name__}
     result["average"] = ema.ema_state_dict()
     model.eval()
     with torch.no_grad(), ema.swapped():

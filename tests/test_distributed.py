@@ -22,6 +22,7 @@ from dist_worker import (
     posthoc_run,
     tied_run,
 )
+from internals import tensors_of
 from multiproc import run_ranks
 from torch import nn
 
@@ -162,8 +163,8 @@ def test_dcp_save_keeps_an_existing_checkpoint(tmp_path: Path) -> None:
     again = emakit.EMA(make_model(), half_life=HALF_LIFE)
     edist.load(again, tmp_path / "ckpt")
     assert again.started and all(
-        torch.equal(a, b) for a, b in zip(again.shadow.tensors().values(),
-                                          ema.shadow.tensors().values(), strict=True)
+        torch.equal(a, b) for a, b in zip(tensors_of(again).values(),
+                                          tensors_of(ema).values(), strict=True)
     )
 
 

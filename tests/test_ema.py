@@ -8,6 +8,7 @@ import socket
 
 import pytest
 import torch
+from internals import store_of, tensors_of
 from reference import closed_form, flat_params, flat_state, set_random_weights
 from torch import nn
 
@@ -101,30 +102,30 @@ def test_bf16_model_fp32_average_keeps_moving():
         ema16.step()
     expected = closed_form(init, updates)
     names = [n for n, _ in model.named_parameters()]
-    got32 = torch.cat([ema32.shadow.tensors()[n].double().reshape(-1) for n in names])
-    got16 = torch.cat([ema16.shadow.tensors()[n].double().reshape(-1) for n in names])
+    got32 = torch.cat([tensors_of(ema32)[n].double().reshape(-1) for n in names])
+    got16 = torch.cat([tensors_of(ema16)[n].double().reshape(-1) for n in names])
     moved = (expected - init).abs()
     assert moved.max() > 0.01 * init.abs().max()  # the reference did move
     torch.testing.assert_close(got32, expected, rtol=1e-5, atol=1e-6)
     # The bf16 average loses each update below its rounding step: it stands still.
     stalled = (got16 - init).abs() <= 0.05 * moved
     assert stalled.float().mean() > 0.9
-    assert ema32.shadow.tensors()["weight"].dtype == torch.float32
+    assert tensors_of(ema32)["weight"].dtype == torch.float32
     assert ema32.ema_state_dict()["weight"].dtype == torch.bfloat16
 
 
 def test_device_cpu_holds_the_average_there():
     model = Net()
     ema = emakit.EMA(model, device="cpu")
-    assert all(t.device.type == "cpu" for t in ema.shadow.tensors().values())
-    assert all(f.device.type == "cpu" for f in ema.shadow.flat.values())
+    assert all(t.device.type == "cpu" for t in tensors_of(ema).values())
+    assert all(f.device.type == "cpu" for f in store_of(ema).flat.values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_device_cpu_for_a_cuda_model():
     model = Net().cuda()
     ema = emakit.EMA(model, device="cpu", smoothing=0.5)
-    names = list(ema.shadow.tensors())
+    names = list(tensors_of(ema))
     ref = None
     for seed in range(3):  # one step each; a float64 replay of the average beside it
         _train(model, ema, 1, seed=seed)
@@ -132,7 +133,7 @@ def test_device_cpu_for_a_cuda_model():
         ref = {n: sd[n].clone() for n in names} if ref is None else {
             n: ref[n].lerp(sd[n], 0.5) for n in names}
     got = ema.state_dict()["average"]
-    assert all(t.device.type == "cpu" for t in ema.shadow.tensors().values())
+    assert all(t.device.type == "cpu" for t in tensors_of(ema).values())
     for n in names:
         torch.testing.assert_close(got[n].double(), ref[n], rtol=1e-6, atol=1e-6)
     assert model.state_dict().keys() == ema.ema_state_dict().keys()
@@ -251,14 +252,14 @@ def test_skip_nonfinite_leaves_the_average_unchanged():
     model = Net()
     ema = emakit.EMA(model, smoothing=0.9, skip_nonfinite=True)
     _train(model, ema, 3)
-    before = {n: t.clone() for n, t in ema.shadow.tensors().items()}
+    before = {n: t.clone() for n, t in tensors_of(ema).items()}
     with torch.no_grad():
         model.inp.weight[0, 0] = float("nan")
     with pytest.warns(RuntimeWarning, match="NaN"):
         ema.step()
     assert ema.skipped_updates == 1
     assert ema.num_updates == 3  # the start copy, one update, one skipped
-    for n, t in ema.shadow.tensors().items():
+    for n, t in tensors_of(ema).items():
         assert torch.equal(t, before[n]), n
     with torch.no_grad():
         model.inp.weight[0, 0] = float("inf")
@@ -274,7 +275,7 @@ def test_without_skip_nonfinite_nan_propagates():
     with torch.no_grad():
         model.inp.weight[0, 0] = float("nan")
     ema.step()
-    assert torch.isnan(ema.shadow.tensors()["inp.weight"][0, 0])
+    assert torch.isnan(tensors_of(ema)["inp.weight"][0, 0])
 
 
 # the teacher module -----------------------------------------------------------------------
@@ -308,10 +309,10 @@ def test_module_in_train_mode_does_not_corrupt_the_average():
     model = Net()
     ema = emakit.EMA(model, smoothing=0.8)
     _train(model, ema, 3)
-    before = {n: t.clone() for n, t in ema.shadow.tensors().items()}
+    before = {n: t.clone() for n, t in tensors_of(ema).items()}
     ema.module.train()
     ema.module(torch.randn(16, 6))
-    for n, t in ema.shadow.tensors().items():
+    for n, t in tensors_of(ema).items():
         assert torch.equal(t, before[n]), n
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from internals import make_store
 from torch import nn
 
-from emakit.store import Store
+from emakit._engine import views
 
 
 def _model() -> nn.Module:
@@ -40,8 +41,8 @@ def _drive(model, store, weights, averaged, copied):
 
 
 def _check(store, model, ref, stored):
-    got = store.export()
-    assert set(store.tensors()) == set(stored)
+    got = views.export(store)
+    assert set(views.tensors(store)) == set(stored)
     sd = model.state_dict()
     for n, t in got.items():
         want = ref.get(n, sd[n].double())
@@ -50,7 +51,7 @@ def _check(store, model, ref, stored):
 
 def test_exclude_patterns_export_the_model_value():
     model = _model()
-    store = Store(model, exclude=["2.*", "*.running_var"])
+    store = make_store(model, exclude=["2.*", "*.running_var"])
     averaged = ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean"]
     ref = _drive(model, store, [0.3, 0.1, 0.5], averaged, [])
     _check(store, model, ref, averaged)
@@ -58,25 +59,25 @@ def test_exclude_patterns_export_the_model_value():
 
 def test_exclude_callable_and_include_buffers():
     model = _model()
-    store = Store(model, buffers="copy", include="1.running_mean",
+    store = make_store(model, buffers="copy", include="1.running_mean",
                   exclude=lambda name, t: name == "0.bias")
     averaged = ["0.weight", "1.weight", "1.bias", "1.running_mean", "2.weight", "2.bias"]
     ref = _drive(model, store, [0.3, 0.1, 0.5], averaged, ["1.running_var"])
     _check(store, model, ref, averaged + ["1.running_var"])
-    assert [e.kind for e in store.entries if e.name == "1.running_var"] == ["copy"]
+    assert [e.kind.value for e in store.entries if e.name == "1.running_var"] == ["copy"]
 
 
 @pytest.mark.parametrize("arg", ["exclude", "include"])
 def test_pattern_matching_nothing_is_an_error(arg):
     with pytest.raises(ValueError, match=rf"{arg}: pattern\(s\) \['nope\.\*'\] match no"):
-        Store(_model(), **{arg: ["1.*", "nope.*"]})
+        make_store(_model(), **{arg: ["1.*", "nope.*"]})
     with pytest.raises(TypeError, match=arg):
-        Store(_model(), **{arg: 3})
+        make_store(_model(), **{arg: 3})
 
 
 def test_include_of_a_parameter_only_is_an_error():
     with pytest.raises(ValueError, match="include"):
-        Store(_model(), buffers="copy", include="0.weight")
+        make_store(_model(), buffers="copy", include="0.weight")
 
 
 def test_compensated_tracks_float64_where_fp32_freezes():
@@ -86,7 +87,7 @@ def test_compensated_tracks_float64_where_fp32_freezes():
     for m in (plain_model, comp_model):
         with torch.no_grad():
             m.weight.fill_(1.0)
-    plain, comp = Store(plain_model), Store(comp_model, compensated=True)
+    plain, comp = make_store(plain_model), make_store(comp_model, compensated=True)
     for m in (plain_model, comp_model):
         with torch.no_grad():
             m.weight.fill_(1.001)
@@ -95,16 +96,16 @@ def test_compensated_tracks_float64_where_fp32_freezes():
         plain.update(w)
         comp.update(w)
         ref = ref + w * (float(torch.tensor(1.001, dtype=torch.float32)) - ref)
-    assert plain.tensors()["weight"].item() == 1.0  # frozen
-    total = comp.tensors()["weight"].double() + comp.compensation_tensors()["weight"].double()
+    assert views.tensors(plain)["weight"].item() == 1.0  # frozen
+    total = views.tensors(comp)["weight"].double() + views.compensation(comp)["weight"].double()
     assert abs(total.item() - ref) < 1e-3 * (ref - 1.0)
     assert comp.state_nbytes() == 2 * plain.state_nbytes()
 
 
 def test_check_load_changes_nothing():
     model = _model()
-    store = Store(model)
-    before = {n: t.clone() for n, t in store.tensors().items()}
+    store = make_store(model)
+    before = {n: t.clone() for n, t in views.tensors(store).items()}
     bad = {n: torch.zeros_like(t) for n, t in before.items()}
     bad["0.weight"] = torch.zeros(5, 3)
     with pytest.raises(ValueError, match=r"0\.weight: expected \(4, 3\)"):
@@ -114,18 +115,21 @@ def test_check_load_changes_nothing():
     ints = {n: torch.zeros_like(t, dtype=torch.int64) for n, t in before.items()}
     with pytest.raises(TypeError, match="floating"):
         store.load(ints)
-    for n, t in store.tensors().items():
+    for n, t in views.tensors(store).items():
         assert torch.equal(t, before[n]), n
 
 
 def test_copy_to_model_writes_the_average_for_good():
     model = _model()
-    store = Store(model)
+    store = make_store(model)
     with torch.no_grad():
         model[0].weight.add_(1.0)
     store.update(0.5)
-    want = store.export()
-    store.copy_to_model()
+    want = views.export(store)
+    store.ensure()
+    with torch.no_grad():
+        for t, v in zip(*store.placement.swap_pairs(store.slots), strict=True):
+            t.copy_(v)
     for n, t in model.state_dict().items():
         assert torch.equal(t, want[n]), n
 
@@ -157,7 +161,7 @@ def test_posthoc_load_state_dict_is_all_or_nothing(tmp_path):
         model[0].weight.add_(1.0)
     ph.step()
     state = ph.state_dict()
-    before = [{n: t.clone() for n, t in s.tensors().items()} for s in ph.stores]
+    before = [{n: t.clone() for n, t in views.tensors(s).items()} for s in ph._stores]
     bad = dict(state, averages=[{n: t + 1 for n, t in state["averages"][0].items()},
                                 dict(state["averages"][1], **{"0.weight": torch.zeros(5, 3)})])
     with pytest.raises(ValueError, match=r"averages'\]\[1\].*0\.weight"):
@@ -166,7 +170,7 @@ def test_posthoc_load_state_dict_is_all_or_nothing(tmp_path):
                                       for a in state["averages"]], clock={"nope": 1})
     with pytest.raises((ValueError, KeyError, TypeError)):
         ph.load_state_dict(bad_clock)
-    for store, want in zip(ph.stores, before, strict=True):
-        for n, t in store.tensors().items():
+    for store, want in zip(ph._stores, before, strict=True):
+        for n, t in views.tensors(store).items():
             assert torch.equal(t, want[n]), n
     assert ph.num_updates == 2

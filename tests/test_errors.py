@@ -19,7 +19,7 @@ def _model():
         ({"half_life": "ten batches"}, ValueError, "half_life.*time string"),
         ({"half_life": "10"}, ValueError, "half_life"),
         ({"half_life": "10xy"}, ValueError, "half_life: unknown time unit 'xy'"),
-        ({"half_life": 10}, TypeError, "half_life"),
+        ({"half_life": 10.5}, TypeError, "half_life"),  # an int is batches; a float is not
         ({"start": "-5ba"}, ValueError, "start"),
         ({"update_interval": "2.5ba"}, ValueError, "update_interval"),
         ({"update_interval": "0ba"}, ValueError, "update_interval"),
@@ -51,7 +51,10 @@ def test_time_parse_errors():
     with pytest.raises(ValueError, match="unknown time unit 'min'"):
         emakit.Time.parse("5min")
     with pytest.raises(TypeError, match="time string"):
-        emakit.Time.parse(5)
+        emakit.Time.parse(5.0)
+    assert emakit.Time.parse(5) == emakit.Time(5, "ba")  # an int is that many batches
+    with pytest.raises(ValueError, match="half_life: expected a number of batches >= 0"):
+        emakit.EMA(_model(), half_life=-5)
 
 
 def test_conversion_errors():
@@ -121,11 +124,11 @@ def test_step_counts_must_be_whole_numbers(kind, value, error):
     ema = emakit.EMA(_model(), half_life="10ba")
     with pytest.raises(error, match=kind):
         ema.step(**{kind: value})
-    assert ema.clock.counts["ba"] == 0  # a refused call counts nothing
+    assert ema.counts["ba"] == 0  # a refused call counts nothing
     ema.step(**{kind: 3})
     ema.step(**{kind: torch.tensor(4)})
     unit = {"samples": "sp", "tokens": "tok"}[kind]
-    assert ema.clock.counts[unit] == 7 and ema.clock.counts["ba"] == 2
+    assert ema.counts[unit] == 7 and ema.counts["ba"] == 2
     ph = emakit.PostHocEMA(_model(), snapshot_every=None)
     with pytest.raises(error, match=kind):
         ph.step(**{kind: value})

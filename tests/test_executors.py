@@ -12,14 +12,15 @@ import warnings
 
 import pytest
 import torch
+from internals import make_store, store_of
 from torch import nn
 
 import emakit
-from emakit import executors
-from emakit.executors import Eager, Fused, Graphed, select
-from emakit.kernels import compilation_available
-from emakit.plan import Foreach, Staged
-from emakit.store import Store
+from emakit._engine import executors, views
+from emakit._engine.executors import Eager, Fused, Graphed, select
+from emakit._engine.kernels import compilation_available
+from emakit._engine.plan import Foreach, Staged
+from emakit._engine.store import Store
 
 CUDA = torch.cuda.is_available()
 cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -40,7 +41,7 @@ def _model(dtype: torch.dtype, device: str = "cpu", many: int = 0) -> nn.Module:
 class Replay:
     """A float64 replay of the average, and its path length (the sum over updates of the
     largest increment ``w * |src - avg|``), which bounds a compensated average's error:
-    ``|avg + comp - exact| <= about 2**-24 * path`` (see emakit.kernels)."""
+    ``|avg + comp - exact| <= about 2**-24 * path`` (see emakit._engine.kernels)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.params = dict(model.named_parameters())
@@ -65,7 +66,7 @@ class Replay:
     def check(self, store: Store) -> None:
         """avg + comp within 4 unit roundoffs of the path (an uncompensated fp32 average
         misses by about half an ulp of the average per update: 100x more here)."""
-        got, comp = store.tensors(), store.compensation_tensors()
+        got, comp = views.tensors(store), views.compensation(store)
         assert comp, "expected a compensated store"
         for n, r in self.ref.items():
             total = got[n].double() + comp[n].double()
@@ -82,7 +83,7 @@ def test_fused_store_tracks_float64_without_staging(dtype):
     """One pass per tensor, converting a bf16 source inside it: no Staged op, no staging
     workspace, and average + compensation equal to the float64 replay within 1e-12."""
     model = _model(dtype)
-    store = Store(model, compensated=True, executor="fused")
+    store = make_store(model, compensated=True, executor="fused")
     assert isinstance(store.executor, Fused) and store.workspace_nbytes() == 0
     assert all(isinstance(op, Foreach) for op in store.plan.main)
     Replay(model).run(store, WEIGHTS, seed=3).check(store)
@@ -94,21 +95,21 @@ def test_fused_store_matches_eager_store_without_compensation():
     """Plain fp32 average of a bf16 model: the fused and the eager (staged) executors agree
     to an fp32 rounding per update, and both follow float64."""
     a, b = _model(torch.bfloat16), _model(torch.bfloat16)
-    sa = Store(a, executor="eager")
-    sb = Store(b, executor="fused")
+    sa = make_store(a, executor="eager")
+    sb = make_store(b, executor="fused")
     assert any(isinstance(op, Staged) for op in sa.plan.main) and sa.workspace_nbytes() > 0
     ra = Replay(a).run(sa, WEIGHTS, seed=4, scale=1.0).ref
     rb = Replay(b).run(sb, WEIGHTS, seed=4, scale=1.0).ref
     for n in ra:
         assert torch.equal(ra[n], rb[n])
         for s in (sa, sb):
-            torch.testing.assert_close(s.tensors()[n].double(), ra[n], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(views.tensors(s)[n].double(), ra[n], rtol=1e-6, atol=1e-6)
 
 
 @compiles
 def test_fused_store_replans_when_a_parameter_moves():
     model = _model(torch.bfloat16)
-    store = Store(model, compensated=True, executor="fused")
+    store = make_store(model, compensated=True, executor="fused")
     replay = Replay(model).run(store, WEIGHTS[:2], seed=5)
     old = store.plan
     with torch.no_grad():  # new storage, same values: the plan's views are stale
@@ -122,36 +123,35 @@ def test_fused_store_replans_when_a_parameter_moves():
 def test_graph_executor_on_cpu_runs_the_plan_directly():
     """No CUDA operations: nothing to capture; the result is the eager executor's, bitwise."""
     a, b = _model(torch.float32, many=10), _model(torch.float32, many=10)
-    sa, sb = Store(a, executor="eager", compensated=True), Store(b, executor="graph",
+    sa, sb = make_store(a, executor="eager", compensated=True), make_store(b, executor="graph",
                                                                  compensated=True)
     assert isinstance(sb.executor, Graphed)
     Replay(a).run(sa, WEIGHTS, seed=7)
     Replay(b).run(sb, WEIGHTS, seed=7)
     assert sb.executor.graphs == {}
-    for n, t in sa.tensors().items():
-        assert torch.equal(sb.tensors()[n], t), n
+    for n, t in views.tensors(sa).items():
+        assert torch.equal(views.tensors(sb)[n], t), n
 
 
 def test_select_defaults_and_errors():
     assert type(select("auto", [torch.device("cpu")])) is Eager
     fused_cpu = Fused if compilation_available("cpu") else Eager
     assert type(select("auto", [torch.device("cpu")], compensated=True)) is fused_cpu
-    assert type(Store(nn.Linear(2, 2), compensated=True).executor) is fused_cpu
+    assert type(make_store(nn.Linear(2, 2), compensated=True).executor) is fused_cpu
     assert type(select("eager", [torch.device("cpu")])) is Eager
     assert type(select("fused", [torch.device("cpu")])) is Fused
     with pytest.raises(ValueError, match="executor: expected one of"):
-        Store(nn.Linear(2, 2), executor="triton")
+        make_store(nn.Linear(2, 2), executor="triton")
     # every store shares one compiled kernel: a dtype combination compiles once
     assert executors.shared_fused() is executors.shared_fused()
 
 
 def test_side_stream_warns_future_and_is_ignored():
     with pytest.warns(FutureWarning, match="side_stream=True is deprecated"):
-        store = Store(nn.Linear(2, 2), side_stream=True)
-    assert store.side_stream is False
+        make_store(nn.Linear(2, 2), side_stream=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        Store(nn.Linear(2, 2))  # no warning without it
+        make_store(nn.Linear(2, 2))  # no warning without it
 
 
 # CUDA ------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def test_side_stream_warns_future_and_is_ignored():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_auto_is_a_graph_and_tracks_float64(dtype):
     model = _model(dtype, "cuda", many=40)
-    store = Store(model, compensated=True)
+    store = make_store(model, compensated=True)
     assert isinstance(store.executor, Graphed)
     replay = Replay(model).run(store, WEIGHTS, seed=8)
     assert list(store.executor.graphs) == [torch.device("cuda", torch.cuda.current_device())]
@@ -175,7 +175,7 @@ def test_cuda_graph_recaptures_after_a_replan():
     and the next update captures afresh (a replay of the old graph would read freed memory
     and miss the new values)."""
     model = _model(torch.bfloat16, "cuda", many=20)
-    store = Store(model, compensated=True, executor="graph")
+    store = make_store(model, compensated=True, executor="graph")
     replay = Replay(model).run(store, WEIGHTS[:2], seed=9)
     first = store.executor.graphs[torch.device("cuda", torch.cuda.current_device())].graph
     with torch.no_grad():
@@ -191,12 +191,12 @@ def test_cuda_graph_recaptures_after_a_replan():
 @cuda
 def test_cuda_graph_tensor_weight_equals_float_weight():
     a, b = _model(torch.bfloat16, "cuda", many=10), _model(torch.bfloat16, "cuda", many=10)
-    sa, sb = Store(a, executor="graph"), Store(b, executor="graph")
+    sa, sb = make_store(a, executor="graph"), make_store(b, executor="graph")
     for w in WEIGHTS:
         sa.update(w)
         sb.update(torch.tensor(w, device="cuda"))
-    for n, t in sa.tensors().items():
-        torch.testing.assert_close(sb.tensors()[n], t, rtol=1e-6, atol=1e-7)
+    for n, t in views.tensors(sa).items():
+        torch.testing.assert_close(views.tensors(sb)[n], t, rtol=1e-6, atol=1e-7)
 
 
 @cuda
@@ -209,4 +209,4 @@ def test_cuda_offload_warns_once_when_the_host_falls_behind():
         for _ in range(4):
             ema.step()
     assert sum("still running" in str(r.message) for r in record) == 1
-    ema.shadow.synchronize()
+    store_of(ema).synchronize()

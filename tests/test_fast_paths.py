@@ -1,20 +1,28 @@
 """Every fast path of Store.update against the plain path on random data.
 
-The plain path is ``emakit.functional.lerp_`` tensor by tensor on an independent copy of the
-average (same arithmetic, so bitwise), and a float64 reference within rounding.
+The plain path is ``lerp_`` (below: torch's own lerp) tensor by tensor on an independent copy
+of the average (same arithmetic, so bitwise), and a float64 reference within rounding.
 """
 
 import copy
 
 import pytest
 import torch
+from internals import make_store, store_of, tensors_of
 from torch import nn
 
 import emakit
-from emakit import plan as plan_mod
-from emakit.functional import lerp_
-from emakit.plan import Foreach, Gather, Staged
-from emakit.store import Store
+from emakit._engine import plan as plan_mod
+from emakit._engine import views
+from emakit._engine.plan import Foreach, Gather, Staged
+
+
+@torch.no_grad()
+def lerp_(dst, src, weight):
+    """The plain path, written apart from emakit: each source converted to its average's
+    dtype and device, then torch's own ``_foreach_lerp_``."""
+    torch._foreach_lerp_(list(dst), [s.to(device=d.device, dtype=d.dtype) for d, s in
+                                     zip(dst, src, strict=True)], weight)
 
 CUDA = torch.cuda.is_available()
 
@@ -56,7 +64,7 @@ def _reference(model: nn.Module, storage=torch.float32, buffers="average"):
 def _check(ema_model, ref_model, weights, storage=torch.float32, buffers="average", **kw):
     """Run the same random updates through a Store of ``ema_model`` and through the plain
     path on ``ref_model`` (a twin with the same values); compare."""
-    sh = Store(ema_model, dtype=storage, buffers=buffers, **kw)
+    sh = make_store(ema_model, dtype=storage, buffers=buffers, **kw)
     ref = _reference(ref_model, storage)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     for w in weights:
@@ -71,7 +79,7 @@ def _check(ema_model, ref_model, weights, storage=torch.float32, buffers="averag
             else:
                 lerp_([plain], [sd[name]], w)
                 exact.lerp_(sd[name].double(), w)
-    got = sh.tensors()
+    got = views.tensors(sh)
     assert set(got) == set(ref)
     for name, (plain, exact) in ref.items():
         assert torch.equal(got[name], plain), name
@@ -174,7 +182,7 @@ def test_moved_flat_parameters_are_detected():
     model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(4)])
     emakit.flatten_parameters(model)
     ref = copy.deepcopy(model)
-    sh = Store(model)
+    sh = make_store(model)
     with torch.no_grad():
         for p in model.parameters():  # storage moves, values kept
             p.data = p.data.clone()
@@ -186,7 +194,7 @@ def test_moved_flat_parameters_are_detected():
     sd = ref.state_dict()
     for name, (plain, _) in ref_avg.items():
         lerp_([plain], [sd[name]], 0.25)
-        assert torch.equal(sh.tensors()[name], plain), name
+        assert torch.equal(views.tensors(sh)[name], plain), name
 
 
 def _assert_same_averages(a, ea, b, eb, seed: int, steps: int) -> None:
@@ -268,7 +276,7 @@ def test_cuda_model_cpu_average_bitwise_plain(dtype):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     ema = emakit.EMA(model, smoothing=0.7, device="cpu", compensated=False)
     ema.update()  # starts: average <- model
-    names = list(ema.shadow.tensors())
+    names = list(tensors_of(ema))
     ref = {n: t.detach().float().cpu().clone() for n, t in model.state_dict().items()
            if n in names}
     for _ in range(5):
@@ -279,7 +287,7 @@ def test_cuda_model_cpu_average_bitwise_plain(dtype):
         sd = model.state_dict()
         lerp_([ref[n] for n in names], [sd[n].cpu() for n in names], 1.0 - 0.7)
     got = ema.state_dict()["average"]
-    assert ema.shadow.workspace_nbytes() > 0
+    assert store_of(ema).workspace_nbytes() > 0
     for n in names:
         assert got[n].device.type == "cpu"
         assert torch.equal(got[n], ref[n]), n
@@ -313,7 +321,7 @@ def test_split_staging_sees_moved_parameters(monkeypatch):
     replacing the parameter's storage must be noticed."""
     monkeypatch.setattr(plan_mod, "STAGING_ELEMENTS_CPU", 16)
     model = nn.Linear(8, 8).to(torch.bfloat16)
-    sh = Store(model)
+    sh = make_store(model)
     with torch.no_grad():
         model.weight.data = torch.randn(8, 8, dtype=torch.bfloat16)
     avg = model.weight.detach().float().clone()  # reference average, set below
@@ -322,7 +330,7 @@ def test_split_staging_sees_moved_parameters(monkeypatch):
         model.weight.data = torch.randn(8, 8, dtype=torch.bfloat16)
     sh.update(0.5)
     lerp_([avg], [model.weight.detach()], 0.5)
-    assert torch.equal(sh.tensors()["weight"], avg)
+    assert torch.equal(views.tensors(sh)["weight"], avg)
 
 
 def _small_and_big() -> nn.Module:
@@ -351,16 +359,16 @@ def test_gather_runs_split_at_the_staging_bound(monkeypatch):
 
 def test_gather_sees_moved_parameters():
     model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(10)])
-    sh = Store(model)
+    sh = make_store(model)
     assert isinstance(sh.plan.main[0], Gather)
-    avg = {n: t.clone() for n, t in sh.tensors().items()}
+    avg = {n: t.clone() for n, t in views.tensors(sh).items()}
     with torch.no_grad():
         model[4].weight.data = torch.randn(3, 3)  # one parameter's storage replaced
     sh.update(0.5)
     sd = model.state_dict()
     for n, t in avg.items():
         lerp_([t], [sd[n]], 0.5)
-        assert torch.equal(sh.tensors()[n], t), n
+        assert torch.equal(views.tensors(sh)[n], t), n
 
 
 @cuda
@@ -371,7 +379,7 @@ def test_cuda_tensor_weight_equals_float_weight(device):
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Linear(32, 4)).cuda()
     a, b = copy.deepcopy(base), copy.deepcopy(base)
-    sa, sb = Store(a, device=device), Store(b, device=device)
+    sa, sb = make_store(a, device=device), make_store(b, device=device)
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     for w in (0.3, 0.01, 0.5):
         _perturb(a.cpu(), g1)
@@ -382,5 +390,5 @@ def test_cuda_tensor_weight_equals_float_weight(device):
         sb.update(torch.tensor(w, device="cuda"))
     sa.synchronize()
     sb.synchronize()
-    for n, t in sa.tensors().items():
-        torch.testing.assert_close(sb.tensors()[n], t, rtol=1e-6, atol=1e-7)
+    for n, t in views.tensors(sa).items():
+        torch.testing.assert_close(views.tensors(sb)[n], t, rtol=1e-6, atol=1e-7)

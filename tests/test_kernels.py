@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from emakit.kernels import (
+from emakit._engine.kernels import (
     CUDAGraphUpdate,
     FusedLerp,
     check_operands,

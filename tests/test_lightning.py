@@ -7,6 +7,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
+from internals import tensors_of
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -116,7 +117,7 @@ def test_average_matches_plain_loop_with_accumulation_and_delayed_start():
     t.fit(model, loader(data(N_TRAIN, 1)), loader(data(8, 2)))
     ref_model, ref = plain_loop_ema(model0, epochs=2, accumulate=2, **ema_kw)
     # 16 batches, accumulated by 2: 8 optimizer steps; start at 2, then 6 updates.
-    assert t.global_step == 8 and cb.ema.clock.counts == {"ba": 8, "ep": 2, "sp": 0, "tok": 0}
+    assert t.global_step == 8 and cb.ema.counts == {"ba": 8, "ep": 2, "sp": 0, "tok": 0}
     assert cb.ema.num_updates == ref.num_updates == 7
     assert seen_before_start[0] is False  # the sanity check ran before any update
     # Validation ran twice during fit; the training weights must have come back bitwise.
@@ -231,7 +232,7 @@ def test_checkpoint_without_ema_state_warns_and_says_what_happens(tmp_path):
         trainer([cb], max_epochs=2).fit(Tiny(), train, ckpt_path=path)
     assert len([w for w in record if "emakit" in str(w.message)]) == 1  # once
     # the clock stood at step 8, epoch 1: the start copy at 10, then updates at 11..16
-    assert cb.ema.clock.counts["ba"] == 16 and cb.ema.clock.counts["ep"] == 2
+    assert cb.ema.counts["ba"] == 16 and cb.ema.counts["ep"] == 2
     assert cb.ema.num_updates == 7
     ckpt = torch.load(path, weights_only=True)
     with pytest.warns(RuntimeWarning, match="checkpoint's own weights"):
@@ -279,9 +280,9 @@ def test_two_callbacks_keep_separate_state(tmp_path):
     t.save_checkpoint(tmp_path / "c.ckpt")
     saved = torch.load(tmp_path / "c.ckpt", weights_only=True)["callbacks"]
     w = "net.0.weight"
-    assert torch.equal(saved[fast.state_key]["ema"]["average"][w], fast.ema.shadow.tensors()[w])
-    assert torch.equal(saved[slow.state_key]["ema"]["average"][w], slow.ema.shadow.tensors()[w])
-    assert not torch.equal(fast.ema.shadow.tensors()[w], slow.ema.shadow.tensors()[w])
+    assert torch.equal(saved[fast.state_key]["ema"]["average"][w], tensors_of(fast.ema)[w])
+    assert torch.equal(saved[slow.state_key]["ema"]["average"][w], tensors_of(slow.ema)[w])
+    assert not torch.equal(tensors_of(fast.ema)[w], tensors_of(slow.ema)[w])
 
 
 def test_copy_on_fit_end_and_bad_arguments():
@@ -335,10 +336,10 @@ def test_sample_and_token_times(accumulate):
     steps = 16 // accumulate
     start_step = 10 // accumulate  # 40 samples = 10 micro-batches
     for cb in (by_samples, by_tokens):
-        assert cb.ema.clock.counts["ba"] == steps
+        assert cb.ema.counts["ba"] == steps
         assert cb.ema.num_updates == steps - start_step + 1  # the start copy counts
-    assert by_samples.ema.clock.counts["sp"] == N_TRAIN * 2
-    assert by_tokens.ema.clock.counts["tok"] == N_TRAIN * 2 * 3
+    assert by_samples.ema.counts["sp"] == N_TRAIN * 2
+    assert by_tokens.ema.counts["tok"] == N_TRAIN * 2 * 3
     _, ref = plain_loop_ema(model0, epochs=2, accumulate=accumulate, half_life="4ba",
                             start=f"{start_step}ba")
     assert_states_equal(by_samples.ema.ema_state_dict(), ref.ema_state_dict(), exact=False)

@@ -187,7 +187,8 @@ def test_cosine_smoothing_gives_dinos_schedule():
 def test_update_now_and_smoothing_property():
     model = _model()
     ema = emakit.EMA(model, smoothing=0.7, warmup=emakit.PowerWarmup())
-    assert ema.smoothing == 0.0  # warmup: the first update copies
+    # before the start: the first averaging update's factor, training time k = 2
+    assert ema.smoothing == pytest.approx(min(0.7, 1.0 - 2.0 ** (-2.0 / 3.0)), abs=1e-15)
     ema.update()  # before the start: sets the average
     assert ema.started and ema.num_updates == 1
     gen = torch.Generator().manual_seed(0)

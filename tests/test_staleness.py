@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from internals import make_store, store_of
 from torch import nn
 
 import emakit
-from emakit.store import Store
+from emakit._engine import views
 
 S = 0.6
 
@@ -98,7 +99,7 @@ def test_parameter_replaced_by_another_shape_is_a_clear_error_and_reset_recovers
     for k in before:  # nothing was changed by the refused re-plan
         assert torch.equal(before[k], after[k]), k
     model[0].weight = nn.Parameter(torch.randn(5, 3))
-    ema.shadow.reset()  # restarts every average from the model
+    store_of(ema).reset()  # restarts every average from the model
     ref = Replay()
     ref.update(model)
     _run(model, ema, ref, g)
@@ -109,7 +110,7 @@ def test_parameter_replaced_by_another_shape_is_a_clear_error_and_reset_recovers
 def test_data_moved_in_the_middle_of_a_span(where):
     model = emakit.flatten_parameters(nn.Sequential(*[nn.Linear(3, 3) for _ in range(5)]))
     ema, ref, g = _setup(model)
-    assert len(ema.shadow.plan.main) == 1  # one span
+    assert len(store_of(ema).plan.main) == 1  # one span
     _run(model, ema, ref, g, steps=2)
     with torch.no_grad():
         model[where].weight.data = torch.full((3, 3), 5.0)
@@ -191,27 +192,27 @@ def test_tensor_weight_equals_float_weight():
     a = nn.Sequential(*[nn.Linear(3, 3) for _ in range(12)], nn.Linear(64, 64))
     b = nn.Sequential(*[nn.Linear(3, 3) for _ in range(12)], nn.Linear(64, 64))
     b.load_state_dict(a.state_dict())
-    sa, sb = Store(a), Store(b)
+    sa, sb = make_store(a), make_store(b)
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     for w in (0.3, 0.01, 0.5):
         _perturb(a, g1)
         _perturb(b, g2)
         sa.update(w)
         sb.update(torch.tensor(w))
-    for n, t in sa.tensors().items():
-        torch.testing.assert_close(sb.tensors()[n], t, rtol=1e-6, atol=1e-7)
+    for n, t in views.tensors(sa).items():
+        torch.testing.assert_close(views.tensors(sb)[n], t, rtol=1e-6, atol=1e-7)
 
 
 def test_no_replan_without_a_change():
     model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(4)])
     ema, _, g = _setup(model)
-    plan = ema.shadow.plan
+    plan = store_of(ema).plan
     nn.Linear(2, 2)  # a registration elsewhere in the process
     _perturb(model, g)
     ema.update()
     ema.module(torch.randn(2, 3))
     ema.update()
-    assert ema.shadow.plan is plan
+    assert store_of(ema).plan is plan
 
 
 def test_reset_sees_unfrozen_parameters():

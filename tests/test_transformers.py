@@ -129,7 +129,7 @@ def test_average_follows_optimizer_steps_and_evaluations_in_training_use_it(tmp_
     assert len(rec.steps) == trainer.state.global_step == 8  # accumulation: 16 batches / 2
     ref = replay(rec.steps, half_life="2ba", start="1ba")
     assert cb.ema.num_updates == ref.num_updates == 8  # the start copy counts
-    assert cb.ema.clock.counts == ref.clock.counts == {"ba": 8, "ep": 2, "sp": 0, "tok": 0}
+    assert cb.ema.counts == ref.counts == {"ba": 8, "ep": 2, "sp": 0, "tok": 0}
     got = cb.ema.ema_state_dict()
     assert_state_equal(got, ref.ema_state_dict())
     # float64 by hand for one tensor: start at step 1, then s = 2 ** -0.5
@@ -287,7 +287,7 @@ def test_resume_without_ema_state_warns_and_keeps_the_clock(tmp_path):
     with pytest.warns(RuntimeWarning, match="EMA restarts"):
         trainer.train(resume_from_checkpoint=True)
     assert str(cb.ema.total) == "6ba" and cb.ema.smoothing == pytest.approx(2 ** (-1 / 1.2))
-    assert cb.ema.clock.counts["ba"] == 6  # the clock at the trainer's step: 4, then 5, 6
+    assert cb.ema.counts["ba"] == 6  # the clock at the trainer's step: 4, then 5, 6
     assert cb.ema.started and cb.ema.num_updates == 2  # copy at step 5, one update at 6
 
 
@@ -338,7 +338,7 @@ def test_token_times_count_the_trainers_tokens(tmp_path):
     trainer = Trainer(model=tiny_model(), args=args(tmp_path, include_num_input_tokens_seen=True),
                       train_dataset=TRAIN, callbacks=[rec, cb])
     trainer.train()
-    assert cb.ema.clock.counts["tok"] == trainer.state.num_input_tokens_seen == 16 * 4 * 6
+    assert cb.ema.counts["tok"] == trainer.state.num_input_tokens_seen == 16 * 4 * 6
     assert_state_equal(cb.ema.ema_state_dict(),
                        replay(rec.steps, half_life="2ba", start="4ba").ema_state_dict())
     assert cb.ema.num_updates == 8 - 4 + 1

@@ -8,8 +8,10 @@
 <All keys matched successfully>
 """
 
+from . import distributed
+from ._version import __version__
 from .bema import BEMA
-from .config import BEMAConfig, EMAConfig, StoreConfig
+from .config import BEMAConfig, EMAConfig, PostHocEMAConfig, StoreConfig
 from .ema import EMA, EMAModule
 from .flat import flatten_parameters
 from .functional import compute_ema
@@ -24,14 +26,13 @@ from .schedules import (
 )
 from .time import Time
 
-__version__ = "0.1.0"
-
 __all__ = [
     "EMA",
     "EMAModule",
     "BEMA",
     "EMAConfig",
     "BEMAConfig",
+    "PostHocEMAConfig",
     "StoreConfig",
     "PostHocEMA",
     "CosineSmoothing",
@@ -45,4 +46,5 @@ __all__ = [
     "smoothing_from_half_life",
     "synthesize",
     "__version__",
+    "distributed",
 ]

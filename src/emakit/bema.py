@@ -1,5 +1,6 @@
 """BEMA: the bias-corrected EMA of Block & Zhang (2025, "EMA Without the Lag: Bias-Corrected
-Iterate Averaging Schemes", arXiv 2508.00180)."""
+Iterate Averaging Schemes", arXiv 2508.00180), a face of the
+:class:`~emakit.averager.Averager` with the :class:`~emakit.laws.BiasCorrected` law."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import BEMAConfig, takes_config
-from .ema import EMA
-from .store import Store
+from .averager import Averager, Store
+from .cadence import Span
+from .config import BEMAConfig, BEMAOptions, Unpack
+from .laws import BiasCorrected
 
 __all__ = ["BEMA"]
 
 
-class BEMA(EMA):
+class BEMA(Averager):
     r"""Bias-corrected EMA: an EMA whose lag behind the weights is corrected.
 
     With ``t`` the batches since the start (t = 0 at the start, where ``theta_0`` and the EMA
@@ -46,10 +48,9 @@ class BEMA(EMA):
         model: the model being trained.
         config: a :class:`~emakit.BEMAConfig`, or its fields as keyword arguments:
             ``ema_power``, ``bias_power``, ``lag``, ``multiplier``, ``min_ema_multiplier``
-            (the schedule above) and :class:`~emakit.EMA`'s (``start``, ``update_interval``,
-            storage arguments); ``half_life``, ``smoothing`` and ``warmup`` are replaced by
-            the schedule and refused. The trainer callbacks take ``config=BEMAConfig(...)``
-            and drive a BEMA.
+            (the schedule above) and the timing and storage every average shares
+            (``start``, ``update_interval``, ``dtype``, ...). The trainer callbacks take
+            ``config=BEMAConfig(...)`` and drive a BEMA.
 
     Example:
         >>> import torch, emakit
@@ -63,58 +64,47 @@ class BEMA(EMA):
         5
     """
 
-    @takes_config(BEMAConfig)
-    def __init__(self, model: nn.Module, config: BEMAConfig | None = None, **kwargs: Any) -> None:
-        config = BEMAConfig.resolve(config, kwargs, "BEMA")
-        self.ema_power, self.bias_power = config.ema_power, config.bias_power
-        self.lag, self.multiplier = config.lag, config.multiplier
-        self.min_ema_multiplier = config.min_ema_multiplier
-        super().__init__(model, config)
-        if config.shard or self.shadow.model_forward:
+    def __init__(
+        self, model: nn.Module, config: BEMAConfig | None = None, **kwargs: Unpack[BEMAOptions]
+    ) -> None:
+        config = BEMAConfig.resolve(config, dict(kwargs), "BEMA")
+        config.require_total()
+        self.law = BiasCorrected(
+            ema_power=config.ema_power, bias_power=config.bias_power, lag=config.lag,
+            multiplier=config.multiplier, min_ema_multiplier=config.min_ema_multiplier,
+        )
+        super().__init__(model, config, [self.law])
+        self.config: BEMAConfig = config
+        if config.shard or self._stores[0].model_forward:
             raise ValueError("BEMA: not available with shard=True or FSDP2 models")
         # theta_0 and the weights handed out: plain copies, no compensation needed
-        store = dict(dtype=config.dtype, device=config.device, buffers=config.buffers,
-                     exclude=config.exclude, include=config.include)
-        self._origin_store = Store(self.model, **store)
-        self._out_store = Store(self.model, **store)
+        storage = config.storage(compensated=False)
+        self._theta0 = self._new_store(storage)
+        self._out = self._new_store(storage)
         self._cache: tuple | None = None  # (the three stores' plans, the correction's lists)
 
-    def _t(self, k: int) -> float:
-        """Batches (the interval's units) since the start for training time k."""
-        return float(k - 1)
+    ema_power = property(lambda self: self.law.ema_power)
+    bias_power = property(lambda self: self.law.bias_power)
+    lag = property(lambda self: self.law.lag)
+    multiplier = property(lambda self: self.law.multiplier)
+    min_ema_multiplier = property(lambda self: self.law.min_ema_multiplier)
 
-    def _base(self, k: int) -> float:
-        return self.lag + self.multiplier * self._t(k)
+    def _all_stores(self) -> list[Store]:
+        return [*self._stores, self._theta0, self._out]
 
-    def _factor(self, first: int, last: int) -> float:
-        beta = max(self._base(last) ** -self.ema_power, self.min_ema_multiplier)
-        return 1.0 - min(beta, 1.0)
+    def _handout(self) -> Store:
+        return self._out
 
-    def _begin(self) -> None:
-        super()._begin()
-        if self.started:
-            self._restart()
-
-    def reset(self) -> None:
-        if not self.started:
-            self._begin()
-            return
-        super().reset()
-        self._restart()
-
-    def _restart(self) -> None:
-        self._origin_store.reset()
-        self._out_store.reset()
-
-    def _apply(self, weight: float | Tensor, k: int) -> None:
-        super()._apply(weight, k)
-        alpha = self._base(k) ** -self.bias_power
+    def _updated(self, covered: Span) -> None:
+        """The weights handed out: ``EMA_t + alpha_t (theta_t - theta_0)`` for parameters."""
+        alpha = self.law.alpha(covered.last)
         with torch.no_grad():
-            self._out_store.update(1.0)  # theta_t: a weight of 1 copies, through the plan
+            self._out.update(1.0)  # theta_t: a weight of 1 copies, through the plan
             out, origin, ema, rest_out, rest_ema = self._lists()
-            torch._foreach_sub_(out, origin)
-            torch._foreach_mul_(out, alpha)
-            torch._foreach_add_(out, ema)
+            if out:
+                torch._foreach_sub_(out, origin)
+                torch._foreach_mul_(out, alpha)
+                torch._foreach_add_(out, ema)
             if rest_out:
                 torch._foreach_copy_(rest_out, rest_ema)
 
@@ -123,43 +113,46 @@ class BEMA(EMA):
         (the views stay valid as long as the three plans do). The correction extrapolates
         along the trajectory: parameters only; buffers (BatchNorm statistics) are handed out
         as their plain average, since an extrapolated running variance can turn negative."""
-        plans = (self._out_store.plan, self._origin_store.plan, self.shadow.plan)
+        stores = (self._out, self._theta0, self._stores[0])
+        plans = tuple(s.plan for s in stores)
         cached = self._cache
         if cached is None or any(a is not b for a, b in zip(plans, cached[0], strict=True)):
-            params = {n for n, p in self.model.named_parameters() if p.requires_grad}
-            out, origin, ema = (s.tensors() for s in (self._out_store, self._origin_store,
-                                                      self.shadow))
-            names = [n for n in out if n in params]
-            rest = [n for n in out if n not in params]
-            lists = ([out[n] for n in names], [origin[n] for n in names],
-                     [ema[n] for n in names], [out[n] for n in rest], [ema[n] for n in rest])
-            plans = (self._out_store.plan, self._origin_store.plan, self.shadow.plan)
-            self._cache = cached = (plans, lists)
+            lists = self._build_lists(stores)
+            self._cache = cached = (tuple(s.plan for s in stores), lists)
         return cached[1]
 
-    @property
-    def _handout(self):  # the store whose weights export, swap and module hand out
-        return self._out_store
+    def _build_lists(self, stores: tuple[Store, Store, Store]) -> tuple[list[Tensor], ...]:
+        params = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        out, origin, ema = (self._named(s) for s in stores)
+        names = [n for n in out if n in params]
+        rest = [n for n in out if n not in params]
+        return ([out[n] for n in names], [origin[n] for n in names], [ema[n] for n in names],
+                [out[n] for n in rest], [ema[n] for n in rest])
 
     def state_dict(self) -> dict[str, Any]:
-        """:meth:`EMA.state_dict` plus ``origin_weights`` (theta_0) and ``bema_weights``
-        (the weights handed out)."""
+        """:meth:`EMA.state_dict`'s format plus ``origin_weights`` (theta_0) and
+        ``bema_weights`` (the weights handed out)."""
         state = super().state_dict()
-        state["origin_weights"] = {n: t.clone() for n, t in self._origin_store.tensors().items()}
-        state["bema_weights"] = {n: t.clone() for n, t in self._out_store.tensors().items()}
+        state["origin_weights"] = self._named(self._theta0, clone=True)
+        state["bema_weights"] = self._named(self._out, clone=True)
         return state
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def _check_extra(self, state: Mapping[str, Any]) -> None:
         for key in ("origin_weights", "bema_weights"):
             if key not in state:
                 raise ValueError(f"state: not a BEMA.state_dict(); missing key {key!r}")
-        self._origin_store.check_load(state["origin_weights"], "BEMA state['origin_weights']")
-        self._out_store.check_load(state["bema_weights"], "BEMA state['bema_weights']")
-        super().load_state_dict(state)
-        self._origin_store.load(state["origin_weights"], "BEMA state['origin_weights']")
-        self._out_store.load(state["bema_weights"], "BEMA state['bema_weights']")
+        self._theta0.check_load(state["origin_weights"], "BEMA state['origin_weights']")
+        self._out.check_load(state["bema_weights"], "BEMA state['bema_weights']")
+
+    def _load_extra(self, state: Mapping[str, Any]) -> None:
+        self._theta0.load(state["origin_weights"], "BEMA state['origin_weights']")
+        self._out.load(state["bema_weights"], "BEMA state['bema_weights']")
+
+    def _config_record(self) -> dict[str, Any]:
+        return {**super()._config_record(), "law": self.law.describe()}
 
     def __repr__(self) -> str:
         return (f"BEMA(ema_power={self.ema_power}, bias_power={self.bias_power}, lag={self.lag}, "
-                f"multiplier={self.multiplier}, start={self.start}, "
+                f"multiplier={self.multiplier}, start={self.config.start}, "
                 f"update_interval={self.update_interval}, num_updates={self.num_updates})")
+

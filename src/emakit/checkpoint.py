@@ -24,13 +24,20 @@ import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 
-if TYPE_CHECKING:
-    from .ema import EMA
+from ._engine.collectives import all_ranks
+
+
+class EMA(Protocol):
+    """What a checkpoint holds: anything with ``state_dict()`` and ``load_state_dict()``
+    (an :class:`~emakit.EMA`, :class:`~emakit.BEMA` or :class:`~emakit.PostHocEMA`)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 __all__ = ["save", "load", "read_metadata", "write_state", "read_state"]
 
@@ -166,16 +173,8 @@ def _planner():
     return SafePlanner()
 
 
-def _initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def _everywhere(flag: bool) -> bool:
     """Whether ``flag`` holds on every rank (one all-reduce), or here without a group."""
-    if not _initialized():
-        return flag
-    from .distributed import all_ranks
-
     return all_ranks(flag)
 
 

@@ -123,7 +123,7 @@ def run_demo(
         )
         bar.set_postfix(raw=f"{raw_loss:.3f}", ema=f"{ema_loss:.3f}")
     bar.close()
-    if posthoc is not None and posthoc.clock.counts["ba"] % posthoc.snapshot_every.value:
+    if posthoc is not None and posthoc.counts["ba"] % posthoc.snapshot_every.value:
         posthoc.snapshot()  # the sweep synthesizes at the final step
     return rows
 

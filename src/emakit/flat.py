@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import unwrap_model
-from .layout import ALIGN, align
+from ._engine.layout import ALIGN, align
+from ._engine.tensors import unwrap_model
 
 __all__ = ["flatten_parameters", "ALIGN", "align"]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "smoothing_from_half_life",
@@ -21,12 +22,20 @@ __all__ = [
     "sigma_rel_to_gamma",
     "gamma_to_sigma_rel",
     "power_smoothing",
+    "check_sigma_rel",
+    "MIN_SIGMA_REL",
+    "MAX_SIGMA_REL",
 ]
 
 #: A smoothing schedule: maps the 1-based count of the update about to run to its factor.
 SmoothingSchedule = Callable[[int], float]
 
-_MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)
+#: Relative widths of power-function profiles lie in [MIN_SIGMA_REL, MAX_SIGMA_REL): the
+#: ceiling is the width of the flattest profile (gamma -> 0); the floor keeps every profile
+#: computable in float64 (``gamma`` is about ``1 / sigma_rel`` and inner products multiply
+#: two ``gamma``): 1e-6 is a width of 100 updates at 1e8.
+MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)
+MIN_SIGMA_REL = 1e-6
 
 
 def _positive(value: float, name: str, allow_inf: bool = False) -> float:
@@ -165,9 +174,9 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     '1e+200'
     """
     sigma_rel = _positive(sigma_rel, "sigma_rel")
-    if sigma_rel >= _MAX_SIGMA_REL:
+    if sigma_rel >= MAX_SIGMA_REL:
         raise ValueError(
-            f"sigma_rel: expected a value in (0, sqrt(1/12) = {_MAX_SIGMA_REL:.6f}), "
+            f"sigma_rel: expected a value in (0, sqrt(1/12) = {MAX_SIGMA_REL:.6f}), "
             f"got {sigma_rel!r}"
         )
     s = sigma_rel
@@ -217,3 +226,18 @@ def power_smoothing(t: float, dt: float, gamma: float) -> float:
     if t <= 0 or dt <= 0 or dt > t:
         raise ValueError(f"power_smoothing: expected 0 < dt <= t, got t={t!r}, dt={dt!r}")
     return (1.0 - dt / t) ** (gamma + 1.0)
+
+
+def check_sigma_rel(value: Any, name: str = "sigma_rel") -> float:
+    """``value`` as a float in ``[MIN_SIGMA_REL, MAX_SIGMA_REL)``, or an error naming ``name``.
+
+    >>> check_sigma_rel(0.05)
+    0.05
+    """
+    expected = f"a float in [{MIN_SIGMA_REL:g}, sqrt(1/12) = {MAX_SIGMA_REL:.4f})"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
+    value = float(value)
+    if not MIN_SIGMA_REL <= value < MAX_SIGMA_REL:
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return value

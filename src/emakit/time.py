@@ -1,4 +1,4 @@
-"""Time values in training units and the training clock. Pure Python: no torch here.
+"""Time values in training units. Pure Python: no torch here.
 
 Units:
 
@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Time", "Clock", "UNITS", "COUNTED_UNITS"]
+__all__ = ["Time", "UNITS", "COUNTED_UNITS", "as_batches", "convert", "check_count"]
 
 UNITS = ("ba", "ep", "sp", "tok", "dur")
 COUNTED_UNITS = ("ba", "ep", "sp", "tok")
@@ -52,16 +52,25 @@ class Time:
             object.__setattr__(self, "value", int(self.value))
 
     @classmethod
-    def parse(cls, text: str | Time, name: str = "time") -> Time:
-        """Parse ``"<number><unit>"``, e.g. ``"1000ba"``, ``"2ep"``, ``"0.1dur"``.
+    def parse(cls, text: str | int | Time, name: str = "time") -> Time:
+        """Parse ``"<number><unit>"``, e.g. ``"1000ba"``, ``"2ep"``, ``"0.1dur"``; an int is
+        that many batches (``100`` is ``"100ba"``), as trainers count steps.
 
         ``name`` is the argument the string came from, used in error messages.
+
+        >>> Time.parse(100)
+        Time(value=100, unit='ba')
         """
         if isinstance(text, Time):
             return text
+        if isinstance(text, int) and not isinstance(text, bool):
+            if text < 0:
+                raise ValueError(f"{name}: expected a number of batches >= 0, got {text!r}")
+            return cls(text, "ba")
         if not isinstance(text, str):
             raise TypeError(
-                f"{name}: expected a time string such as '1000ba', got {type(text).__name__}"
+                f"{name}: expected a time string such as '1000ba' or an int (batches), got "
+                f"{type(text).__name__}"
             )
         match = _TIME_RE.match(text)
         if match is None:
@@ -123,11 +132,17 @@ def convert(
     return batches / batches_per_epoch
 
 
-def _count(value: Any, name: str) -> int | None:
-    """``value`` as a whole number >= 0 (an int, or an integral 0-d integer tensor), or None;
-    a bool, a string, a fraction, NaN or a negative number is an error naming ``name``."""
-    if value is None:
-        return None
+def check_count(value: Any, name: str) -> int:
+    """``value`` as a whole number >= 0 (an int, or an integral 0-d integer tensor); a bool,
+    a string, a fraction, NaN or a negative number is an error naming ``name``.
+
+    >>> check_count(3, "samples")
+    3
+    >>> check_count(-1, "samples")
+    Traceback (most recent call last):
+    ...
+    ValueError: samples: expected a whole number >= 0, got -1
+    """
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # a tensor or numpy scalar
         dtype = str(getattr(value, "dtype", ""))
         if "int" not in dtype or "bool" in dtype:
@@ -139,51 +154,3 @@ def _count(value: Any, name: str) -> int | None:
     if value < 0:
         raise ValueError(f"{name}: expected a whole number >= 0, got {value!r}")
     return value
-
-
-class Clock:
-    """Counts batches, epochs, samples and tokens as training advances."""
-
-    def __init__(self, batches_per_epoch: int | None = None, total: Time | None = None) -> None:
-        self.batches_per_epoch = batches_per_epoch
-        self.total = total
-        self.counts: dict[str, int] = {"ba": 0, "ep": 0, "sp": 0, "tok": 0}
-
-    def advance_batch(self, samples: int | None = None, tokens: int | None = None) -> None:
-        """One batch more; ``samples``/``tokens``: how many this batch held (whole numbers
-        >= 0, or None). Checked before anything is counted, so a refused call counts nothing."""
-        samples = _count(samples, "samples")
-        tokens = _count(tokens, "tokens")
-        self.counts["ba"] += 1
-        if samples is not None:
-            self.counts["sp"] += samples
-        if tokens is not None:
-            self.counts["tok"] += tokens
-
-    def advance_epoch(self) -> None:
-        self.counts["ep"] += 1
-
-    def get(self, unit: str) -> float:
-        """Elapsed training time in ``unit``; ``dur`` is the fraction of ``total`` done."""
-        if unit == "dur":
-            if self.total is None:
-                raise ValueError("a time in 'dur' needs total (the whole training length)")
-            if self.total.value == 0:
-                return math.inf
-            return self.get(self.total.unit) / self.total.value
-        return float(self.counts[unit])
-
-    def reached(self, time: Time) -> bool:
-        """Whether at least ``time`` has elapsed."""
-        if time.unit == "dur" and self.total is not None and self.total.unit in COUNTED_UNITS:
-            return self.get(self.total.unit) >= time.value * self.total.value
-        return self.get(time.unit) >= time.value
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.counts)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = sorted(set(self.counts) - set(state))
-        if missing:
-            raise ValueError(f"clock state: missing counts {missing}")
-        self.counts = {unit: int(state[unit]) for unit in self.counts}

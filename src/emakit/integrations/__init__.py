@@ -22,26 +22,36 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..bema import BEMA
-from ..config import BEMAConfig, EMAConfig
-from ..ema import EMA
+from .. import BEMA, EMA, BEMAConfig, EMAConfig
 
-__all__ = ["adapter_config", "with_total", "build_average", "EVALUATE_WITH"]
+__all__ = ["AdapterConfig", "adapter_config", "with_total", "build_average", "EVALUATE_WITH"]
 
 EVALUATE_WITH = ("ema", "model")
+
+#: The configurations an adapter drives: an EMA's or a BEMA's.
+AdapterConfig = EMAConfig | BEMAConfig
 
 
 def adapter_config(
     trainer: str,
-    config: EMAConfig | None,
+    config: AdapterConfig | None,
     kwargs: dict[str, Any],
     counts: tuple[str, ...] = ("ba", "ep"),
-) -> EMAConfig:
-    """The :class:`~emakit.EMAConfig` of a trainer adapter, checked at the adapter's
-    construction rather than when training starts. ``dur`` times may lack ``total`` here
-    (see :func:`with_total`). ``counts``: the units the adapter can count; a ``start`` (or a
-    ``total`` for ``dur`` times) in another unit is refused, naming ``trainer``."""
-    config = EMAConfig.resolve(config, kwargs, f"{trainer} adapter")
+) -> AdapterConfig:
+    """The configuration of a trainer adapter, checked at the adapter's construction rather
+    than when training starts: ``config`` (an :class:`~emakit.EMAConfig` or
+    :class:`~emakit.BEMAConfig`) or an :class:`~emakit.EMAConfig` of ``kwargs``. ``dur``
+    times may lack ``total`` here (see :func:`with_total`). ``counts``: the units the adapter
+    can count; a ``start`` (or a ``total`` for ``dur`` times) in another unit is refused,
+    naming ``trainer``."""
+    if config is None:
+        config = EMAConfig(**kwargs)
+    elif kwargs:
+        raise TypeError(f"{trainer} adapter: pass either config or keyword arguments, not "
+                        f"both (got config and {sorted(kwargs)})")
+    elif not isinstance(config, (EMAConfig, BEMAConfig)):
+        raise TypeError(f"config: expected an emakit.EMAConfig or emakit.BEMAConfig, got "
+                        f"{type(config).__name__}")
     for name in ("start", "total"):
         t = getattr(config, name)
         if t is not None and t.unit in ("sp", "tok") and t.unit not in counts:
@@ -52,7 +62,7 @@ def adapter_config(
     return config
 
 
-def with_total(config: EMAConfig, total: str) -> EMAConfig:
+def with_total(config: AdapterConfig, total: str) -> AdapterConfig:
     """``config`` with ``total`` set to the trainer's planned length ``total`` when a ``dur``
     time needs it and none was given; then checked as :class:`emakit.EMA` checks it."""
     if config.total is None and config.uses_dur():
@@ -61,7 +71,9 @@ def with_total(config: EMAConfig, total: str) -> EMAConfig:
     return config
 
 
-def build_average(model: Any, config: EMAConfig) -> EMA:
+def build_average(model: Any, config: AdapterConfig) -> EMA | BEMA:
     """The average an adapter drives: a :class:`~emakit.BEMA` for a
     :class:`~emakit.BEMAConfig`, else an :class:`~emakit.EMA`."""
-    return (BEMA if isinstance(config, BEMAConfig) else EMA)(model, config=config)
+    if isinstance(config, BEMAConfig):
+        return BEMA(model, config=config)
+    return EMA(model, config=config)

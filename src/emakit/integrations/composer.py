@@ -39,7 +39,8 @@ from composer.callbacks.checkpoint_saver import CheckpointSaver
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from .. import ema as _ema
+from .. import BEMA
+from .. import EMA as _EMA
 from ..config import EMAConfig
 from . import adapter_config, build_average
 
@@ -127,7 +128,7 @@ class EMA(Algorithm):
         self.smoothing = smoothing
         self.ema_start = ema_start
         self.update_interval = update_interval
-        self.ema: _ema.EMA | None = None
+        self.ema: _EMA | BEMA | None = None
         self._pending: dict[str, Any] | None = None
         self._swap = contextlib.ExitStack()
         self._training_weights: dict[str, torch.Tensor] | None = None  # during a checkpoint

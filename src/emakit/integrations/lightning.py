@@ -30,9 +30,9 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import extract_batch_size
 
-from ..config import EMAConfig, takes_config
-from ..ema import EMA
-from . import EVALUATE_WITH, adapter_config, build_average, with_total
+from .. import BEMA, EMA
+from ..config import EMAConfig, EMAOptions, Unpack
+from . import EVALUATE_WITH, AdapterConfig, adapter_config, build_average, with_total
 
 __all__ = ["EMACallback", "TRAINING_WEIGHTS_KEY"]
 
@@ -74,16 +74,15 @@ class EMACallback(pl.Callback):
     checkpoint's own weights.
     """
 
-    @takes_config(EMAConfig)
     def __init__(
         self,
-        config: EMAConfig | None = None,
+        config: AdapterConfig | None = None,
         *,
         evaluate_with: str = "ema",
         save_ema_weights: bool = False,
         copy_on_fit_end: bool = False,
         count_tokens: Callable[[Any], int] | None = None,
-        **kwargs: Any,
+        **kwargs: Unpack[EMAOptions],
     ) -> None:
         super().__init__()
         if evaluate_with not in EVALUATE_WITH:
@@ -94,7 +93,7 @@ class EMACallback(pl.Callback):
         if count_tokens is not None and not callable(count_tokens):
             raise TypeError(f"count_tokens: expected callable(batch) -> int, got {count_tokens!r}")
         counts = ("ba", "ep", "sp") + (("tok",) if count_tokens is not None else ())
-        self.config = adapter_config("Lightning", config, kwargs, counts=counts)
+        self.config = adapter_config("Lightning", config, dict(kwargs), counts=counts)
         self.count_tokens = count_tokens
         # sp/tok times need the counts each step: summed over micro-batches and ranks
         units = {self.config.start.unit}
@@ -105,7 +104,7 @@ class EMACallback(pl.Callback):
         self.evaluate_with = evaluate_with
         self.save_ema_weights = bool(save_ema_weights)
         self.copy_on_fit_end = bool(copy_on_fit_end)
-        self.ema: EMA | None = None
+        self.ema: EMA | BEMA | None = None
         self._pending: dict[str, Any] | None = None
         self._restored = False  # an EMA state came from this run's ckpt_path
         self._warned = False
@@ -115,19 +114,24 @@ class EMACallback(pl.Callback):
 
     @property
     def state_key(self) -> str:
-        """Distinct per configuration, so that two EMA callbacks can share a checkpoint."""
+        """Distinct per configuration, so that two EMA callbacks can share a checkpoint (the
+        same key as emakit 0.1 wrote for the same arguments)."""
         c = self.config
-        smoothing = c.smoothing
-        if smoothing is not None and not isinstance(smoothing, (int, float)):
-            smoothing = type(smoothing).__name__
+        smoothing: float | str | None = 0.0  # a BEMA: 0.1 recorded its schedule as 0.0
+        half_life = None
+        if isinstance(c, EMAConfig):
+            h = c.effective_half_life
+            half_life = None if h is None else str(h)
+            s = c.smoothing
+            smoothing = s if s is None or isinstance(s, (int, float)) else type(s).__name__
         return self._generate_state_key(
-            half_life=None if c.half_life is None else str(c.half_life),
-            smoothing=smoothing, start=str(c.start), update_interval=str(c.update_interval),
+            half_life=half_life, smoothing=smoothing, start=str(c.start),
+            update_interval=str(c.interval),
         )
 
     # building the EMA --------------------------------------------------------------------
 
-    def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> EMA:
+    def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> EMA | BEMA:
         config = self.config
         if config.total is None and config.uses_dur():
             steps = trainer.estimated_stepping_batches
@@ -139,7 +143,7 @@ class EMACallback(pl.Callback):
             config = with_total(config, f"{int(steps)}ba")
         return build_average(pl_module, config)
 
-    def _ensure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> EMA:
+    def _ensure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> EMA | BEMA:
         # Validate/test hooks run under torch.inference_mode: an average allocated there
         # would be inference tensors, which a later load or update may not write.
         with torch.inference_mode(False):
@@ -161,9 +165,7 @@ class EMACallback(pl.Callback):
         self._last_global_step = trainer.global_step
         if trainer.ckpt_path is not None and not self._restored:
             ema = self._ensure(trainer, pl_module)
-            counts = dict(ema.clock.state_dict())
-            counts.update(ba=trainer.global_step, ep=trainer.current_epoch)
-            ema.clock.load_state_dict(counts)
+            ema.resume_at(step=trainer.global_step, epoch=trainer.current_epoch)
             warnings.warn(
                 f"emakit: {trainer.ckpt_path} holds no state of this EMACallback "
                 f"(state_key {self.state_key!r}): the average restarts from the loaded weights, "
@@ -226,7 +228,8 @@ class EMACallback(pl.Callback):
         ):
             warnings.warn(
                 f"emakit: {trainer.ckpt_path} holds no state of this EMACallback "
-                f"(state_key {self.state_key!r}): {trainer.state.fn.value} runs on the "
+                f"(state_key {self.state_key!r}): {getattr(trainer.state.fn, 'value', '')} "
+                "runs on the "
                 "checkpoint's own weights",
                 RuntimeWarning,
                 stacklevel=2,

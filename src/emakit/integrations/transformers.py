@@ -46,10 +46,10 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from ..config import EMAConfig, takes_config
-from ..ema import EMA
+from .. import BEMA, EMA
+from ..config import EMAOptions, Unpack
 from ..io import save_torch
-from . import EVALUATE_WITH, adapter_config, build_average, with_total
+from . import EVALUATE_WITH, AdapterConfig, adapter_config, build_average, with_total
 
 __all__ = ["EMACallback", "EMATrainerMixin", "EMATrainer", "EMA_STATE_NAME", "EMA_MODEL_DIR"]
 
@@ -95,20 +95,20 @@ class EMACallback(TrainerCallback):
     restarts from the loaded weights with its clock at step ``N``.
     """
 
-    @takes_config(EMAConfig)
     def __init__(
         self,
-        config: EMAConfig | None = None,
+        config: AdapterConfig | None = None,
         *,
         evaluate_with: str = "ema",
         save_ema_model: bool = True,
-        **kwargs: Any,
+        **kwargs: Unpack[EMAOptions],
     ) -> None:
         if evaluate_with not in EVALUATE_WITH:
             raise ValueError(
                 f"evaluate_with: expected one of {EVALUATE_WITH}, got {evaluate_with!r}"
             )
-        self.config = adapter_config("Transformers", config, kwargs, counts=("ba", "ep", "tok"))
+        self.config = adapter_config("Transformers", config, dict(kwargs),
+                                     counts=("ba", "ep", "tok"))
         units = {self.config.start.unit}
         if self.config.total is not None and self.config.uses_dur():
             units.add(self.config.total.unit)
@@ -116,7 +116,7 @@ class EMACallback(TrainerCallback):
         self._tokens_seen = 0
         self.evaluate_with = evaluate_with
         self.save_ema_model = bool(save_ema_model)
-        self.ema: EMA | None = None
+        self.ema: EMA | BEMA | None = None
         self._resume_dir: str | None = None
         self._training = False
         self._swap = contextlib.ExitStack()
@@ -216,10 +216,8 @@ class EMACallback(TrainerCallback):
         self._resume_dir = None  # good for one train() only
         path = os.path.join(folder, EMA_STATE_NAME)
         if not os.path.isfile(path):
-            self.ema.clock.load_state_dict({
-                "ba": state.global_step, "ep": int(state.epoch or 0), "sp": 0,
-                "tok": int(state.num_input_tokens_seen or 0),
-            })
+            self.ema.resume_at(step=state.global_step, epoch=int(state.epoch or 0),
+                               tokens=int(state.num_input_tokens_seen or 0))
             warnings.warn(
                 f"emakit: training resumes at step {state.global_step} but {path} does not "
                 "exist: the EMA restarts from the loaded weights, its clock at that step "
@@ -255,7 +253,7 @@ class EMACallback(TrainerCallback):
 
     def _count_epochs(self, done: int) -> None:
         assert self.ema is not None
-        while self.ema.clock.counts["ep"] < done:
+        while self.ema.counts["ep"] < done:
             self.ema.epoch_end()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -349,7 +347,8 @@ class EMACallback(TrainerCallback):
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".ema-tmp-", dir=parent)
         try:
-            self.ema.model.save_pretrained(tmp, state_dict=self.ema.ema_state_dict(), **kwargs)
+            model: Any = self.ema.model  # a PreTrainedModel (checked by the caller)
+            model.save_pretrained(tmp, state_dict=self.ema.ema_state_dict(), **kwargs)
             old = None
             if os.path.exists(folder):
                 old = tempfile.mkdtemp(prefix=".ema-old-", dir=parent)

@@ -32,19 +32,15 @@ Conventions (the same as EDM2's ``training/phema.py``):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..schedules import MAX_SIGMA_REL, MIN_SIGMA_REL, check_sigma_rel
+
 __all__ = ["profile_dot", "solve_coefficients", "check_sigma_rel", "MAX_SIGMA_REL",
            "MIN_SIGMA_REL"]
-
-MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)
-#: Narrowest profile post-hoc EMA tracks or synthesizes (see :func:`check_sigma_rel`).
-MIN_SIGMA_REL = 1e-6
 
 
 def profile_dot(t_a: Tensor, gamma_a: Tensor, t_b: Tensor, gamma_b: Tensor) -> Tensor:
@@ -97,21 +93,3 @@ def solve_coefficients(
     sq = target - 2 * (coefs * rhs).sum(0) + (coefs * (gram @ coefs)).sum(0)
     error = sq.clamp_min(0).sqrt() / target.sqrt()
     return coefs, error
-
-
-# --------------------------------------------------------------------------------------
-# snapshot files
-
-
-def check_sigma_rel(value: Any, name: str = "sigma_rel") -> float:
-    """``value`` as a float in ``[MIN_SIGMA_REL, MAX_SIGMA_REL)``, or an error naming ``name``.
-
-    The floor keeps every profile computable in float64 (``gamma`` is about ``1 / sigma_rel``
-    and the inner products multiply two ``gamma``): 1e-6 is a width of 100 updates at 1e8."""
-    expected = f"a float in [{MIN_SIGMA_REL:g}, sqrt(1/12) = {MAX_SIGMA_REL:.4f})"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
-    value = float(value)
-    if not MIN_SIGMA_REL <= value < MAX_SIGMA_REL:
-        raise ValueError(f"{name}: expected {expected}, got {value!r}")
-    return value

@@ -1,46 +1,32 @@
-"""PostHocEMA: power-function EMA profiles tracked during training, with snapshots."""
+"""PostHocEMA: power-function EMA profiles tracked during training, with snapshots; a face of
+the :class:`~emakit.averager.Averager` with one :class:`~emakit.laws.PowerFunction` law per
+profile."""
 
 from __future__ import annotations
 
 import math
-import os
 import time
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..config import StoreConfig, takes_config
-from ..distributed import check_same_model, process_group
-from ..functional import unwrap_model
+from .._version import __version__
+from ..averager import Averager
+from ..cadence import Cadence
+from ..config import PostHocEMAConfig, PostHocEMAOptions, Unpack
 from ..io import dtype_from_name, dtype_name, dumps, model_fingerprint
-from ..placement import rank
-from ..schedules import power_smoothing, sigma_rel_to_gamma
-from ..store import Store
-from ..time import Clock, Time
-from .profiles import check_sigma_rel
+from ..laws import PowerFunction
+from ..schedules import sigma_rel_to_gamma
 from .snapshots import FORMAT, FORMAT_VERSION, scan, write_snapshot
 
 __all__ = ["PostHocEMA"]
 
-_STATE_VERSION = 1
-_INTERVAL_UNITS = ("ba", "ep")
 
-
-def _interval(value: str | Time | None, name: str) -> Time | None:
-    if value is None:
-        return None
-    t = Time.parse(value, name)
-    if t.unit not in _INTERVAL_UNITS or not isinstance(t.value, int) or t.value < 1:
-        raise ValueError(f"{name}: expected a whole number >= 1 of ba or ep, got {str(t)!r}")
-    return t
-
-
-class PostHocEMA:
+class PostHocEMA(Averager):
     r"""Power-function EMAs of a model's weights, one per ``sigma_rel``, with periodic
     snapshots from which :func:`synthesize` builds an EMA of any length after training.
 
@@ -63,23 +49,21 @@ class PostHocEMA:
 
     Args:
         model: the model being trained (DDP and ``torch.compile`` wrappers are seen through).
-        sigma_rels: relative widths of the tracked profiles, each in (0, sqrt(1/12)).
-            EDM2 tracks 0.05 and 0.10 and synthesizes 0.01 to 0.25 from them.
-        snapshot_every: ``"1000ba"``, ``"1ep"``, or None (snapshots only on request).
-            Synthesis resolution: with N snapshots over training, widths well below 0.05
-            need N in the tens.
-        snapshot_dir: folder for the snapshots, created when the first one is written.
-        snapshot_dtype: dtype of the stored profiles (None: the storage ``dtype``). fp16
-            halves the files; a stored profile then comes back to ~2e-4 (relative).
-        update_interval: time between updates, ``"1ba"`` by default; in ba or ep.
-        batches_per_epoch: unused by the math; kept for symmetry with :class:`~emakit.EMA`.
-        start: before it nothing is tracked (posthoc-ema's ``update_after_step``); the
-            first update on or after it copies the model, and that copy stands for the
-            weights of all of ``(0, t_start]``: time ``t`` still counts from the start of
-            training, so the profiles keep their shape.
-        config: a :class:`~emakit.StoreConfig`, or its fields as keyword arguments
-            (``buffers``, ``dtype``, ``device``, ``compensated``, ``shard``, ``exclude``,
-            ``include``; see there), as for :class:`~emakit.EMA`.
+        config: a :class:`~emakit.PostHocEMAConfig`, or its fields as keyword arguments:
+            ``sigma_rels`` (relative widths of the tracked profiles, each in (0, sqrt(1/12));
+            EDM2 tracks 0.05 and 0.10 and synthesizes 0.01 to 0.25 from them),
+            ``snapshot_every`` (``"1000ba"``, ``"1ep"``, or None: snapshots only on request;
+            with N snapshots over training, widths well below 0.05 need N in the tens),
+            ``snapshot_dir`` (created when the first snapshot is written),
+            ``snapshot_dtype`` (dtype of the stored profiles, None: the storage ``dtype``;
+            fp16 halves the files, a stored profile then comes back to ~2e-4 relative),
+            ``update_interval`` (``"1ba"`` by default; in ba or ep), ``start`` (before it
+            nothing is tracked, as posthoc-ema's ``update_after_step``; the first update on
+            or after it copies the model, and that copy stands for the weights of all of
+            ``(0, t_start]``: time ``t`` still counts from the start of training, so the
+            profiles keep their shape), and the timing and storage every average shares
+            (``dtype``, ``device``, ``compensated``, ``shard``, ``exclude``, ``include``,
+            ``skip_nonfinite``, ``grad_scaler``, ...; see :class:`~emakit.EMAConfig`).
 
     Under ``torch.distributed`` (DDP, FSDP2, ``shard=True``) every rank keeps its part of
     each profile as :class:`~emakit.EMA` does; a snapshot gathers the profiles (a
@@ -103,127 +87,86 @@ class PostHocEMA:
         >>> import shutil; shutil.rmtree(folder)
     """
 
-    @takes_config(StoreConfig)
+    STATE_KIND = "posthoc"
+
     def __init__(
         self,
         model: nn.Module,
-        sigma_rels: Sequence[float] = (0.05, 0.10),
-        snapshot_every: str | Time | None = "1000ba",
-        snapshot_dir: str | os.PathLike = "ema-snapshots",
-        snapshot_dtype: torch.dtype | None = torch.float16,
-        update_interval: str | Time = "1ba",
-        batches_per_epoch: int | None = None,
-        start: str | Time = "0ba",
-        config: StoreConfig | None = None,
-        **kwargs: Any,
+        config: PostHocEMAConfig | None = None,
+        **kwargs: Unpack[PostHocEMAOptions],
     ) -> None:
-        self.config = config = StoreConfig.resolve(config, kwargs, "PostHocEMA")
-        self.start = Time.parse(start, "start")
-        if self.start.unit == "dur":
-            raise ValueError(f"start: expected a time in ba, ep, sp or tok (PostHocEMA has no "
-                             f"total), got {str(self.start)!r}")
-        if isinstance(sigma_rels, (int, float)) or not isinstance(sigma_rels, Sequence):
-            raise TypeError(f"sigma_rels: expected a sequence of floats, got {sigma_rels!r}")
-        self.sigma_rels = tuple(check_sigma_rel(s, "sigma_rels") for s in sigma_rels)
-        if not self.sigma_rels or len(set(self.sigma_rels)) != len(self.sigma_rels):
-            raise ValueError(f"sigma_rels: expected distinct values, got {sigma_rels!r}")
-        self.gammas = tuple(sigma_rel_to_gamma(s) for s in self.sigma_rels)
-        self.update_interval = _interval(update_interval, "update_interval")
-        if self.update_interval is None:
-            raise ValueError("update_interval: expected a time such as '1ba', got None")
-        self.snapshot_every = _interval(snapshot_every, "snapshot_every")
-        if not isinstance(snapshot_dir, (str, os.PathLike)):
-            raise TypeError(f"snapshot_dir: expected a path, got {type(snapshot_dir).__name__}")
-        self.snapshot_dir = Path(snapshot_dir)
-        if snapshot_dtype is not None and (
-            not isinstance(snapshot_dtype, torch.dtype) or not snapshot_dtype.is_floating_point
-        ):
-            raise TypeError(f"snapshot_dtype: expected a floating torch.dtype or None, "
-                            f"got {snapshot_dtype!r}")
-        self.snapshot_dtype = snapshot_dtype
-        shard = config.shard
-        self._group = process_group(model, shard)
-        self.model = unwrap_model(model)
-        if self._group is not None:
-            check_same_model(self.model, self._group)
-        self.stores = [
-            Store(self.model, **config.store_arguments(), group=self._group)
-            for _ in self.gammas
-        ]
-        self.clock = Clock(batches_per_epoch)
-        self.t = 0  # time of the last update, in update_interval's unit
-        self.num_updates = 0
+        config = PostHocEMAConfig.resolve(config, dict(kwargs), "PostHocEMA")
+        config.require_total()
+        self.gammas = tuple(sigma_rel_to_gamma(s) for s in config.sigma_rels)
+        cadence = Cadence(
+            start=config.start, interval=config.interval, total=config.total,
+            batches_per_epoch=config.batches_per_epoch, switch_every=config.switch_every,
+            snapshot_every=config.snapshot_every, start_on_interval=True,
+        )
+        super().__init__(model, config, [PowerFunction(g) for g in self.gammas], cadence)
+        self.config: PostHocEMAConfig = config
         self.run_id = uuid.uuid4().hex
         self._segment = uuid.uuid4().hex
         self._resumed_at = -1
-        self.snapshots: list[Path] = []
+        self.snapshots: list[Any] = []
         self._dir_checked = False
         self._describe()
         self._check_folder_model()
 
+    sigma_rels = property(lambda self: self.config.sigma_rels)
+    snapshot_every = property(lambda self: self.config.snapshot_every)
+    snapshot_dir = property(lambda self: self.config.snapshot_dir)
+    snapshot_dtype = property(lambda self: self.config.snapshot_dtype)
+    start = property(lambda self: self.config.start)
+
+    @property
+    def t(self) -> int:
+        """Time of the last update, in counts of the interval's unit since training began."""
+        s = self._state
+        return s.origin + s.k - 1 if s.started else 0
+
     def _describe(self) -> None:
         """Fingerprint, layout and order of the model as the stores see it now (global
         shapes), for snapshot headers."""
-        infos = self.stores[0].describe()
+        infos = self._entries()
         self.fingerprint = model_fingerprint(
             (n, torch.Size(i.shape)) for i in infos for n in (i.name, *i.aliases)
         )
-        self._layout = [(i.name, i.kind, dtype_name(i.dtype), list(i.aliases)) for i in infos]
+        self._layout = [(i.name, i.kind.value, dtype_name(i.dtype), list(i.aliases))
+                        for i in infos]
         names = {n for i in infos for n in (i.name, *i.aliases)}
         self._order = [n for n in self.model.state_dict(keep_vars=True) if n in names]
 
     # the loop's side ---------------------------------------------------------------------
 
-    def step(self, samples: int | None = None, tokens: int | None = None) -> None:
-        """Call once per optimizer step: advances the clock, updates and snapshots when due."""
-        self.clock.advance_batch(samples, tokens)
-        self._on_event("ba")
-
-    def epoch_end(self) -> None:
-        """Call once at the end of each epoch."""
-        self.clock.advance_epoch()
-        self._on_event("ep")
-
-    def _on_event(self, unit: str) -> None:
-        if not self.clock.reached(self.start):
-            return  # before the start nothing is tracked, and no snapshot is due
-        count = self.clock.counts[unit]
-        if self.update_interval.unit == unit and count % self.update_interval.value == 0:
-            self.update()
-        every = self.snapshot_every
-        if (every is not None and every.unit == unit and count % every.value == 0
-                and self.num_updates > 0):
-            self.snapshot()
-
     def update(self) -> None:
         """Update every profile at the current clock time (a no-op if already done at it)."""
-        t = self.clock.counts[self.update_interval.unit]
-        if t == self.t:
+        count = self.counts[self.update_interval.unit]
+        if count == self.t:
             return
-        if t <= 0:
-            raise RuntimeError("PostHocEMA.update: the clock is at 0; call step() first")
-        dt = t - self.t
-        for store, gamma in zip(self.stores, self.gammas, strict=True):
-            if self.t == 0:
-                store.reset()  # beta = 0: the average starts as an exact copy
-            else:
-                store.update(1.0 - power_smoothing(t, dt, gamma))
-        self.t = t
-        self.num_updates += 1
+        super().update()
+
+    def _snapshot_due(self) -> None:
+        self.snapshot()
 
     # the averages ------------------------------------------------------------------------
 
     def _index(self, sigma_rel: float | None) -> int:
         if sigma_rel is None:
             return 0
+        if isinstance(sigma_rel, bool) or not isinstance(sigma_rel, (int, float)):
+            raise TypeError(f"sigma_rel: expected a float (one of {self.sigma_rels}) or None, "
+                            f"got {sigma_rel!r}")
         for i, s in enumerate(self.sigma_rels):
             if math.isclose(s, sigma_rel, rel_tol=1e-9):
                 return i
         raise ValueError(f"sigma_rel: {sigma_rel!r} is not tracked; tracked: {self.sigma_rels}")
 
-    def ema_state_dict(self, sigma_rel: float | None = None) -> dict[str, Tensor]:
+    def ema_state_dict(
+        self, sigma_rel: float | None = None, *, rank0_only: bool = False
+    ) -> dict[str, Tensor]:
         """A plain model state dict of one tracked profile (default: the first)."""
-        return self.stores[self._index(sigma_rel)].export(started=self.num_updates > 0)
+        return self._export(self._stores[self._index(sigma_rel)], rank0_only)
 
     # snapshots ---------------------------------------------------------------------------
 
@@ -251,17 +194,16 @@ class PostHocEMA:
         self._dir_checked = True
 
     def _metadata(self) -> dict[str, str]:
-        from .. import __version__
-
         dtype = self.snapshot_dtype or self.config.dtype
+        counts = self.counts
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "emakit_version": __version__,
-            "step": str(self.clock.counts["ba"]),
-            "samples": str(self.clock.counts["sp"]),
-            "tokens": str(self.clock.counts["tok"]),
-            "epoch": str(self.clock.counts["ep"]),
+            "step": str(counts["ba"]),
+            "samples": str(counts["sp"]),
+            "tokens": str(counts["tok"]),
+            "epoch": str(counts["ep"]),
             "t": repr(float(self.t)),
             "time_unit": self.update_interval.unit,
             "num_updates": str(self.num_updates),
@@ -282,41 +224,41 @@ class PostHocEMA:
         self._describe()  # the model may have changed since the last snapshot
         dtypes = {name: dtype for name, _, dtype, _ in self._layout}
         items = []
-        for k, store in enumerate(self.stores):
-            named = store.named_tensors(("average",), rank0_only=True)
+        for k in range(len(self.sigma_rels)):
+            named = self._gathered(k, averaged=True)
             if named is None:
                 continue
             for name, _, t in named:
                 items.append((f"p{k}/{name}", t, self.snapshot_dtype or t.dtype))
-        rest = self.stores[0].named_tensors(("copy", "live"), rank0_only=True)
+        rest = self._gathered(0, averaged=False)
         if rest is None:
             return None
         for name, kind, t in rest:
             items.append((f"{kind}/{name}", t, dtype_from_name(dtypes[name])))
         return items
 
-    def snapshot(self) -> Path | None:
+    def snapshot(self) -> Any:
         """Write a snapshot of every profile now; returns its path. Never replaces a file.
 
         Under ``torch.distributed`` every rank calls it (the profiles are gathered where
         they are spread) and only rank 0 writes; other ranks return None."""
         if self.num_updates == 0:
             raise RuntimeError("PostHocEMA.snapshot: no update yet, nothing to store")
-        if self.clock.counts["ba"] == 0:
+        if self.counts["ba"] == 0:
             raise RuntimeError("PostHocEMA.snapshot: snapshots are keyed by step; call step() "
                                "after every optimizer step (also with update_interval in ep)")
         items = self._items()  # a collective where the profiles are spread over ranks
-        if items is None or rank() != 0:
+        if items is None or self._rank() != 0:
             return None
         self._check_folder_run()
-        path = write_snapshot(self.snapshot_dir, self.clock.counts["ba"], items,
+        path = write_snapshot(self.snapshot_dir, self.counts["ba"], items,
                               self._metadata(), self.run_id)
         self.snapshots.append(path)
         return path
 
     # checkpoints -------------------------------------------------------------------------
 
-    def _config(self) -> dict[str, Any]:
+    def _config_record(self) -> dict[str, Any]:
         return {
             "sigma_rels": list(self.sigma_rels),
             "update_interval": str(self.update_interval),
@@ -325,77 +267,51 @@ class PostHocEMA:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly; loads with ``torch.load(weights_only=True)``."""
-        return {
-            "version": _STATE_VERSION,
-            "config": self._config(),
-            "clock": self.clock.state_dict(),
-            "t": self.t,
-            "num_updates": self.num_updates,
-            "run_id": self.run_id,
-            "fingerprint": self.fingerprint,
-            "averages": [
-                {n: t.detach().clone() for n, t in s.tensors().items()} for s in self.stores
-            ],
-            **({"compensations": [
-                {n: t.detach().clone() for n, t in s.compensation_tensors().items()}
-                for s in self.stores
-            ]} if self.config.compensated else {}),
-        }
+        """Everything needed to resume exactly; loads with ``torch.load(weights_only=True)``.
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved (same sigma_rels and update_interval)."""
-        if not isinstance(state, Mapping):
-            raise TypeError(f"state: expected a mapping from PostHocEMA.state_dict(), "
-                            f"got {type(state).__name__}")
-        keys = ("version", "config", "clock", "t", "num_updates", "run_id", "averages")
-        missing = [k for k in keys if k not in state]
+        Format (version 2): the keys of :meth:`emakit.EMA.state_dict` but for the tensors,
+        plus ``t`` (the time of the last update), ``run_id``, ``fingerprint``, ``averages``
+        (one name -> tensor mapping per profile) and, with ``compensated=True``,
+        ``compensations``. Version 1 states load too."""
+        return {**super().state_dict(), "t": self.t, "run_id": self.run_id,
+                "fingerprint": self.fingerprint}
+
+    def _check_extra(self, state: Mapping[str, Any]) -> None:
+        missing = [k for k in ("config", "run_id") if k not in state]
         if missing:
             raise ValueError(f"state: not a PostHocEMA.state_dict(); missing keys {missing}")
-        if state["version"] != _STATE_VERSION:
-            raise ValueError(f"state: version {state['version']!r} is not {_STATE_VERSION}")
-        cfg = state["config"]
-        mine = self._config()
+        cfg, mine = state["config"], self._config_record()
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"state['config']: expected a mapping, got {cfg!r}")
         for key in ("sigma_rels", "update_interval", "start"):
             if cfg.get(key, "0ba" if key == "start" else None) != mine[key]:
                 raise ValueError(f"state: saved with {key}={cfg.get(key)!r}, this PostHocEMA "
                                  f"has {key}={mine[key]!r}")
-        if len(state["averages"]) != len(self.stores):
-            raise ValueError("state: number of profiles differs")
-        pairs = list(enumerate(zip(self.stores, state["averages"], strict=True)))
-        comps = state.get("compensations") if self.config.compensated else None
-        if comps is not None and (not isinstance(comps, Sequence) or len(comps) != len(pairs)):
-            raise ValueError("state['compensations']: expected one mapping per profile")
-        for k, (store, tensors) in pairs:  # all of them first: a refused state changes nothing
-            store.check_load(tensors, what=f"PostHocEMA state_dict['averages'][{k}]")
-            if comps is not None:
-                store.check_load(comps[k], what=f"PostHocEMA state_dict['compensations'][{k}]")
-        Clock(self.clock.batches_per_epoch).load_state_dict(state["clock"])
-        for k, (store, tensors) in pairs:
-            store.load(tensors, what=f"PostHocEMA state_dict['averages'][{k}]",
-                       compensation=None if comps is None else comps[k])
-        self.clock.load_state_dict(state["clock"])
-        self.t = int(state["t"])
-        self.num_updates = int(state["num_updates"])
-        self.run_id = str(state["run_id"])
+        if not isinstance(state["run_id"], str):
+            raise ValueError(f"state['run_id']: expected a string, got {state['run_id']!r}")
+
+    def _compare_config(self, saved: Any) -> None:
+        """Checked (and refused) in :meth:`_check_extra`: the profiles must match."""
+
+    def _load_extra(self, state: Mapping[str, Any]) -> None:
+        self.run_id = state["run_id"]
         self._segment = uuid.uuid4().hex
-        self._resumed_at = self.clock.counts["ba"]
+        step = self.counts["ba"]
+        self._resumed_at = step
         self._dir_checked = False
         if self.snapshot_dir.is_dir():
             later = [s.path.name for s in scan(self.snapshot_dir)
-                     if s.run_id == self.run_id and s.step > self.clock.counts["ba"]]
+                     if s.run_id == self.run_id and s.step > step]
             if later:
                 warnings.warn(
                     f"emakit: {str(self.snapshot_dir)!r} holds {len(later)} snapshots past the "
-                    f"resumed step {self.clock.counts['ba']} ({later[0]}, ...); they are kept, "
+                    f"resumed step {step} ({later[0]}, ...); they are kept, "
                     "and left out of synthesis once this run writes its first snapshot",
                     UserWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
 
     def __repr__(self) -> str:
         sig = ", ".join(f"{s:g}" for s in self.sigma_rels)
         return (f"PostHocEMA(sigma_rels=({sig}), snapshot_every={self.snapshot_every}, "
                 f"snapshot_dir={str(self.snapshot_dir)!r}, num_updates={self.num_updates})")
-
-

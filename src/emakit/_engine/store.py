@@ -1,12 +1,11 @@
-"""Store: the averaged tensors of one EMA: allocate, update, swap, export, load.
+"""Store: the averaged tensors of one average: allocate, update, re-plan, reset, load, swap.
 
-A store is built from the model and the storage arguments; it classifies the model's tensors
-(:mod:`emakit.layout`), places this rank's part of each (:mod:`emakit.placement`), plans the
-update (:mod:`emakit.plan`) and runs it (:mod:`emakit.executors`). Everything the outside
-sees goes through names: ``tensors()`` and ``load()`` by canonical state-dict name,
-``export()`` as a plain model state dict.
+A store is built from the model and a :class:`~emakit.StoreConfig`; it classifies the
+model's tensors (:mod:`.layout`), places this rank's part of each (:mod:`.placements`),
+plans the update (:mod:`.plan`) and runs it (:mod:`.executors`). Reading the average back
+in the model's form (by name, as a state dict, for a forward pass) is :mod:`.views`.
 
-**Never a stale average.** Every entry point first checks (:class:`~emakit.plan.Watch`:
+**Never a stale average.** Every entry point first checks (:class:`~.plan.Watch`:
 one integer comparison and one C-level pass over the stored tensors' addresses) that the
 model still holds the tensors the plan was made for. When it does not (a parameter or buffer
 replaced, ``load_state_dict(assign=True)``, ``.data`` moved, ``model.half()`` or
@@ -30,32 +29,20 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .executors import EXECUTORS, Eager, select
-from .functional import all_finite, check_same_names, copy_, unwrap_model, values_swapped
-from .layout import Entry, Selector, check_storage, classify
-from .placement import Placement, Slot, choose, rank
-from .plan import Plan, Watch, build
+from ..config import StoreConfig
+from .executors import Eager, Executor, select
+from .layout import Entry, Kind, classify
+from .placements import Placement, Slot, choose
+from .plan import Bound, Plan, Watch, build
+from .tensors import all_finite, check_same_names, copy_, unwrap_model, values_swapped
 
-__all__ = ["Store", "EntryInfo"]
-
-
-@dataclass(frozen=True)
-class EntryInfo:
-    """One tensor of the model as the store sees it: for snapshots and fingerprints."""
-
-    name: str
-    kind: str  # average | copy | live
-    shape: tuple[int, ...]  # global shape
-    dtype: torch.dtype  # the model's dtype
-    aliases: tuple[str, ...]  # tied names
+__all__ = ["Store"]
 
 
 def _signature(entries: list[Entry]) -> list[tuple]:
@@ -67,53 +54,34 @@ class Store:
 
     Args:
         model: the training model (DDP and ``torch.compile`` wrappers are seen through).
-        dtype: storage dtype (``None``: each tensor's own).
-        device: where the average lives (``None``: beside each tensor).
-        buffers: ``"average"`` or ``"copy"`` for floating buffers.
-        side_stream: deprecated, ignored with a ``FutureWarning``: a side stream saved
-            nothing measurable in a GPU training step and raced with weights written in
-            place outside ``torch.optim``; updates run on the current stream.
-        shard: keep 1/world of the average of a replicated model on each rank.
+        config: the storage (:class:`~emakit.StoreConfig`: dtype, device, buffers,
+            compensated, shard, exclude, include, executor); ``side_stream`` is deprecated
+            and ignored with a ``FutureWarning``.
         group: the process group of ``shard`` and FSDP2 collectives.
-        exclude, include: see :mod:`emakit.layout`.
-        compensated: keep a compensation term beside the average (same layout and dtype),
-            so that ``average + compensation`` tracks a float64 EMA
-            (:func:`emakit.kernels.lerp_`); doubles the state.
-        placement: a :class:`~emakit.placement.Placement` to use instead of the default.
-        executor: how updates run (:func:`emakit.executors.select`): ``"auto"`` (CUDA: fused
-            kernels replayed from a CUDA graph; CPU: fused when compensated, else eager),
-            ``"eager"``, ``"fused"`` or ``"graph"``.
+        placement: a :class:`~.placements.Placement` to use instead of the default.
 
     Example:
         >>> import torch
+        >>> from emakit.config import StoreConfig
+        >>> from emakit._engine import views
         >>> model = torch.nn.Linear(2, 1)
-        >>> store = Store(model)
-        >>> before = store.tensors()["weight"].clone()
+        >>> store = Store(model, StoreConfig(compensated=False))
+        >>> before = views.tensors(store)["weight"].clone()
         >>> with torch.no_grad():
         ...     _ = model.weight.fill_(1.0)
         >>> store.update(0.25)  # avg <- avg + 0.25 * (1 - avg)
-        >>> torch.allclose(store.tensors()["weight"], before + 0.25 * (1.0 - before))
+        >>> torch.allclose(views.tensors(store)["weight"], before + 0.25 * (1.0 - before))
         True
     """
 
     def __init__(
         self,
         model: nn.Module,
-        dtype: torch.dtype | None = torch.float32,
-        device: torch.device | str | None = None,
-        buffers: str = "average",
-        side_stream: bool = False,
-        shard: bool = False,
+        config: StoreConfig,
         group: Any = None,
-        exclude: Selector = None,
-        include: Selector = None,
-        compensated: bool = False,
         placement: Placement | None = None,
-        executor: str = "auto",
     ) -> None:
-        if executor not in EXECUTORS:
-            raise ValueError(f"executor: expected one of {EXECUTORS}, got {executor!r}")
-        if side_stream:
+        if config.side_stream:
             warnings.warn(
                 "side_stream=True is deprecated and ignored: updates run on the current "
                 "stream (a side stream saved nothing measurable and raced with in-place "
@@ -122,16 +90,16 @@ class Store:
                 stacklevel=3,  # the caller of EMA(...)
             )
         self.model = unwrap_model(model)
-        self.dtype, self.device, self.buffers = check_storage(dtype, device, buffers)
-        self.side_stream = False
-        self.executor_kind = executor
-        self.exclude, self.include = exclude, include
-        self.compensated = bool(compensated)
+        self.config = config
+        self.dtype, self.device = config.dtype, config.device
+        self.compensated = config.compensated
         # chosen again at each re-plan unless given: deepspeed.initialize partitions the
         # parameters of a model that an EMA was built on before it (ZeRO-3)
-        self._auto_placement = None if placement is not None else (shard, group)
-        self.placement = placement if placement is not None else choose(self.model, shard, group)
-        self.executor: Eager = Eager()
+        self._auto_placement = None if placement is not None else (config.shard, group)
+        self.placement = (
+            placement if placement is not None else choose(self.model, config.shard, group)
+        )
+        self.executor: Executor = Eager()
         self.flat: dict = {}
         self.comps: dict | None = None
         self._build(self._classify(), carry=None)
@@ -139,13 +107,14 @@ class Store:
     # construction ------------------------------------------------------------------------
 
     def _classify(self) -> list[Entry]:
-        return classify(self.model, self.buffers, self.exclude, self.include)
+        c = self.config
+        return classify(self.model, c.buffers, c.exclude, c.include)
 
     def _slots(self, entries: list[Entry]) -> list[Slot]:
         p = self.placement
         slots = []
         for e in entries:
-            if e.kind == "live":
+            if e.kind is Kind.LIVE:
                 continue
             t = e.tensor()
             local = p.local(t)
@@ -172,7 +141,7 @@ class Store:
         if carry:
             self._check_shapes(slots, carry)
         self.executor.synchronize()  # pending work may still use the buffers being dropped
-        self.executor = select(self.executor_kind, {s.key[0] for s in slots}, self.compensated)
+        self.executor = select(self.config.executor, {s.key[0] for s in slots}, self.compensated)
         p = self.placement
         flats = p.allocate(slots)
         comps = {k: torch.zeros_like(f) for k, f in flats.items()} if self.compensated else None
@@ -185,24 +154,28 @@ class Store:
         self.entries, self.slots, self.flat, self.comps = entries, slots, flats, comps
         self._signature = _signature(entries)
         self.plan: Plan = build(slots, watch, comps, stage=self.executor.stage)
-        dst, src, cdst, csrc = [], [], [], []
-        for s in slots:
-            if s.avg is None:
-                continue
-            old = next((carry[n] for n in s.entry.names if n in carry), None) if carry else None
-            if old is None:
-                dst.append(s.avg)
-                src.append(s.src)
-                continue
-            dst.append(s.avg)
-            src.append(p.scatter(s, old[0]))
-            if s.comp is not None and old[1] is not None:
+        self._fill(slots, carry or {})
+
+    def _fill(self, slots: list[Slot], carry: dict[str, tuple]) -> None:
+        """Each average from ``carry`` (its old average and compensation, by name) or, for a
+        tensor new to the store, from the model's current value."""
+        p = self.placement
+        dst: list[Tensor] = []
+        src: list[Tensor] = []
+        cdst: list[Tensor] = []
+        csrc: list[Tensor] = []
+        for b in Bound.of(slots):
+            s = b.slot
+            old = next((carry[n] for n in s.entry.names if n in carry), None)
+            dst.append(b.avg)
+            src.append(b.src if old is None else p.scatter(s, old[0]))
+            if old is not None and s.comp is not None and old[1] is not None:
                 cdst.append(s.comp)
                 csrc.append(p.scatter(s, old[1]))
         copy_(dst, src)
         copy_(cdst, csrc)
 
-    def _ensure(self) -> None:
+    def ensure(self) -> None:
         """Re-plan when the model no longer holds the tensors the plan was made for."""
         if self.plan.watch.valid():
             return
@@ -235,7 +208,7 @@ class Store:
         """``avg <- avg + weight * (src - avg)`` on this rank's parts; ``copy`` entries take
         the source. ``weight`` = 1 - smoothing, a float or a 0-d tensor (read on the device,
         no host sync). May return before offloaded work is done."""
-        self._ensure()
+        self.ensure()
         self.executor.run(self.plan, weight)
 
     def synchronize(self) -> None:
@@ -255,8 +228,8 @@ class Store:
                 self.placement = choose(self.model, *self._auto_placement)
             self._build(entries, carry=None)
             return
-        live = [s for s in self.slots if s.avg is not None]
-        copy_([s.avg for s in live], [s.src for s in live])
+        live = Bound.of(self.slots)
+        copy_([b.avg for b in live], [b.src for b in live])
         if self.comps is not None:
             for c in self.comps.values():
                 c.zero_()
@@ -265,8 +238,8 @@ class Store:
         """Whether the model's stored tensors (averaged and copied) are finite on this rank's
         parts (one host-device sync; combine ranks with :func:`emakit.distributed.all_ranks`).
         """
-        self._ensure()
-        return all_finite([s.src for s in self.slots if s.avg is not None])
+        self.ensure()
+        return all_finite([b.src for b in Bound.of(self.slots)])
 
     def workspace_nbytes(self) -> int:
         """Bytes of staging buffers (dtype/device conversion, pinned host copies)."""
@@ -277,38 +250,12 @@ class Store:
         flats = list(self.flat.values()) + list((self.comps or {}).values())
         return sum(f.numel() * f.element_size() for f in flats)
 
-    # names -------------------------------------------------------------------------------
-
-    def describe(self) -> list[EntryInfo]:
-        """Every tensor of the model (tied ones once), in state-dict order."""
-        self._ensure()
-        out = []
-        for e in self.entries:
-            t = e.tensor()
-            out.append(EntryInfo(e.name, e.kind, tuple(self.placement.shape(t)), t.dtype,
-                                 tuple(e.names[1:])))
-        return out
-
-    def tensors(self) -> dict[str, Tensor]:
-        """Stored tensors by canonical name, storage dtype, in the model's own form: views
-        (one process), DTensors over the local shards (FSDP2), full tensors (``shard=True``,
-        gathered: a collective)."""
-        self._ensure()
-        values = self.placement.values(self.slots)
-        return {s.entry.name: v for s, v in zip(self.slots, values, strict=True)}
-
-    def compensation_tensors(self) -> dict[str, Tensor]:
-        """The compensation terms by canonical name, like :meth:`tensors` ({} without)."""
-        self._ensure()
-        if self.comps is None:
-            return {}
-        values = self.placement.values(self.slots, attr="comp")
-        return {s.entry.name: v for s, v in zip(self.slots, values, strict=True)}
+    # loading ----------------------------------------------------------------------------
 
     def check_load(self, tensors: Mapping[str, Tensor], what: str = "state_dict") -> None:
         """Raise a ValueError (names, global shapes) or TypeError (not a floating tensor)
         unless :meth:`load` would accept ``tensors``; changes nothing."""
-        self._ensure()
+        self.ensure()
         if not isinstance(tensors, Mapping):
             raise TypeError(f"{what}: expected a mapping of name -> tensor, got "
                             f"{type(tensors).__name__}")
@@ -339,106 +286,26 @@ class Store:
             self.check_load(compensation, f"{what} (compensation)")
         self.executor.synchronize()
         p = self.placement
-        live = [s for s in self.slots if s.avg is not None]
-        copy_([s.avg for s in live], [p.scatter(s, tensors[s.entry.name]) for s in live])
+        live = Bound.of(self.slots)
+        copy_([b.avg for b in live], [p.scatter(b.slot, tensors[b.entry.name]) for b in live])
         if self.comps is not None:
             if compensation is None:
                 for c in self.comps.values():
                     c.zero_()
             else:
-                copy_([s.comp for s in live],
-                      [p.scatter(s, compensation[s.entry.name]) for s in live])
+                pairs = [(c, b) for b in live if (c := b.slot.comp) is not None]
+                copy_([c for c, _ in pairs],
+                      [p.scatter(b.slot, compensation[b.entry.name]) for _, b in pairs])
 
-    # the average in the model's form -----------------------------------------------------
-
-    @torch.no_grad()
-    def export(self, started: bool = True, rank0_only: bool = False) -> OrderedDict[str, Tensor]:
-        """A plain state dict of the averaged model: keys and dtypes as ``model.state_dict()``.
-
-        Stored tensors are cast back to the model's dtype; live ones are read from the model.
-        Before ``started`` the model's own values are given. Gathered where the placement
-        spreads the average (a collective). ``rank0_only``: only rank 0 keeps the tensors,
-        on the CPU; other ranks get an empty dict."""
-        self._ensure()
-        keep = not rank0_only or rank(self.placement.group) == 0
-        by_name: dict[str, tuple[Slot, Tensor | None]] = {}
-        if started:
-            full = self.placement.gather(self.slots, rank0_only=rank0_only)
-            for s, f in zip(self.slots, full, strict=True):
-                for n in s.entry.names:
-                    by_name[n] = (s, f)
-        out: OrderedDict[str, Tensor] = OrderedDict()
-        done: dict[int, Tensor] = {}
-        for name, tensor in self.model.state_dict(keep_vars=True).items():
-            hit = by_name.get(name)
-            key = id(hit[0]) if hit is not None else id(tensor)
-            if key not in done:
-                if hit is not None:
-                    value = hit[1]
-                    if value is None:  # rank0_only, another rank
-                        continue
-                    value = value.to(dtype=hit[0].dtype, copy=True)
-                else:
-                    value = self.placement.full(tensor).clone()
-                done[key] = value.cpu() if rank0_only else value
-            if keep:
-                out[name] = done[key]
-        return out if keep else OrderedDict()
-
-    def named_tensors(
-        self, kinds: tuple[str, ...] = ("average", "copy", "live"), rank0_only: bool = False
-    ) -> list[tuple[str, str, Tensor]] | None:
-        """(canonical name, kind, full tensor) for every entry of ``kinds``, in state-dict
-        order: stored ones gathered in the storage dtype, live ones from the model. A
-        collective where the placement spreads the average; with ``rank0_only`` other ranks
-        get None."""
-        self._ensure()
-        keep = not rank0_only or rank(self.placement.group) == 0
-        slots = [s for s in self.slots if s.entry.kind in kinds]
-        full = dict(zip([id(s.entry) for s in slots],
-                        self.placement.gather(slots, rank0_only=rank0_only), strict=True))
-        out = []
-        for e in self.entries:
-            if e.kind not in kinds:
-                continue
-            if e.kind == "live":
-                value = self.placement.full(e.tensor())
-            else:
-                value = full[id(e)]
-            out.append((e.name, e.kind, value))
-        return out if keep else None
-
-    def mapping(self, started: bool = True) -> dict[str, Tensor]:
-        """Name -> tensor for ``torch.func.functional_call``: the averages in the model's
-        dtype and device and own form (a transient cast only where they differ), live
-        tensors from the model. Gathered under ``shard=True`` (a collective)."""
-        self._ensure()
-        result: dict[str, Tensor] = {}
-        values = self.placement.values(self.slots, convert=True) if started else []
-        stored = {id(s.entry): v for s, v in zip(self.slots, values, strict=False)}
-        for e in self.entries:
-            t = stored.get(id(e))
-            if t is None:
-                t = e.tensor().detach()
-            for name in e.names:
-                result[name] = t
-        return result
+    # swapping -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
         """Averaged values in the model's tensors inside the block; the training values are
         restored bitwise after it, also when it raises. Tensor identity is kept."""
-        self._ensure()
+        self.ensure()
         self.executor.synchronize()
         targets, values = self.placement.swap_pairs(self.slots)
         with self.placement.swap_scope(self.slots), values_swapped(targets, values):
             del values
             yield
-
-    @torch.no_grad()
-    def copy_to_model(self) -> None:
-        """Write the average into the model's tensors for good (no restore)."""
-        self._ensure()
-        self.executor.synchronize()
-        targets, values = self.placement.swap_pairs(self.slots)
-        copy_(targets, values)

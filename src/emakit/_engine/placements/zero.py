@@ -8,10 +8,8 @@ whatever memory it was given. :class:`ZeroPartition` keeps the average the same 
 
 - **update** from this rank's partition, padding cut off, with no communication: memory per
   rank is about ``N / W`` elements of the average;
-- **source**: ``"param"`` (default) averages the partition the forward pass uses (bf16 or
-  fp16 under mixed precision); ``"master"`` averages DeepSpeed's fp32 master partition
-  (``deepspeed.utils.safe_get_local_fp32_param``), which keeps the updates a 16-bit weight
-  rounds away (``benchmarks/zero3_master.py`` measures the difference);
+- **source**: the partition the forward pass uses (bf16 or fp16 under mixed precision),
+  averaged into the storage dtype (fp32 by default);
 - **export** all-gathers the partitions (padding never gathered into a value) into tensors
   of the parameter's shape (``param.ds_shape``); frozen parameters, not averaged, are
   gathered from the model with ``deepspeed.zero.GatheredParameters``;
@@ -27,7 +25,8 @@ step), so they are averaged the same way. Tensors that are not ZeRO-3 parameters
 are kept whole on every rank.
 
 >>> from torch import nn
->>> any(is_partitioned(p) for p in nn.Linear(2, 2).parameters())
+>>> from emakit._engine.collectives import is_zero3
+>>> any(is_zero3(p) for p in nn.Linear(2, 2).parameters())
 False
 """
 
@@ -42,26 +41,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
-from .placement import Placement, Slot
+from ..collectives import is_zero3
+from .base import Placement, Slot, whole
 
-__all__ = ["ZeroPartition", "is_partitioned", "uses_zero3", "SOURCES"]
+__all__ = ["ZeroPartition"]
 
-SOURCES = ("param", "master")
 # The staleness check compares data_ptr: that of ds_tensor is that of the partition's view,
 # and a C-level getter keeps the check one C-level map over the slots.
 _DS_TENSOR = operator.attrgetter("ds_tensor")
-
-
-def is_partitioned(t: Tensor) -> bool:
-    """Whether ``t`` is a ZeRO-3 parameter (it carries its partition in ``ds_tensor``)."""
-    return getattr(t, "ds_tensor", None) is not None and hasattr(t, "ds_shape")
-
-
-def uses_zero3(model: nn.Module) -> bool:
-    """Whether any parameter of ``model`` is partitioned by ZeRO-3."""
-    return any(is_partitioned(p) for p in model.parameters())
 
 
 @dataclass(frozen=True)
@@ -76,10 +65,11 @@ class _Part:
 
 
 def _part(t: Tensor) -> _Part:
-    group = t.ds_process_group
+    ds: Any = t  # DeepSpeed's attributes on a ZeRO-3 parameter
+    group = ds.ds_process_group
     world = dist.get_world_size(group)
-    size = t.ds_tensor.numel()
-    n = math.prod(t.ds_shape)
+    size = ds.ds_tensor.numel()
+    n = math.prod(ds.ds_shape)
     if size != math.ceil(n / world):
         raise ValueError(
             f"model: a ZeRO-3 partition of {size} elements for a parameter of {n} elements "
@@ -92,38 +82,37 @@ def _part(t: Tensor) -> _Part:
 
 def _gathered(t: Tensor) -> bool:
     """Whether ZeRO-3 holds the full parameter in ``t.data`` now."""
-    return t.data.numel() == math.prod(t.ds_shape) and t.data.numel() > 0
+    ds: Any = t
+    return t.data.numel() == math.prod(ds.ds_shape) and t.data.numel() > 0
 
 
 class ZeroPartition(Placement):
     """The placement of a model whose parameters DeepSpeed ZeRO-3 partitions; see the module
-    docstring. ``source``: ``"param"`` or ``"master"`` (the fp32 master partition of each
-    trainable parameter; needs the model's ``deepspeed.initialize`` with an optimizer)."""
+    docstring."""
 
-    collective = True
     model_forward = True
 
-    def __init__(self, group: Any = None, source: str = "param") -> None:
-        if source not in SOURCES:
-            raise ValueError(f"source: expected one of {SOURCES}, got {source!r}")
+    def __init__(self, group: Any = None) -> None:
         self.group = group
-        self.source = source
 
     def local(self, t: Tensor) -> Tensor:
-        if not is_partitioned(t):
+        if not is_zero3(t):
             return t
-        return t.ds_tensor.narrow(0, 0, _part(t).numel)
+        ds: Any = t
+        local: Tensor = ds.ds_tensor.narrow(0, 0, _part(t).numel)
+        return local
 
     def watch_local(self, slot: Slot) -> Callable[[Tensor], Tensor] | None:
         return _DS_TENSOR if slot.meta is not None else None
 
     def shape(self, t: Tensor) -> torch.Size:
-        return torch.Size(t.ds_shape) if is_partitioned(t) else t.shape
+        ds: Any = t
+        return torch.Size(ds.ds_shape) if is_zero3(t) else t.shape
 
     def allocate(self, slots: Sequence[Slot]) -> dict:
         for s in slots:
             t = s.entry.tensor()
-            s.meta = _part(t) if is_partitioned(t) else None
+            s.meta = _part(t) if is_zero3(t) else None
             if s.meta is not None:
                 s.start = s.meta.start
         flats = super().allocate(slots)
@@ -137,28 +126,7 @@ class ZeroPartition(Placement):
         if slot.meta is None:
             slot.src = t
             return
-        if slot.avg is None:
-            slot.src = None
-            return
-        if self.source == "master" and t.requires_grad:
-            slot.src = self._master(slot, t)
-        else:
-            slot.src = self.local(t)
-
-    def _master(self, slot: Slot, t: Tensor) -> Tensor:
-        from deepspeed.utils import safe_get_local_fp32_param
-
-        try:
-            master = safe_get_local_fp32_param(t)
-        except AttributeError:  # no ZeRO-3 optimizer yet: the EMA came first
-            master = None
-        if master is None:
-            raise ValueError(
-                f"source: 'master' averages the fp32 master partition of {slot.entry.name}, "
-                "which exists once deepspeed.initialize has built its ZeRO-3 optimizer; build "
-                "the EMA after deepspeed.initialize, or use source='param'"
-            )
-        return master.narrow(0, 0, slot.meta.numel)
+        slot.src = None if slot.avg is None else self.local(t)
 
     # gathering ---------------------------------------------------------------------------
 
@@ -192,10 +160,10 @@ class ZeroPartition(Placement):
     def values(
         self, slots: Sequence[Slot], attr: str = "avg", convert: bool = False
     ) -> list[Tensor]:
-        full = self.gather(slots, attr=attr)
+        full = whole(self.gather(slots, attr=attr))
         if convert:
             full = [f.to(dtype=s.dtype) for s, f in zip(slots, full, strict=True)]
-        return full  # type: ignore[return-value]
+        return full
 
     def scatter(self, slot: Slot, value: Tensor) -> Tensor:
         value = super().scatter(slot, value)
@@ -207,7 +175,7 @@ class ZeroPartition(Placement):
     @torch.no_grad()
     def full(self, t: Tensor) -> Tensor:
         """A model tensor that is not averaged (a frozen parameter), gathered: a collective."""
-        if not is_partitioned(t):
+        if not is_zero3(t):
             return super().full(t)
         import deepspeed
 
@@ -220,17 +188,15 @@ class ZeroPartition(Placement):
         """Targets: each partition (``ds_tensor``, padding cut off), plus the full ``.data``
         of parameters ZeRO-3 holds gathered now; values: the averaged partitions and the
         gathered averages (a collective)."""
-        targets, values = [], []
+        targets: list[Tensor] = []
+        values: list[Tensor] = []
         zero = [s for s in slots if s.meta is not None]
         gathered = [s for s in zero if _gathered(s.entry.tensor())]
-        fulls = self.gather(gathered)
+        fulls = whole(self.gather(gathered))
         for s in slots:
             t = s.entry.tensor()
-            if s.meta is None:
-                targets.append(t)
-                values.append(s.avg)
-            elif s.avg is not None:
-                targets.append(self.local(t))
+            if s.avg is not None:
+                targets.append(t if s.meta is None else self.local(t))
                 values.append(s.avg)
         for s, f in zip(gathered, fulls, strict=True):
             targets.append(s.entry.tensor().data)
@@ -248,4 +214,5 @@ class ZeroPartition(Placement):
         finally:
             fresh = [t for t, was in zip(params, before, strict=True) if not was and _gathered(t)]
             if fresh:
-                fresh[0].partition(param_list=fresh, has_been_updated=False)
+                first: Any = fresh[0]
+                first.partition(param_list=fresh, has_been_updated=False)

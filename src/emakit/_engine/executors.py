@@ -36,7 +36,7 @@ CPU :class:`Fused` for a compensated average (six eager passes against one), els
 :class:`Eager` (the plain eager update is already one pass).
 
 >>> import torch
->>> from emakit.plan import Foreach, Plan, Copy, Watch
+>>> from emakit._engine.plan import Foreach, Plan, Copy, Watch
 >>> avg, src = torch.zeros(3), torch.ones(3)
 >>> plan = Plan([Foreach([avg], [src])], [], Copy(), [], Watch([], []))
 >>> Eager().run(plan, 0.25); avg
@@ -45,22 +45,22 @@ tensor([0.2500, 0.2500, 0.2500])
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
+from ..config import EXECUTORS
 from . import kernels
 from .plan import Kernel, Offload, Op, Plan, Weight
 
-__all__ = ["Eager", "Fused", "Graphed", "select", "shared_fused", "EXECUTORS"]
+__all__ = ["Executor", "Eager", "Fused", "Graphed", "select", "shared_fused", "REGISTRY"]
 
 _log = logging.getLogger(__name__)
-
-EXECUTORS = ("auto", "eager", "fused", "graph")
 
 _fused: kernels.FusedLerp | None = None
 
@@ -91,8 +91,10 @@ def _finish(offloads: list[Offload], events: list, weight: Weight) -> None:
                 op.run(weight)
 
 
-class Eager:
-    """Runs plans with the eager ``lerp_``; owns the offload worker."""
+class Executor:
+    """Runs plans with ``self.kernel`` (the eager ``lerp_`` unless a subclass says
+    otherwise); owns the offload worker. :class:`Eager`, :class:`Fused` and :class:`Graphed`
+    are its siblings."""
 
     #: whether plans for this executor convert sources through staging buffers
     stage = True
@@ -169,12 +171,21 @@ class Eager:
             pass
 
 
+def _replay(ops: list[Op], kernel: Kernel, weight: Tensor) -> None:
+    """What a CUDA graph captures: every operation of one device, with a tensor weight."""
+    _run_ops(ops, weight, kernel, {})
+
+
 def _run_ops(ops: Iterable[Op], weight: Weight, kernel: Kernel, cache: dict) -> None:
     for op in ops:
         op.run(_on(weight, op.device, cache), kernel)
 
 
-class Fused(Eager):
+class Eager(Executor):
+    """Runs plans with the eager ``lerp_`` (``_foreach`` chains)."""
+
+
+class Fused(Executor):
     """Runs plans with the process's ``FusedLerp``: one pass per tensor, no staging."""
 
     stage = False
@@ -184,7 +195,7 @@ class Fused(Eager):
         self.kernel = shared_fused()
 
 
-class Graphed(Eager):
+class Graphed(Executor):
     """Replays the plan's CUDA operations from one CUDA graph per device.
 
     Args:
@@ -210,9 +221,7 @@ class Graphed(Eager):
                 self.rest.append(op)
         kernel = self.kernel
         self.graphs = {
-            device: kernels.CUDAGraphUpdate(
-                lambda w, ops=ops: _run_ops(ops, w, kernel, {}), device
-            )
+            device: kernels.CUDAGraphUpdate(functools.partial(_replay, ops, kernel), device)
             for device, ops in by_device.items()
         }
         self.plan = plan
@@ -238,15 +247,40 @@ class Graphed(Eager):
         _run_ops(self.rest, weight, self.kernel, cache)
 
 
-def select(kind: str, devices: Iterable[torch.device], compensated: bool = False) -> Eager:
-    """The executor ``kind`` names (one of :data:`EXECUTORS`) for averages on ``devices``.
+def _auto(devices: set[torch.device], compensated: bool) -> Executor:
+    cuda = [d for d in devices if d.type == "cuda"]
+    if cuda:
+        return Graphed(fused=all(kernels.compilation_available(d) for d in cuda))
+    if compensated and devices and all(kernels.compilation_available(d) for d in devices):
+        return Fused()
+    return Eager()
+
+
+def _graph(devices: set[torch.device], compensated: bool) -> Executor:
+    cuda = [d for d in devices if d.type == "cuda"]
+    return Graphed(fused=any(kernels.compilation_available(d) for d in cuda))
+
+
+#: One factory per name of :data:`emakit.config.EXECUTORS`: ``(devices, compensated) ->
+#: Executor``.
+REGISTRY: dict[str, Callable[[set[torch.device], bool], Executor]] = {
+    "auto": _auto,
+    "eager": lambda devices, compensated: Eager(),
+    "fused": lambda devices, compensated: Fused(),
+    "graph": _graph,
+}
+
+
+def select(kind: str, devices: Iterable[torch.device], compensated: bool = False) -> Executor:
+    """The executor ``kind`` names (one of :data:`emakit.config.EXECUTORS`) for averages on
+    ``devices``.
 
     ``"auto"``: on CUDA a :class:`Graphed` with ``FusedLerp`` where Triton compiles (else
     with ``lerp_``); on a CPU :class:`Fused` for a ``compensated`` average where a C++
-    compiler is at hand (ResNet-50: 33 ms per update against 140 ms eagerly, after a one-off
-    compile of 5-15 s; tensors under 64Ki elements never compile), else :class:`Eager`.
-    ``"fused"`` and ``"graph"`` fall back to the eager kernel where compiling is
-    unavailable; ``"graph"`` launches non-CUDA operations directly.
+    compiler is at hand (one compiled pass instead of six eager ones; tensors under 64Ki
+    elements never compile), else :class:`Eager`. ``"fused"`` and ``"graph"`` fall back to
+    the eager kernel where compiling is unavailable; ``"graph"`` launches non-CUDA
+    operations directly.
 
     >>> import torch
     >>> type(select("auto", [torch.device("cpu")])).__name__
@@ -256,18 +290,6 @@ def select(kind: str, devices: Iterable[torch.device], compensated: bool = False
     ...
     ValueError: executor: expected one of ('auto', 'eager', 'fused', 'graph'), got 'fast'
     """
-    if kind not in EXECUTORS:
+    if kind not in REGISTRY:
         raise ValueError(f"executor: expected one of {EXECUTORS}, got {kind!r}")
-    devices = set(devices)
-    cuda = [d for d in devices if d.type == "cuda"]
-    if kind == "eager":
-        return Eager()
-    if kind == "fused":
-        return Fused()
-    if kind == "graph":
-        return Graphed(fused=any(kernels.compilation_available(d) for d in cuda))
-    if cuda:
-        return Graphed(fused=all(kernels.compilation_available(d) for d in cuda))
-    if compensated and devices and all(kernels.compilation_available(d) for d in devices):
-        return Fused()
-    return Eager()
+    return REGISTRY[kind](set(devices), compensated)

@@ -26,29 +26,27 @@ comparison tells a plan whether such a change may have happened since it was mad
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "ALIGN",
-    "align",
-    "BUFFER_MODES",
-    "Entry",
-    "Selector",
-    "Matcher",
-    "check_storage",
-    "classify",
-    "generation",
-]
+from ..config import Selector
+
+__all__ = ["ALIGN", "align", "Kind", "Entry", "Matcher", "classify", "generation"]
 
 ALIGN = 16  # elements; every view starts 64-byte aligned (fp32), for vectorized kernels
-BUFFER_MODES = ("average", "copy")
 
-Selector = str | Sequence[str] | Callable[[str, Tensor], bool] | None
+
+class Kind(enum.Enum):
+    """What the store does with a tensor (the value is the name files and messages use)."""
+
+    AVERAGE = "average"  # stored, updated with the EMA rule
+    COPY = "copy"  # stored, takes the model's value at each update
+    LIVE = "live"  # not stored: exports read it from the model
 
 
 def align(n: int) -> int:
@@ -101,53 +99,36 @@ class Entry:
     module: nn.Module
     attr: str
     is_param: bool
-    kind: str  # "average" | "copy" | "live"
+    kind: Kind
 
     @property
     def name(self) -> str:
         return self.names[0]
 
     @property
-    def table(self) -> dict[str, Tensor]:
+    def table(self) -> dict[str, Any]:
         """The module dict that holds the tensor (``_parameters`` or ``_buffers``)."""
-        return self.module._parameters if self.is_param else self.module._buffers
+        table: dict[str, Any] = self.module._parameters if self.is_param else self.module._buffers
+        return table
 
     def tensor(self) -> Tensor:
         """The model's tensor as the model holds it now (a DTensor under FSDP2)."""
         return self.table[self.attr]
 
 
-def check_storage(
-    dtype: torch.dtype | None, device: torch.device | str | None, buffers: str
-) -> tuple[torch.dtype | None, torch.device | None, str]:
-    """Validate the storage arguments; return them normalized."""
-    if buffers not in BUFFER_MODES:
-        raise ValueError(f"buffers: expected one of {BUFFER_MODES}, got {buffers!r}")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
-    return dtype, (torch.device(device) if device is not None else None), buffers
-
-
 class Matcher:
     """A compiled ``exclude``/``include`` argument; remembers which patterns matched."""
 
     def __init__(self, spec: Selector, what: str) -> None:
+        """``spec`` as :class:`~emakit.StoreConfig` holds it (validated there): a callable,
+        patterns (a string or a sequence of strings), or None."""
         self.what = what
         self.fn: Callable[[str, Tensor], bool] | None = None
         self.patterns: list[str] = []
-        if spec is None:
-            return
         if callable(spec):
             self.fn = spec
-            return
-        if isinstance(spec, str):
-            spec = [spec]
-        if not isinstance(spec, Sequence) or not all(isinstance(p, str) for p in spec):
-            raise TypeError(
-                f"{what}: expected glob patterns (a string or a sequence of strings) or a "
-                f"callable (name, tensor) -> bool, got {spec!r}"
-            )
-        self.patterns = list(spec)
+        elif spec is not None:
+            self.patterns = [spec] if isinstance(spec, str) else list(spec)
         self.used: set[str] = set()
 
     def __call__(self, names: Sequence[str], tensor: Tensor) -> bool:
@@ -178,7 +159,7 @@ def classify(
 
     >>> import torch
     >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
-    >>> [(e.name, e.kind) for e in classify(m, buffers="copy", exclude="0.bias")]
+    >>> [(e.name, e.kind.value) for e in classify(m, buffers="copy", exclude="0.bias")]
     ... # doctest: +NORMALIZE_WHITESPACE
     [('0.weight', 'average'), ('0.bias', 'live'), ('1.weight', 'average'),
      ('1.bias', 'average'), ('1.running_mean', 'copy'), ('1.running_var', 'copy'),
@@ -206,14 +187,14 @@ def classify(
     for names, tensor, module, attr, is_param in found:
         floating = tensor.is_floating_point()
         if is_param:
-            kind = "average" if tensor.requires_grad and floating else "live"
+            kind = Kind.AVERAGE if tensor.requires_grad and floating else Kind.LIVE
         elif floating:
             picked = included(names, tensor)  # called for every floating buffer: see check_used
-            kind = "average" if buffers == "average" or picked else "copy"
+            kind = Kind.AVERAGE if buffers == "average" or picked else Kind.COPY
         else:
-            kind = "live"
+            kind = Kind.LIVE
         if excluded(names, tensor):
-            kind = "live"
+            kind = Kind.LIVE
         entries.append(Entry(names, module, attr, is_param, kind))
     excluded.check_used("tensor")
     included.check_used("floating buffer")

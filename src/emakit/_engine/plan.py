@@ -43,8 +43,8 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .layout import ALIGN, Entry, align, generation
-from .placement import Slot
+from .layout import ALIGN, Entry, Kind, align, generation
+from .placements import Key, Slot
 
 __all__ = [
     "Foreach",
@@ -244,13 +244,40 @@ class Plan:
 # building ---------------------------------------------------------------------------------
 
 
-def _successors(slots: list[Slot]) -> dict[int, Slot]:
+@dataclass(frozen=True, eq=False)
+class Bound:
+    """A slot with a local part: this rank's ``avg`` and the matching ``src`` (both set),
+    what every operation is built from."""
+
+    slot: Slot
+    avg: Tensor
+    src: Tensor
+
+    @property
+    def key(self) -> Key:
+        return self.slot.key
+
+    @property
+    def entry(self) -> Entry:
+        return self.slot.entry
+
+    @classmethod
+    def of(cls, slots: Sequence[Slot]) -> list[Bound]:
+        """The slots that have a non-empty local part on this rank."""
+        out = []
+        for s in slots:
+            if s.avg is not None and s.src is not None and s.avg.numel() > 0:
+                out.append(cls(s, s.avg, s.src))
+        return out
+
+
+def _successors(slots: list[Bound]) -> dict[int, Bound]:
     """id(slot) -> the slot laid out right after it in the same flat."""
-    by_storage: dict[tuple, list[Slot]] = {}
+    by_storage: dict[tuple, list[Bound]] = {}
     for s in slots:
         key = (s.avg.device, s.avg.untyped_storage().data_ptr())
         by_storage.setdefault(key, []).append(s)
-    nxt: dict[int, Slot] = {}
+    nxt: dict[int, Bound] = {}
     for ss in by_storage.values():
         ss.sort(key=lambda s: s.avg.storage_offset())
         for a, b in zip(ss, ss[1:], strict=False):
@@ -258,7 +285,7 @@ def _successors(slots: list[Slot]) -> dict[int, Slot]:
     return nxt
 
 
-def _tiles(a: Slot, b: Slot, successor: dict[int, Slot], members: set[int]) -> bool:
+def _tiles(a: Bound, b: Bound, successor: dict[int, Bound], members: set[int]) -> bool:
     """Whether ``b`` continues ``a``'s span: ``b`` follows ``a`` in the average with nothing
     stored between them, and their sources sit in one buffer at the same relative offsets."""
     if successor.get(id(a)) is not b or id(b) not in members:
@@ -292,7 +319,7 @@ def _zero_gaps(views: list[Tensor]) -> None:
 
 @dataclass
 class _Item:
-    slots: list[Slot]
+    slots: list[Bound]
     avg: Tensor
     src: Tensor
     comp: Tensor | None
@@ -305,10 +332,10 @@ class _Builder:
         self.workspace: list[Tensor] = []
         self.offloads: list[Offload] = []
 
-    def comp(self, s: Slot, view: Tensor) -> Tensor | None:
+    def comp(self, s: Bound, view: Tensor) -> Tensor | None:
         return _comp_of(view, self.comps, s.key)
 
-    def items(self, slots: list[Slot], position: dict[int, Slot]) -> list[_Item]:
+    def items(self, slots: list[Bound], position: dict[int, Bound]) -> list[_Item]:
         members = {id(s) for s in slots}
         items: list[_Item] = []
         i = 0
@@ -320,7 +347,7 @@ class _Builder:
             i += len(run)
             first, last = run[0], run[-1]
             if len(run) > 1:
-                n = last.avg.storage_offset() + last.avg.numel() - first.avg.storage_offset()
+                n = int(last.avg.storage_offset() + last.avg.numel() - first.avg.storage_offset())
                 avg = _span(first.avg, n)
                 src = _span(first.src.detach(), n)
                 _zero_gaps([s.avg for s in run])
@@ -332,8 +359,7 @@ class _Builder:
                 items.append(_Item(run, first.avg, first.src, self.comp(first, first.avg)))
         return items
 
-    def ops(self, slots: list[Slot], position: dict[int, Slot]) -> list[Op]:
-        ops: list[Op] = []
+    def ops(self, slots: list[Bound], position: dict[int, Bound]) -> list[Op]:
         rest: list[_Item] = []
         gathers = []
         for group in _gather_runs(self.items(slots, position), position):
@@ -341,14 +367,23 @@ class _Builder:
                 gathers.append(group)
             else:
                 rest += group
-        # runs are gathered one after another: one staging buffer per dtype serves them all
+        return self.gathers(gathers) + self.foreach(rest)
+
+    def gathers(self, groups: list[list[_Item]]) -> list[Op]:
+        """One :class:`Gather` per group; runs are gathered one after another, so one
+        staging buffer per dtype serves them all."""
         staging: dict[torch.dtype, Tensor] = {}
-        for group in gathers:
+        for group in groups:
             dtype, n = group[0].avg.dtype, _span_numel(group)
             if dtype not in staging or staging[dtype].numel() < n:
                 staging[dtype] = torch.empty(n, dtype=dtype)
         self.workspace += list(staging.values())
-        ops += [self.gather(group, staging[group[0].avg.dtype]) for group in gathers]
+        return [self.gather(group, staging[group[0].avg.dtype]) for group in groups]
+
+    def foreach(self, rest: list[_Item]) -> list[Op]:
+        """Items grouped by (source device and dtype, storage device and dtype): one
+        :class:`Foreach`, :class:`Staged` or :class:`Offload` per group."""
+        ops: list[Op] = []
         groups: dict[tuple, list[_Item]] = {}
         for it in rest:
             key = (it.src.device, it.src.dtype, it.avg.device, it.avg.dtype)
@@ -356,7 +391,7 @@ class _Builder:
         for (s_dev, s_dtype, v_dev, v_dtype), its in groups.items():
             avg = [it.avg for it in its]
             src = [it.src for it in its]
-            comp = None if self.comps is None else [it.comp for it in its]
+            comp = None if self.comps is None else [c for it in its if (c := it.comp) is not None]
             if (s_dev, s_dtype) == (v_dev, v_dtype) or (s_dev == v_dev and not self.staging):
                 ops.append(Foreach(avg, src, comp))
             elif s_dev.type == "cuda" and v_dev.type == "cpu":
@@ -392,21 +427,10 @@ class _Builder:
         1-D pieces."""
         cpu = avg[0].device.type == "cpu"
         bound = STAGING_ELEMENTS_CPU if cpu else STAGING_ELEMENTS
-        comps = comp if comp is not None else [None] * len(avg)
         whole = [align(a.numel()) for a, s in zip(avg, src, strict=True) if not s.is_contiguous()]
         total = sum(align(a.numel()) for a in avg)
         size = min(total, max(whole + [bound]))
-        pieces: list[tuple[Tensor, Tensor, Tensor | None]] = []
-        for a, s, c in zip(avg, src, comps, strict=True):
-            if a.numel() > size and s.is_contiguous():
-                a, s = a.reshape(-1), s.detach().reshape(-1)
-                c = None if c is None else c.reshape(-1)
-                pieces += [
-                    (a[k : k + size], s[k : k + size], None if c is None else c[k : k + size])
-                    for k in range(0, a.numel(), size)
-                ]
-            else:
-                pieces.append((a, s, c))
+        pieces = _pieces(avg, src, comp, size)
         staging = torch.empty(size, dtype=avg[0].dtype, device=avg[0].device)
         self.workspace.append(staging)
         chunks: list[Chunk] = []
@@ -420,7 +444,7 @@ class _Builder:
             ch.avg.append(a)
             ch.src.append(s)
             ch.staging.append(staging[used : used + a.numel()].view(a.shape))
-            if ch.comp is not None:
+            if ch.comp is not None and c is not None:
                 ch.comp.append(c)
             used += n
         return Staged(chunks)
@@ -440,7 +464,26 @@ class _Builder:
         return Offload(list(src), pinned, host, ops)
 
 
-def _gather_runs(items: list[_Item], successor: dict[int, Slot]) -> list[list[_Item]]:
+def _pieces(
+    avg: list[Tensor], src: list[Tensor], comp: list[Tensor] | None, size: int
+) -> list[tuple[Tensor, Tensor, Tensor | None]]:
+    """(avg, src, comp) triples of at most ``size`` elements: contiguous tensors larger than
+    that are split into 1-D pieces; others stay whole."""
+    comps: list[Tensor | None] = list(comp) if comp is not None else [None] * len(avg)
+    pieces: list[tuple[Tensor, Tensor, Tensor | None]] = []
+    for a, s, c in zip(avg, src, comps, strict=True):
+        if a.numel() <= size or not s.is_contiguous():
+            pieces.append((a, s, c))
+            continue
+        a, s = a.reshape(-1), s.detach().reshape(-1)
+        c = None if c is None else c.reshape(-1)
+        for k in range(0, a.numel(), size):
+            pieces.append((a[k : k + size], s[k : k + size],
+                           None if c is None else c[k : k + size]))
+    return pieces
+
+
+def _gather_runs(items: list[_Item], successor: dict[int, Bound]) -> list[list[_Item]]:
     """Split ``items`` into groups: maximal runs of small, contiguous CPU sources of the
     storage dtype, laid out one right after another in the average, of at most
     ``STAGING_ELEMENTS_CPU`` elements; every other item alone."""
@@ -476,7 +519,7 @@ def _gather_runs(items: list[_Item], successor: dict[int, Slot]) -> list[list[_I
 def _span_numel(group: list[_Item]) -> int:
     """Elements from the first view of a gather group to the end of its last."""
     first, last = group[0].avg, group[-1].avg
-    return last.storage_offset() + last.numel() - first.storage_offset()
+    return int(last.storage_offset() + last.numel() - first.storage_offset())
 
 
 @torch.no_grad()
@@ -490,12 +533,12 @@ def build(
     (source device and dtype, storage device and dtype); spans, gathers, foreach, staged and
     offload operations as in the module docstring. ``stage=False``: a source of another
     dtype on the storage's device is read by the kernel directly (no staging buffer)."""
-    live = [s for s in slots if s.avg is not None and s.avg.numel() > 0]
+    live = Bound.of(slots)
     position = _successors(live)
-    main: list[Slot] = []
+    main: list[Bound] = []
     copy = Copy()
     for s in live:
-        if s.entry.kind == "copy":
+        if s.entry.kind is Kind.COPY:
             copy.dst.append(s.avg)
             copy.src.append(s.src)
         else:
