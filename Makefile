@@ -26,6 +26,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -n 2 --doctest-modules src/emakit tests
 
 lint: install
