@@ -23,8 +23,8 @@ PaddleDetection compute in float32 (TF1 even its decay), and are compared to 1e-
 """
 
 from __future__ import annotations
-
 import __future__
+
 import ast
 import copy
 import importlib.util
@@ -346,8 +346,8 @@ def test_mmengine_interval_closest_step_driven_call():
         peer.update_parameters(model)
         ema.step()
         gaps.append(relative_gap(ema.ema_state_dict(), peer.module.state_dict(), names))
-    # not the same numbers, but the same horizon: a few percent apart on this fast-moving run
-    assert 1e-3 < max(gaps[10:]) < 0.2, gaps
+    # not the same numbers, but the same horizon: up to 10% apart on this fast-moving run
+    assert 0.01 < max(gaps[10:]) < 0.2, gaps
 
 
 def _mmengine_runner(tmp_path, hooks, steps=STEPS):
@@ -696,9 +696,9 @@ def test_paddledetection_threshold_is_not_an_average():
     """'threshold' (PaddleDetection's default) starts from zeros with decays ``min(decay, (1 +
     i) / (10 + i))`` and divides by ``1 - d_last ** t`` although the decays varied: the
     weights it gives the models sum to more than one (1.0154 at step 2, 1.0016 at 10,
-    1.00013 from 1000 to 10000 for decay 0.9998). No EMA of the weights gives that. The closest call,
-    ``RatioRamp(decay)`` from the first step (the same decays, a copy instead of zeros),
-    is measured here against the port."""
+    1.00013 from 1000 to 10000 for decay 0.9998). No EMA of the weights gives that. The
+    closest call, ``RatioRamp(decay)`` from the first step (the same decays, a copy instead
+    of zeros), is measured here against the port."""
     sums = paddle_threshold_weight_sum(0.9998, 1000)
     assert sums[0] == pytest.approx(1.0, rel=1e-15)
     assert sums[1] == pytest.approx(1.0154, abs=1e-4)
@@ -715,4 +715,4 @@ def test_paddledetection_threshold_is_not_an_average():
         ema.step()
         gaps.append(relative_gap(ema.ema_state_dict(), peer.apply(model), names))
     assert gaps[0] < 1e-6  # both copy at the first step
-    assert 1e-3 < max(gaps) < 0.05, gaps
+    assert 0.005 < gaps[1] < 0.05 and 1e-5 < gaps[-1] < 1e-3, gaps  # 1.5%, then 0.02%
