@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch keeps the environment small; any torch>=2.4 works.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint install clean test-composer
+.PHONY: demo test lint install clean test-composer docs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -46,6 +46,15 @@ $(COMPOSER_VENV)/.installed: pyproject.toml
 
 test-composer: $(COMPOSER_VENV)/.installed
 	$(COMPOSER_VENV)/bin/python -m pytest -q -p no:cacheprovider -o addopts="" tests/composer
+
+# The documentation site (MkDocs + mkdocstrings, versions pinned in the `docs` extra), built
+# with every warning an error into build/site. Offline: nothing is fetched at build time.
+$(VENV)/.installed-docs: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # What CI runs: the main suite, then Composer's.
 clean:

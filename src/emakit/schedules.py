@@ -59,10 +59,11 @@ def smoothing_from_half_life(half_life: float, update_interval: float = 1.0) -> 
     Both arguments are in the same unit of training time (batches, epochs, ...), so
     changing the interval keeps the averaging horizon. ``half_life=inf`` gives 1.
 
-    >>> smoothing_from_half_life(1000.0)
-    0.9993070929904525
-    >>> round(smoothing_from_half_life(1000.0, update_interval=10), 6)
-    0.993092
+    Examples:
+        >>> smoothing_from_half_life(1000.0)
+        0.9993070929904525
+        >>> round(smoothing_from_half_life(1000.0, update_interval=10), 6)
+        0.993092
     """
     half_life = _positive(half_life, "half_life", allow_inf=True)
     update_interval = _positive(update_interval, "update_interval")
@@ -74,8 +75,9 @@ def half_life_from_smoothing(smoothing: float, update_interval: float = 1.0) -> 
 
     ``s = 0`` gives 0 (no memory) and ``s = 1`` gives ``inf`` (never moves).
 
-    >>> half_life_from_smoothing(0.5)
-    1.0
+    Examples:
+        >>> half_life_from_smoothing(0.5)
+        1.0
     """
     smoothing = check_smoothing(smoothing)
     update_interval = _positive(update_interval, "update_interval")
@@ -99,10 +101,11 @@ class PowerWarmup:
     ``power=2/3`` reaches 0.999 at about k = 31.6k (for runs of a million steps or more),
     ``power=3/4`` at about k = 10k (shorter runs).
 
-    >>> PowerWarmup()(1, 0.999)
-    0.0
-    >>> round(PowerWarmup()(1000, 0.999), 4), PowerWarmup()(10**6, 0.999)
-    (0.99, 0.999)
+    Examples:
+        >>> PowerWarmup()(1, 0.999)
+        0.0
+        >>> round(PowerWarmup()(1000, 0.999), 4), PowerWarmup()(10**6, 0.999)
+        (0.99, 0.999)
     """
 
     inv_gamma: float = 1.0
@@ -133,9 +136,10 @@ class CosineSmoothing:
     ``total`` is the number of averaging updates the schedule spans (DINO: epochs x
     iterations per epoch).
 
-    >>> s = CosineSmoothing(start=0.996, end=1.0, total=100)
-    >>> [round(s(k), 6) for k in (2, 52, 102, 500)]
-    [0.996, 0.998, 1.0, 1.0]
+    Examples:
+        >>> s = CosineSmoothing(start=0.996, end=1.0, total=100)
+        >>> [round(s(k), 6) for k in (2, 52, 102, 500)]
+        [0.996, 0.998, 1.0, 1.0]
     """
 
     start: float = 0.996
@@ -164,10 +168,11 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     no intermediate overflows however small ``s`` is; a ``gamma`` beyond the float range is a
     ValueError naming ``sigma_rel``.
 
-    >>> round(sigma_rel_to_gamma(0.05), 2), round(sigma_rel_to_gamma(0.10), 3)
-    (16.97, 6.937)
-    >>> f"{sigma_rel_to_gamma(1e-200):.3g}"
-    '1e+200'
+    Examples:
+        >>> round(sigma_rel_to_gamma(0.05), 2), round(sigma_rel_to_gamma(0.10), 3)
+        (16.97, 6.937)
+        >>> f"{sigma_rel_to_gamma(1e-200):.3g}"
+        '1e+200'
     """
     sigma_rel = _positive(sigma_rel, "sigma_rel")
     if sigma_rel >= _MAX_SIGMA_REL:
@@ -202,10 +207,11 @@ def gamma_to_sigma_rel(gamma: float) -> float:
     """Relative width ``sqrt((g + 1) / ((g + 2)^2 (g + 3)))`` of the power-function EMA,
     computed as ``sqrt((g + 1) / (g + 3)) / (g + 2)`` so that any finite ``gamma`` works.
 
-    >>> round(gamma_to_sigma_rel(6.94), 3)
-    0.1
-    >>> f"{gamma_to_sigma_rel(1e308):.3g}"
-    '1e-308'
+    Examples:
+        >>> round(gamma_to_sigma_rel(6.94), 3)
+        0.1
+        >>> f"{gamma_to_sigma_rel(1e308):.3g}"
+        '1e-308'
     """
     gamma = _positive(gamma, "gamma")
     g1, g3 = gamma + 1.0, gamma + 3.0
@@ -249,9 +255,10 @@ class ExponentialRamp:
     reaches ``(1 - 1/e) * decay`` after ``tau`` updates and ``0.99 * decay`` after
     ``4.6 tau``. Ultralytics: ``decay=0.9999, tau=2000``; YOLOX: ``tau=2000``.
 
-    >>> s = ExponentialRamp(decay=0.9999, tau=2000)
-    >>> s(1), round(s(2), 8), round(s(2001), 6)
-    (0.0, 0.00049983, 0.632057)
+    Examples:
+        >>> s = ExponentialRamp(decay=0.9999, tau=2000)
+        >>> s(1), round(s(2), 8), round(s(2001), 6)
+        (0.0, 0.00049983, 0.632057)
     """
 
     decay: float = 0.9999
@@ -280,9 +287,10 @@ class RatioRamp:
     10 in TF, torch_ema and diffusers (d2go: ``decay_warm_up_factor``); ``min_smoothing`` is
     diffusers' ``min_decay``. The ramp is 0.5 at n = 8 and 0.99 at n = 890 (factor 10).
 
-    >>> s = RatioRamp(decay=0.999)
-    >>> s(2), s(9), round(s(891), 4), s(10**6)
-    (0.18181818181818182, 0.5, 0.99, 0.999)
+    Examples:
+        >>> s = RatioRamp(decay=0.999)
+        >>> s(2), s(9), round(s(891), 4), s(10**6)
+        (0.18181818181818182, 0.5, 0.99, 0.999)
     """
 
     decay: float = 0.9999
@@ -318,9 +326,10 @@ class ZeroDebiased:
     emakit's update number ``k``, the start copy being the first update: no copy at
     construction. ``decay=1`` gives the running mean ``1 - 1/k``.
 
-    >>> s = ZeroDebiased(decay=0.9)
-    >>> s(1), round(s(2), 6), round(s(1000), 6)
-    (0.0, 0.473684, 0.9)
+    Examples:
+        >>> s = ZeroDebiased(decay=0.9)
+        >>> s(1), round(s(2), 6), round(s(1000), 6)
+        (0.0, 0.473684, 0.9)
     """
 
     decay: float
@@ -352,9 +361,10 @@ class MomentumAnnealing:
     that is every call, emakit's start copy at the first ``ema.step()``; for
     ``interval > 1`` see docs/migrating.md (the update phase).
 
-    >>> s = MomentumAnnealing(momentum=0.0002, gamma=100)
-    >>> s(1), round(s(2), 6), round(s(101), 6), s(10**7)
-    (0.0, 0.009901, 0.5, 0.9998)
+    Examples:
+        >>> s = MomentumAnnealing(momentum=0.0002, gamma=100)
+        >>> s(1), round(s(2), 6), round(s(101), 6), s(10**7)
+        (0.0, 0.009901, 0.5, 0.9998)
     """
 
     momentum: float = 0.0002
@@ -381,9 +391,10 @@ class RunningMean:
     ``AveragedModel`` without an ``avg_fn`` (SWA) and MMEngine's ``StochasticWeightAverage``
     do.
 
-    >>> s = RunningMean()
-    >>> s(1), s(2), s(4)
-    (0.0, 0.5, 0.75)
+    Examples:
+        >>> s = RunningMean()
+        >>> s(1), s(2), s(4)
+        (0.0, 0.5, 0.75)
     """
 
     def __call__(self, k: int) -> float:
