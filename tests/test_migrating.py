@@ -90,7 +90,7 @@ def test_timm_without_step(version):
     model = net()
     peer = getattr(timm_model_ema(), version)(model, decay=0.8)
     ema = emakit.EMA(model, smoothing=0.8)
-    ema.update()  # timm copies the model when it is built
+    ema.update()  # TODO(first-copy): timm copies the model when it is built
     for i, _ in enumerate(training(model)):
         peer.update(model)
         ema.step()
@@ -327,7 +327,7 @@ def test_nemo_ema():
     model = net()
     peer = NeMoEMAReference(model, decay=0.8)
     ema = emakit.EMA(model, smoothing=0.8, buffers="copy")
-    ema.update()  # NeMo's copy of the weights before the first optimizer step
+    ema.update()  # TODO(first-copy): NeMo's copy of the weights before the first optimizer step
     peer.before_optimizer_step()
     for i, _ in enumerate(training(model)):
         peer.after_optimizer_step()
