@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch keeps the environment small; any torch>=2.4 works.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint install clean test-composer
+.PHONY: demo test lint install clean test-composer docs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml $(BIN)/python
 	# timm's model_ema.py is a test peer; timm's torchvision does not load beside a CPU
 	# torch from PyPI, and model_ema.py needs only torch: install timm without its deps
 	$(BIN)/pip install -q --no-deps "timm>=1.0"
+	# mmengine's and ultralytics' EMA classes are test peers (tests/test_peers.py); their full
+	# dependency trees (OpenCV, torchvision builds) do not install beside a CPU torch
+	$(BIN)/pip install -q --no-deps "mmengine>=0.10" "ultralytics>=8.3"
 	touch $@
 
 install: $(VENV)/.installed
@@ -47,6 +50,15 @@ $(COMPOSER_VENV)/.installed: pyproject.toml
 
 test-composer: $(COMPOSER_VENV)/.installed
 	$(COMPOSER_VENV)/bin/python -m pytest -q -p no:cacheprovider -o addopts="" tests/composer
+
+# The documentation site (MkDocs + mkdocstrings, versions pinned in the `docs` extra), built
+# with every warning an error into build/site. Offline: nothing is fetched at build time.
+$(VENV)/.installed-docs: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # What CI runs: the main suite, then Composer's.
 clean:

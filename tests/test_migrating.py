@@ -1,4 +1,5 @@
-"""Every recipe of docs/migrating.md: the installed peer and emakit side by side, compared
+"""The recipes of docs/migrating.md for timm, AveragedModel, Lightning, diffusers, ema-pytorch
+and NeMo (the others are in test_peers.py): the installed peer and emakit side by side, compared
 after every optimizer step on the same weights (CPU, a small MLP with BatchNorm).
 
 NeMo is not installed (it is far too heavy for a test environment): its EMA formula is
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 import emakit
+from emakit.schedules import RatioRamp, RunningMean
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
@@ -88,7 +90,7 @@ def test_timm_without_step(version):
     model = net()
     peer = getattr(timm_model_ema(), version)(model, decay=0.8)
     ema = emakit.EMA(model, smoothing=0.8)
-    ema.update()  # timm copies the model when it is built
+    ema.update()  # TODO(first-copy): timm copies the model when it is built
     for i, _ in enumerate(training(model)):
         peer.update(model)
         ema.step()
@@ -147,7 +149,7 @@ def test_torch_averaged_model_swa_running_mean():
 
     model = net()
     peer = AveragedModel(model, use_buffers=True)  # equal weights: the running mean
-    ema = emakit.EMA(model, smoothing=lambda k: 1.0 - 1.0 / k)
+    ema = emakit.EMA(model, smoothing=RunningMean())
     for i, _ in enumerate(training(model)):
         peer.update_parameters(model)
         ema.step()
@@ -216,13 +218,16 @@ def _diffusers_state(peer, model) -> dict:
     return {n: s for (n, _), s in zip(model.named_parameters(), peer.shadow_params, strict=True)}
 
 
-@pytest.mark.parametrize("after", [0, 3])
-def test_diffusers_default_decay_schedule(after):
-    """EMAModel without use_ema_warmup: the decay is min(decay, (1 + s) / (10 + s))."""
+@pytest.mark.parametrize("after,min_decay", [(0, 0.0), (3, 0.0), (2, 0.5)])
+def test_diffusers_default_decay_schedule(after, min_decay):
+    """EMAModel without use_ema_warmup: the decay is max(min_decay, min(decay, (1 + s) /
+    (10 + s)))."""
     EMAModel = _diffusers_ema()
     model = net()
-    peer = EMAModel(model.parameters(), decay=0.95, update_after_step=after)
-    ema = emakit.EMA(model, smoothing=lambda k: min(0.95, k / (9 + k)), start=f"{after + 1}ba")
+    peer = EMAModel(model.parameters(), decay=0.95, min_decay=min_decay,
+                    update_after_step=after)
+    ema = emakit.EMA(model, smoothing=RatioRamp(decay=0.95, min_smoothing=min_decay),
+                     start=f"{after + 1}ba")
     for i, _ in enumerate(training(model)):
         peer.step(model.parameters())
         ema.step()
@@ -322,7 +327,7 @@ def test_nemo_ema():
     model = net()
     peer = NeMoEMAReference(model, decay=0.8)
     ema = emakit.EMA(model, smoothing=0.8, buffers="copy")
-    ema.update()  # NeMo's copy of the weights before the first optimizer step
+    ema.update()  # TODO(first-copy): NeMo's copy of the weights before the first optimizer step
     peer.before_optimizer_step()
     for i, _ in enumerate(training(model)):
         peer.after_optimizer_step()

@@ -25,6 +25,11 @@ __all__ = [
     "check_sigma_rel",
     "MIN_SIGMA_REL",
     "MAX_SIGMA_REL",
+    "ExponentialRamp",
+    "RatioRamp",
+    "ZeroDebiased",
+    "MomentumAnnealing",
+    "RunningMean",
 ]
 
 #: A smoothing schedule: maps the 1-based count of the update about to run to its factor.
@@ -63,10 +68,11 @@ def smoothing_from_half_life(half_life: float, update_interval: float = 1.0) -> 
     Both arguments are in the same unit of training time (batches, epochs, ...), so
     changing the interval keeps the averaging horizon. ``half_life=inf`` gives 1.
 
-    >>> smoothing_from_half_life(1000.0)
-    0.9993070929904525
-    >>> round(smoothing_from_half_life(1000.0, update_interval=10), 6)
-    0.993092
+    Examples:
+        >>> smoothing_from_half_life(1000.0)
+        0.9993070929904525
+        >>> round(smoothing_from_half_life(1000.0, update_interval=10), 6)
+        0.993092
     """
     half_life = _positive(half_life, "half_life", allow_inf=True)
     update_interval = _positive(update_interval, "update_interval")
@@ -78,8 +84,9 @@ def half_life_from_smoothing(smoothing: float, update_interval: float = 1.0) -> 
 
     ``s = 0`` gives 0 (no memory) and ``s = 1`` gives ``inf`` (never moves).
 
-    >>> half_life_from_smoothing(0.5)
-    1.0
+    Examples:
+        >>> half_life_from_smoothing(0.5)
+        1.0
     """
     smoothing = check_smoothing(smoothing)
     update_interval = _positive(update_interval, "update_interval")
@@ -103,10 +110,11 @@ class PowerWarmup:
     ``power=2/3`` reaches 0.999 at about k = 31.6k (for runs of a million steps or more),
     ``power=3/4`` at about k = 10k (shorter runs).
 
-    >>> PowerWarmup()(1, 0.999)
-    0.0
-    >>> round(PowerWarmup()(1000, 0.999), 4), PowerWarmup()(10**6, 0.999)
-    (0.99, 0.999)
+    Examples:
+        >>> PowerWarmup()(1, 0.999)
+        0.0
+        >>> round(PowerWarmup()(1000, 0.999), 4), PowerWarmup()(10**6, 0.999)
+        (0.99, 0.999)
     """
 
     inv_gamma: float = 1.0
@@ -137,9 +145,10 @@ class CosineSmoothing:
     ``total`` is the number of averaging updates the schedule spans (DINO: epochs x
     iterations per epoch).
 
-    >>> s = CosineSmoothing(start=0.996, end=1.0, total=100)
-    >>> [round(s(k), 6) for k in (2, 52, 102, 500)]
-    [0.996, 0.998, 1.0, 1.0]
+    Examples:
+        >>> s = CosineSmoothing(start=0.996, end=1.0, total=100)
+        >>> [round(s(k), 6) for k in (2, 52, 102, 500)]
+        [0.996, 0.998, 1.0, 1.0]
     """
 
     start: float = 0.996
@@ -168,10 +177,11 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     no intermediate overflows however small ``s`` is; a ``gamma`` beyond the float range is a
     ValueError naming ``sigma_rel``.
 
-    >>> round(sigma_rel_to_gamma(0.05), 2), round(sigma_rel_to_gamma(0.10), 3)
-    (16.97, 6.937)
-    >>> f"{sigma_rel_to_gamma(1e-200):.3g}"
-    '1e+200'
+    Examples:
+        >>> round(sigma_rel_to_gamma(0.05), 2), round(sigma_rel_to_gamma(0.10), 3)
+        (16.97, 6.937)
+        >>> f"{sigma_rel_to_gamma(1e-200):.3g}"
+        '1e+200'
     """
     sigma_rel = _positive(sigma_rel, "sigma_rel")
     if sigma_rel >= MAX_SIGMA_REL:
@@ -206,10 +216,11 @@ def gamma_to_sigma_rel(gamma: float) -> float:
     """Relative width ``sqrt((g + 1) / ((g + 2)^2 (g + 3)))`` of the power-function EMA,
     computed as ``sqrt((g + 1) / (g + 3)) / (g + 2)`` so that any finite ``gamma`` works.
 
-    >>> round(gamma_to_sigma_rel(6.94), 3)
-    0.1
-    >>> f"{gamma_to_sigma_rel(1e308):.3g}"
-    '1e-308'
+    Examples:
+        >>> round(gamma_to_sigma_rel(6.94), 3)
+        0.1
+        >>> f"{gamma_to_sigma_rel(1e308):.3g}"
+        '1e-308'
     """
     gamma = _positive(gamma, "gamma")
     g1, g3 = gamma + 1.0, gamma + 3.0
@@ -241,3 +252,174 @@ def check_sigma_rel(value: Any, name: str = "sigma_rel") -> float:
     if not MIN_SIGMA_REL <= value < MAX_SIGMA_REL:
         raise ValueError(f"{name}: expected {expected}, got {value!r}")
     return value
+
+
+# Named schedules of other EMA libraries ------------------------------------------------------
+#
+# Each is a smoothing schedule ``k -> s``: the EMA calls it with the number of the update it is
+# for, the start copy being update 1 (its factor is ignored), so the first averaging update
+# asks for k = 2. Each docstring says how the library counts (its ``n``) and how n maps to k.
+
+
+def _update_number(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k: expected an update number >= 1, got {k!r}")
+    return k
+
+
+@dataclass(frozen=True)
+class ExponentialRamp:
+    """The exponential ramp of Ultralytics' and YOLOX's ``ModelEMA``:
+    ``s = decay * (1 - exp(-n / tau))``, with ``n = k - 1``.
+
+    Those libraries copy the model when the EMA is built and count their updates from 1
+    (``self.updates += 1`` before ``d = self.decay(self.updates)``): their update ``n`` is
+    emakit's update ``k = n + 1`` when the start copy is taken at construction (an
+    ``ema.update()`` right after building the EMA). ``tau`` is in updates: the smoothing
+    reaches ``(1 - 1/e) * decay`` after ``tau`` updates and ``0.99 * decay`` after
+    ``4.6 tau``. Ultralytics: ``decay=0.9999, tau=2000``; YOLOX: ``tau=2000``.
+
+    Examples:
+        >>> s = ExponentialRamp(decay=0.9999, tau=2000)
+        >>> s(1), round(s(2), 8), round(s(2001), 6)
+        (0.0, 0.00049983, 0.632057)
+    """
+
+    decay: float = 0.9999
+    tau: float = 2000.0
+
+    def __post_init__(self) -> None:
+        check_smoothing(self.decay, "decay")
+        _positive(self.tau, "tau")
+
+    def __call__(self, k: int) -> float:
+        n = _update_number(k) - 1
+        return self.decay * (1.0 - math.exp(-n / self.tau))  # the peers' own expression
+
+
+@dataclass(frozen=True)
+class RatioRamp:
+    """The ``num_updates`` cap of ``tf.train.ExponentialMovingAverage``, torch_ema
+    (``use_num_updates=True``), d2go (``decay_warm_up_factor``) and diffusers' default:
+    ``s = clamp((1 + n) / (factor + n), min_smoothing, decay)``, with ``n = k - 1``.
+
+    torch_ema and d2go copy the model when the EMA is built and count their updates from 1
+    (``num_updates += 1`` before the decay is computed), TF1 passes the global step after the
+    optimizer's increment: their ``n`` is emakit's ``k - 1`` when the start copy is taken at
+    construction. diffusers copies at its first step and its ``step`` is 0 there, 1 at the
+    next: also ``n = k - 1``, with the start copy at the first ``ema.step()``. ``factor`` is
+    10 in TF, torch_ema and diffusers (d2go: ``decay_warm_up_factor``); ``min_smoothing`` is
+    diffusers' ``min_decay``. The ramp is 0.5 at n = 8 and 0.99 at n = 890 (factor 10).
+
+    Examples:
+        >>> s = RatioRamp(decay=0.999)
+        >>> s(2), s(9), round(s(891), 4), s(10**6)
+        (0.18181818181818182, 0.5, 0.99, 0.999)
+    """
+
+    decay: float = 0.9999
+    factor: float = 10.0
+    min_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_smoothing(self.decay, "decay")
+        _positive(self.factor, "factor")
+        check_smoothing(self.min_smoothing, "min_smoothing")
+
+    def __call__(self, k: int) -> float:
+        n = _update_number(k) - 1
+        return max(self.min_smoothing, min(self.decay, (1.0 + n) / (self.factor + n)))
+
+
+@dataclass(frozen=True)
+class ZeroDebiased:
+    r"""The zero-debiased EMA of optax's ``ema(decay, debias=True)``, TF's ``zero_debias``
+    and PaddleDetection's ``'normal'`` decay, as an EMA that starts with a copy:
+    ``s_k = decay * (1 - decay ** (k - 1)) / (1 - decay ** k)``.
+
+    Those libraries start an average ``z_0 = 0``, update it ``z_t = d z_{t-1} + (1 - d) x_t``
+    with a constant ``d`` and hand out ``y_t = z_t / (1 - d ** t)``. Multiplying by
+    ``1 - d ** t`` shows that ``y`` is itself an EMA:
+
+    .. math::
+        y_t = s_t\,y_{t-1} + (1 - s_t)\,x_t,\qquad
+        s_t = \frac{d\,(1 - d^{t-1})}{1 - d^t},\qquad 1 - s_t = \frac{1 - d}{1 - d^t},
+
+    and ``s_1 = 0``: the first update copies. So ``y_t`` is the average of ``x_1..x_t`` with
+    weights proportional to ``d ** (t - i)``. Their count ``t`` (1 at the first update) is
+    emakit's update number ``k``, the start copy being the first update: no copy at
+    construction. ``decay=1`` gives the running mean ``1 - 1/k``.
+
+    Examples:
+        >>> s = ZeroDebiased(decay=0.9)
+        >>> s(1), round(s(2), 6), round(s(1000), 6)
+        (0.0, 0.473684, 0.9)
+    """
+
+    decay: float
+
+    def __post_init__(self) -> None:
+        check_smoothing(self.decay, "decay")
+
+    def __call__(self, k: int) -> float:
+        k = _update_number(k)
+        d = self.decay
+        if d == 0.0 or k == 1:
+            return 0.0
+        if d == 1.0:
+            return (k - 1) / k
+        # 1 - d**m as -expm1(m log d): exact to rounding also when d**m is close to 1
+        log_d = math.log(d)
+        return d * math.expm1((k - 1) * log_d) / math.expm1(k * log_d)
+
+
+@dataclass(frozen=True)
+class MomentumAnnealing:
+    """MMEngine's ``MomentumAnnealingEMA``: momentum ``max(momentum, gamma / (gamma +
+    steps))``, smoothing ``s = 1 - max(momentum, gamma / (gamma + (k - 1) * interval))``.
+
+    MMEngine's momentum is the weight of the model (``averaged.lerp_(source, momentum)``), so
+    emakit's smoothing is ``1 - momentum``. ``steps`` counts MMEngine's calls of
+    ``update_parameters`` before this one: the first call (steps 0) copies the model, and
+    the update at steps ``(k - 1) * interval`` is emakit's update k. With ``interval=1``
+    that is every call, emakit's start copy at the first ``ema.step()``; for
+    ``interval > 1`` see docs/migrating.md (the update phase).
+
+    Examples:
+        >>> s = MomentumAnnealing(momentum=0.0002, gamma=100)
+        >>> s(1), round(s(2), 6), round(s(101), 6), s(10**7)
+        (0.0, 0.009901, 0.5, 0.9998)
+    """
+
+    momentum: float = 0.0002
+    gamma: float = 100.0
+    interval: int = 1
+
+    def __post_init__(self) -> None:
+        check_smoothing(self.momentum, "momentum")
+        _positive(self.gamma, "gamma")
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) \
+                or self.interval < 1:
+            raise ValueError(f"interval: expected an integer >= 1, got {self.interval!r}")
+
+    def __call__(self, k: int) -> float:
+        steps = (_update_number(k) - 1) * self.interval
+        return 1.0 - max(self.momentum, self.gamma / (self.gamma + steps))
+
+
+@dataclass(frozen=True)
+class RunningMean:
+    """The equal-weight average of every update so far: ``s = 1 - 1 / k``.
+
+    Update k averages k models (the start copy being the first), as PyTorch's
+    ``AveragedModel`` without an ``avg_fn`` (SWA) and MMEngine's ``StochasticWeightAverage``
+    do.
+
+    Examples:
+        >>> s = RunningMean()
+        >>> s(1), s(2), s(4)
+        (0.0, 0.5, 0.75)
+    """
+
+    def __call__(self, k: int) -> float:
+        return 1.0 - 1.0 / _update_number(k)
