@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from .functional import check_same_names, unwrap_model
 from .placement import DTensor
@@ -70,6 +70,11 @@ def process_group(model: nn.Module, shard: bool = False) -> Any:
     ddp = _ddp(model)
     if ddp is not None:
         return ddp.process_group if shard else None
+    from .fsdp1 import fsdp1_group  # FSDP1: the units' process group
+
+    fsdp1 = fsdp1_group(unwrap_model(model))
+    if fsdp1 is not None:
+        return fsdp1
     for p in unwrap_model(model).parameters():
         if isinstance(p, DTensor):
             mesh = p.device_mesh
@@ -80,11 +85,9 @@ def process_group(model: nn.Module, shard: bool = False) -> Any:
 
 
 def _describe(model: nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
-    return [
-        (name, tuple(t.shape), str(t.dtype))
-        for name, t in model.state_dict(keep_vars=True).items()
-        if isinstance(t, Tensor)
-    ]
+    from .fsdp1 import named_state  # FSDP1: global shapes, without its gathering state_dict
+
+    return [(name, tuple(t.shape), str(t.dtype)) for name, t in named_state(model)]
 
 
 def check_same_model(model: nn.Module, group: Any = None) -> None:

@@ -36,7 +36,9 @@ def check_initialized(model: nn.Module) -> None:
     (``nn.LazyLinear`` before its first forward pass, or a tensor on the meta device)."""
     from torch.nn.parameter import UninitializedTensorMixin
 
-    for name, t in unwrap_model(model).state_dict(keep_vars=True).items():
+    from .fsdp1 import named_state  # FSDP1's state_dict() would all-gather the model
+
+    for name, t in named_state(unwrap_model(model)):
         if isinstance(t, UninitializedTensorMixin):
             raise ValueError(f"model: {name} is not initialized yet (a lazy module): run one "
                              "forward pass before building the EMA")
@@ -398,8 +400,11 @@ class EMA:
         self._check_not_swapped("copy the average")
         target = self.model if model is None else unwrap_model(model)
         if target is self.model:
-            # Shard to shard under FSDP2 (the mapping holds DTensors); no full gather.
-            if self.started:
+            if not self.started:
+                return
+            if self.shadow.model_forward:  # FSDP1/2, ZeRO-3: into this rank's shards, no gather
+                self._handout.copy_to_model()
+            else:
                 target.load_state_dict(self._handout.mapping(started=True), strict=False)
             return
         target.load_state_dict(self.ema_state_dict(), strict=True)

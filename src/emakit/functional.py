@@ -97,8 +97,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+        # a registered submodule, not getattr: FSDP1 forwards unknown attributes to the module
+        # it wraps, and must not be stripped (it holds the weights' state)
+        elif isinstance(model._modules.get("_orig_mod"), nn.Module):
+            model = model._modules["_orig_mod"]
         else:
             return model
 

@@ -361,6 +361,18 @@ def choose(model: nn.Module, shard: bool = False, group: Any = None) -> Placemen
     """The placement for ``model``: :class:`ReplicaSlice` with ``shard``,
     :class:`~emakit.zero.ZeroPartition` when DeepSpeed ZeRO-3 partitions the parameters,
     :class:`DTensorShard` when a parameter is a DTensor, else :class:`Whole`."""
+    # FSDP1 (FullyShardedDataParallel): emakit.fsdp1.FlatShard --------------------------
+    from .fsdp1 import FlatShard, uses_fsdp1
+
+    if uses_fsdp1(model):
+        if shard:
+            raise ValueError(
+                "shard=True is for replicated models; FSDP1 (FullyShardedDataParallel) shards "
+                "this model's parameters, and their average is kept shard by shard already: "
+                "drop shard"
+            )
+        return FlatShard(model, group)
+    # ------------------------------------------------------------------------------------
     zero3 = any(getattr(p, "ds_tensor", None) is not None for p in model.parameters())
     if shard and zero3:
         raise ValueError(

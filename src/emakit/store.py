@@ -139,7 +139,18 @@ class Store:
     # construction ------------------------------------------------------------------------
 
     def _classify(self) -> list[Entry]:
+        own = getattr(self.placement, "classify", None)  # FSDP1: entries of flat parameters
+        if own is not None:
+            return own(self.model, self.buffers, self.exclude, self.include)
         return classify(self.model, self.buffers, self.exclude, self.include)
+
+    def _state_items(self) -> Any:
+        """(name, tensor) in the order of ``model.state_dict()``; FSDP1 gives its own (its
+        ``state_dict()`` all-gathers every parameter)."""
+        own = getattr(self.placement, "state_items", None)
+        if own is not None:
+            return own(self.model)
+        return self.model.state_dict(keep_vars=True).items()
 
     def _slots(self, entries: list[Entry]) -> list[Slot]:
         p = self.placement
@@ -369,7 +380,7 @@ class Store:
                     by_name[n] = (s, f)
         out: OrderedDict[str, Tensor] = OrderedDict()
         done: dict[int, Tensor] = {}
-        for name, tensor in self.model.state_dict(keep_vars=True).items():
+        for name, tensor in self._state_items():
             hit = by_name.get(name)
             key = id(hit[0]) if hit is not None else id(tensor)
             if key not in done:

@@ -170,7 +170,9 @@ class PostHocEMA:
         )
         self._layout = [(i.name, i.kind, dtype_name(i.dtype), list(i.aliases)) for i in infos]
         names = {n for i in infos for n in (i.name, *i.aliases)}
-        self._order = [n for n in self.model.state_dict(keep_vars=True) if n in names]
+        from ..fsdp1 import named_state  # FSDP1's state_dict() would all-gather the model
+
+        self._order = [n for n, _ in named_state(self.model) if n in names]
 
     # the loop's side ---------------------------------------------------------------------
 
