@@ -44,6 +44,8 @@ CONFIGS: dict[str, dict] = {
     "tied": dict(use_orig_params=False, wrap=False, strategy="SHARD_GRAD_OP", tie=True),
     # bf16 compute: the average must be of the fp32 shards the optimizer steps
     "bf16": dict(use_orig_params=True, wrap=True, strategy="FULL_SHARD", mixed=True),
+    # every rank holds every flat parameter whole; bf16 copies for the forward
+    "noshard": dict(use_orig_params=False, wrap=True, strategy="NO_SHARD", mixed=True),
 }
 
 
@@ -160,7 +162,8 @@ def teacher_between_forward_and_backward(model: nn.Module, ema: emakit.EMA, rank
 
 
 def build_inside_forward(model: nn.Module) -> emakit.EMA:
-    """An EMA built, and started, inside a forward pass (the flat parameters unsharded)."""
+    """An EMA built, and started, inside a forward pass (flat_param.data unsharded, or its
+    bf16 copy under NO_SHARD)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     built: list[emakit.EMA] = []
@@ -168,10 +171,11 @@ def build_inside_forward(model: nn.Module) -> emakit.EMA:
                   and [a for a in n.split(".") if a != "_fsdp_wrapped_module"] == ["blocks", "0"])
 
     def hook(module: nn.Module, args: tuple) -> None:
-        unsharded = [m._handle.flat_param.data_ptr()
+        elsewhere = [m._handle.flat_param.data_ptr()
                      != m._handle.flat_param._local_shard.data_ptr()
                      for m in FSDP.fsdp_modules(model) if m._handle is not None]
-        assert any(unsharded), "the test must build the EMA while parameters are unsharded"
+        assert any(elsewhere), "the test must build the EMA while flat_param.data is not the " \
+            "local shard (unsharded, or a bf16 copy)"
         ema = emakit.EMA(model, half_life=HALF_LIFE)
         ema.update()  # the start: a copy of the model's weights, read inside the forward
         built.append(ema)
@@ -231,6 +235,17 @@ def run_config(config: str, out: str, rank: int, world: int) -> dict:
     again.load_state_dict(ema.state_dict())
     reloaded = again.ema_state_dict()
     assert all(torch.equal(reloaded[k], full[k]) for k in full)
+    # a swap where FSDP holds the parameters unsharded would not be seen: refused
+    if CONFIGS[config]["strategy"] != "NO_SHARD":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(model, writeback=False):
+            try:
+                with ema.swapped():
+                    pass
+            except RuntimeError as err:
+                result["summon_error"] = str(err)
+        assert all(torch.equal(a, b) for a, b in zip(before, flat_locals(model), strict=True))
     # copy_to(): the average into the training shards for good
     ema.copy_to()
     result["copied"] = full_state(model)

@@ -81,6 +81,8 @@ def _check_config(config: str, result: dict, tmp_path: Path) -> dict[str, torch.
     assert torch.equal(result["module_out"], result["swapped_out"]), config
     assert torch.equal(result["teacher_out"], result["module_out"]), config
     assert torch.equal(result["train_out_after"], result["train_out"]), config
+    if CONFIGS[config]["strategy"] != "NO_SHARD":  # inside summon_full_params: refused
+        assert "summon_full_params" in result["summon_error"], config
 
     # copy_to(): the model holds the average (in its dtype); frozen tensors are unchanged
     copied = result["copied"]

@@ -86,7 +86,7 @@ def _fsdp_class() -> type | None:
     return FullyShardedDataParallel
 
 
-def _units(model: nn.Module) -> list[nn.Module]:
+def _units(model: nn.Module) -> list[Any]:
     fsdp = _fsdp_class()
     return [] if fsdp is None else [m for m in model.modules() if isinstance(m, fsdp)]
 
@@ -122,8 +122,8 @@ class FlatView:
     wherever the store reads a model tensor (``shape`` and ``dtype`` are the parameter's
     own); the placement turns it into this rank's piece or the gathered whole."""
 
-    unit: nn.Module  # the FullyShardedDataParallel module whose flat parameter holds it
-    flat: Tensor  # the FlatParameter
+    unit: Any  # the FullyShardedDataParallel module whose flat parameter holds it
+    flat: Any  # the FlatParameter (torch keeps its metadata in private attributes)
     index: int  # among the flat parameter's original parameters
     shape: torch.Size  # the parameter's own (global) shape
     stride: tuple[int, ...]
@@ -181,11 +181,11 @@ class FlatView:
         return _unit_name(self.flat)
 
 
-def _unit_name(flat: Tensor) -> str:
+def _unit_name(flat: Any) -> str:
     return f"FSDP unit of {flat._fqns[0]!r}" if flat._fqns else "an FSDP unit"
 
 
-def _views(unit: nn.Module) -> dict[tuple[int, str], FlatView]:
+def _views(unit: Any) -> dict[tuple[int, str], FlatView]:
     """(id(module), attribute) -> FlatView for every original parameter of ``unit``'s flat
     parameter, tied ones (``_shared_param_infos``) sharing their primary's view."""
     handle = unit._handle
@@ -244,7 +244,7 @@ def _all_views(model: nn.Module, cache: dict | None = None) -> dict[tuple[int, s
 class _Item:
     name: str
     tensor: Any  # a Tensor, or a FlatView
-    module: nn.Module
+    module: Any
     attr: str
     is_param: bool
 
@@ -324,7 +324,7 @@ class FlatEntry(Entry):
 # the placement ------------------------------------------------------------------------------
 
 
-def _check_unit(unit: nn.Module, world_group: Any) -> None:
+def _check_unit(unit: Any, world_group: Any) -> None:
     handle = unit._handle
     flat = handle.flat_param
     name = flat._fqns[0] if flat._fqns else type(unit).__name__
@@ -354,7 +354,7 @@ def _check_unit(unit: nn.Module, world_group: Any) -> None:
         )
 
 
-def _check_model(model: nn.Module, units: list[nn.Module]) -> Any:
+def _check_model(model: nn.Module, units: list[Any]) -> Any:
     """Refuse what :class:`FlatShard` cannot average exactly; the units' process group."""
     group = None
     owned: set[int] = set()
@@ -376,7 +376,7 @@ def _check_model(model: nn.Module, units: list[nn.Module]) -> Any:
             )
         if _flattened(p) and id(p) not in owned:
             if getattr(p, "_is_flat_param", False):
-                clean = f"{clean} (holding {', '.join(map(repr, p._fqns))})"
+                clean = f"{clean} (holding {', '.join(map(repr, getattr(p, '_fqns', ())))})"
             raise ValueError(
                 f"model: {clean} is flattened by an FSDP1 unit (FullyShardedDataParallel) "
                 "that is not part of the model given to the EMA; pass the "
@@ -590,7 +590,7 @@ class FlatShard(Placement):
     ) -> list[Tensor]:
         full = self.gather(slots, attr=attr)
         if convert:
-            full = [f.to(dtype=s.dtype) for s, f in zip(slots, full, strict=True)]
+            full = [f.to(dtype=s.dtype) for s, f in zip(slots, full, strict=True)]  # type: ignore[union-attr]
         return full  # type: ignore[return-value]
 
     def scatter(self, slot: Slot, value: Tensor) -> Tensor:
@@ -637,19 +637,25 @@ class FlatShard(Placement):
                 continue
             for attr in ("_full_param_padded", "_full_prec_full_param_padded"):
                 full = flat.__dict__.get(attr)
-                if full is not None and full.untyped_storage().size() > 0:
-                    full.untyped_storage().resize_(0)
+                if full is None or full.untyped_storage().size() == 0:
+                    continue
+                if full.device.type != "cpu":  # as FSDP frees it: after the kernels queued
+                    full.record_stream(handle._device_handle.current_stream())
+                full.untyped_storage().resize_(0)
 
     def swap_pairs(self, slots: Sequence[Slot]) -> tuple[list[Tensor], list[Tensor]]:
         """Targets: the pieces of the local shards (and whole buffers); values: the averaged
         pieces. No communication; unsharded copies FSDP kept are freed first."""
         self._release(strict=True)
-        targets, values = [], []
+        targets: list[Tensor] = []
+        values: list[Tensor] = []
         for s in slots:
+            if s.avg is None:
+                continue  # this rank's shard holds none of the parameter
             if s.meta is None:
                 targets.append(s.entry.tensor())
                 values.append(s.avg)
-            elif s.avg is not None:
+            else:
                 targets.append(s.meta.piece())
                 values.append(s.avg)
         return targets, values
