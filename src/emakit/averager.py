@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from . import cadence as cad
 from ._engine import views
 from ._engine.collectives import all_ranks, check_same_model, process_group, rank
+from ._engine.flat_params import named_state
 from ._engine.layout import Kind
 from ._engine.store import Store
 from ._engine.tensors import unwrap_model
@@ -52,8 +53,8 @@ def swapped_by(model: nn.Module) -> Averager | None:
 def check_initialized(model: nn.Module) -> None:
     """Raise a ValueError naming the first parameter or buffer that is not materialized yet
     (``nn.LazyLinear`` before its first forward pass, or a tensor on the meta device)."""
-    for name, t in unwrap_model(model).state_dict(keep_vars=True).items():
-        if torch.nn.parameter.is_lazy(t):
+    for name, t in named_state(unwrap_model(model)):  # FSDP1's state_dict() would gather
+        if isinstance(t, Tensor) and torch.nn.parameter.is_lazy(t):
             raise ValueError(f"model: {name} is not initialized yet (a lazy module): run one "
                              "forward pass before building the EMA")
         if isinstance(t, Tensor) and t.is_meta:
@@ -169,6 +170,10 @@ class Averager:
     def _new_store(self, storage: StoreConfig) -> Store:
         """A further store of the model, on this averager's process group."""
         return Store(self.model, storage, self._group)
+
+    def _state_names(self) -> list[str]:
+        """The model's state-dict names in order (FSDP1's ``state_dict()`` would gather)."""
+        return [n for n, _ in named_state(self.model)]
 
     def _entries(self) -> list[views.EntryInfo]:
         """Every tensor of the model as the stores see it (for snapshot headers)."""
@@ -372,10 +377,13 @@ class Averager:
         self._check_not_swapped("copy the average")
         target = self.model if model is None else unwrap_model(model)
         if target is self.model:
-            # Shard to shard under FSDP2 (the mapping holds DTensors); no full gather.
-            if self.started:
-                target.load_state_dict(views.mapping(self._handout(), started=True),
-                                       strict=False)
+            if not self.started:
+                return
+            store = self._handout()
+            if store.model_forward:  # FSDP1/2, ZeRO-3: into this rank's shards, no gather
+                store.write_to_model()
+            else:
+                target.load_state_dict(views.mapping(store, started=True), strict=False)
             return
         target.load_state_dict(self.ema_state_dict(), strict=True)
 

@@ -17,19 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .tensors import check_same_names, unwrap_model
-
-try:  # public since torch 2.5; torch 2.4 has it under a private name
-    from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError:  # pragma: no cover - depends on the torch build
-    try:
-        from torch.distributed._tensor import DTensor, distribute_tensor
-    except ImportError:  # a torch built without distributed: no parameter is a DTensor
-
-        class DTensor:  # type: ignore[no-redef]
-            pass
-
-        distribute_tensor = None  # type: ignore[assignment]
+from .flat_params import fsdp1_group, named_state
+from .tensors import DTensor, check_same_names, distribute_tensor, unwrap_model
 
 __all__ = [
     "DTensor",
@@ -73,9 +62,10 @@ def process_group(model: nn.Module, shard: bool = False) -> Any:
 
     Under FSDP2 the group of a 1-D mesh (the default group for a larger mesh); under
     DeepSpeed ZeRO-3 the parameters' partition group (``ds_process_group``); with
-    ``shard=True`` DDP's own group, or the default group. A DDP model without ``shard`` needs
-    none: every rank keeps the whole average and nothing is communicated (DDP itself checks
-    the ranks' shapes when it wraps the model), so an EMA built on rank 0 alone works.
+    ``shard=True`` DDP's own group, or the default group; under FSDP1 the units' group. A
+    DDP model without ``shard`` needs none: every rank keeps the whole average and nothing
+    is communicated (DDP itself checks the ranks' shapes when it wraps the model), so an
+    EMA built on rank 0 alone works.
     ``shard=True`` without an initialized process group is a ValueError.
     """
     if shard and not initialized():
@@ -86,6 +76,9 @@ def process_group(model: nn.Module, shard: bool = False) -> Any:
     ddp = _ddp(model)
     if ddp is not None:
         return ddp.process_group if shard else None
+    fsdp1 = fsdp1_group(unwrap_model(model))  # refuses what cannot be averaged, naming it
+    if fsdp1 is not None:
+        return fsdp1
     for p in unwrap_model(model).parameters():
         if isinstance(p, DTensor):
             mesh = p.device_mesh
@@ -96,11 +89,8 @@ def process_group(model: nn.Module, shard: bool = False) -> Any:
 
 
 def _describe(model: nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
-    return [
-        (name, tuple(t.shape), str(t.dtype))
-        for name, t in model.state_dict(keep_vars=True).items()
-        if isinstance(t, Tensor)
-    ]
+    # global shapes, without FSDP1's gathering state_dict()
+    return [(name, tuple(t.shape), str(t.dtype)) for name, t in named_state(model)]
 
 
 def check_same_model(model: nn.Module, group: Any = None) -> None:

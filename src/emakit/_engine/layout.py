@@ -35,8 +35,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..config import Selector
+from .flat_params import FlatView, Item, state_items
 
-__all__ = ["ALIGN", "align", "Kind", "Entry", "Matcher", "classify", "generation"]
+__all__ = ["ALIGN", "align", "Kind", "Entry", "FlatEntry", "Matcher", "classify", "generation"]
 
 ALIGN = 16  # elements; every view starts 64-byte aligned (fp32), for vectorized kernels
 
@@ -149,13 +150,43 @@ class Matcher:
             )
 
 
+@dataclass(eq=False)
+class FlatEntry(Entry):
+    """An original parameter of an FSDP1 ``FlatParameter``. The staleness watch reads the
+    unit's flat parameter from its handle (``handle.flat_param``) and the placement maps it to
+    its local shard; ``tensor()`` is the parameter's :class:`~.flat_params.FlatView`."""
+
+    view: FlatView | None = None
+
+    @property
+    def table(self) -> dict[str, Any]:
+        table: dict[str, Any] = self.module._handle.__dict__
+        return table
+
+    def tensor(self) -> Any:
+        return self.view
+
+
+def _kind(item: Item, names: list[str], probe: Tensor, buffers: str, included: Matcher) -> Kind:
+    floating = probe.is_floating_point()
+    if item.is_param:
+        return Kind.AVERAGE if probe.requires_grad and floating else Kind.LIVE
+    if floating:
+        picked = included(names, probe)  # called for every floating buffer: see check_used
+        return Kind.AVERAGE if buffers == "average" or picked else Kind.COPY
+    return Kind.LIVE
+
+
 def classify(
     model: nn.Module,
     buffers: str = "average",
     exclude: Selector = None,
     include: Selector = None,
+    cache: dict | None = None,
 ) -> list[Entry]:
-    """The model's state-dict tensors as entries, in state-dict order, tied tensors merged.
+    """The model's state-dict tensors as entries, in state-dict order, tied tensors merged
+    (an FSDP1 model's flattened parameters under their original names, as
+    :class:`FlatEntry`; ``cache`` keeps their views between calls).
 
     >>> import torch
     >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
@@ -167,35 +198,27 @@ def classify(
     """
     excluded = Matcher(exclude, "exclude")
     included = Matcher(include, "include")
-    found: list[tuple[list[str], Tensor, nn.Module, str, bool]] = []
+    found: list[tuple[list[str], Item]] = []
     by_id: dict[int, list[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if not isinstance(tensor, Tensor):
+    for item in state_items(model, cache):
+        if id(item.tensor) in by_id:
+            by_id[id(item.tensor)].append(item.name)
             continue
-        if id(tensor) in by_id:
-            by_id[id(tensor)].append(name)
+        if not item.is_param and item.attr not in item.module._buffers:  # extra state
             continue
-        prefix, _, attr = name.rpartition(".")
-        module = model.get_submodule(prefix)
-        is_param = attr in module._parameters
-        if not is_param and attr not in module._buffers:  # extra state
-            continue
-        names = [name]
-        by_id[id(tensor)] = names
-        found.append((names, tensor, module, attr, is_param))
-    entries = []
-    for names, tensor, module, attr, is_param in found:
-        floating = tensor.is_floating_point()
-        if is_param:
-            kind = Kind.AVERAGE if tensor.requires_grad and floating else Kind.LIVE
-        elif floating:
-            picked = included(names, tensor)  # called for every floating buffer: see check_used
-            kind = Kind.AVERAGE if buffers == "average" or picked else Kind.COPY
+        names = [item.name]
+        by_id[id(item.tensor)] = names
+        found.append((names, item))
+    entries: list[Entry] = []
+    for names, item in found:
+        view = item.tensor if isinstance(item.tensor, FlatView) else None
+        probe = view.meta() if view is not None else item.tensor
+        kind = Kind.LIVE if excluded(names, probe) else _kind(item, names, probe, buffers,
+                                                              included)
+        if view is not None:
+            entries.append(FlatEntry(names, item.module, item.attr, True, kind, view))
         else:
-            kind = Kind.LIVE
-        if excluded(names, tensor):
-            kind = Kind.LIVE
-        entries.append(Entry(names, module, attr, is_param, kind))
+            entries.append(Entry(names, item.module, item.attr, item.is_param, kind))
     excluded.check_used("tensor")
     included.check_used("floating buffer")
     return entries

@@ -100,6 +100,7 @@ class Store:
             placement if placement is not None else choose(self.model, config.shard, group)
         )
         self.executor: Executor = Eager()
+        self.views_cache: dict = {}  # an FSDP1 model's flat-parameter views, kept
         self.flat: dict = {}
         self.comps: dict | None = None
         self._build(self._classify(), carry=None)
@@ -108,7 +109,7 @@ class Store:
 
     def _classify(self) -> list[Entry]:
         c = self.config
-        return classify(self.model, c.buffers, c.exclude, c.include)
+        return classify(self.model, c.buffers, c.exclude, c.include, self.views_cache)
 
     def _slots(self, entries: list[Entry]) -> list[Slot]:
         p = self.placement
@@ -298,6 +299,16 @@ class Store:
                       [p.scatter(b.slot, compensation[b.entry.name]) for _, b in pairs])
 
     # swapping -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def write_to_model(self) -> None:
+        """Write the average into the model's tensors for good, this rank's parts into its
+        shards (no gather): what ``copy_to()`` does where the model's forward gathers."""
+        self.ensure()
+        self.executor.synchronize()
+        targets, values = self.placement.swap_pairs(self.slots)
+        with self.placement.swap_scope(self.slots):
+            copy_(targets, values)
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:

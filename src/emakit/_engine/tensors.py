@@ -12,7 +12,21 @@ from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+try:  # public since torch 2.5; torch 2.4 has it under a private name
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover - depends on the torch build
+    try:
+        from torch.distributed._tensor import DTensor, distribute_tensor
+    except ImportError:  # a torch built without distributed: no parameter is a DTensor
+
+        class DTensor:  # type: ignore[no-redef]
+            pass
+
+        distribute_tensor = None  # type: ignore[assignment]
+
 __all__ = [
+    "DTensor",
+    "distribute_tensor",
     "grouped",
     "copy_",
     "values_swapped",
@@ -85,7 +99,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     while True:
-        inner = getattr(model, "_orig_mod", None)
+        # a registered submodule, not getattr: FSDP1 forwards unknown attributes to the module
+        # it wraps, and must not be stripped (it holds the weights' state)
+        inner = model._modules.get("_orig_mod")
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             inner = model.module
         if not isinstance(inner, nn.Module):

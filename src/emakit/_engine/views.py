@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .collectives import rank
+from .flat_params import state_items
 from .layout import Kind
 from .placements import Slot
 from .store import Store
@@ -85,7 +86,8 @@ def export(store: Store, started: bool = True, rank0_only: bool = False) -> dict
                 by_name[n] = (s, f)
     out: OrderedDict[str, Tensor] = OrderedDict()
     done: dict[int, Tensor] = {}
-    for name, tensor in store.model.state_dict(keep_vars=True).items():
+    for item in state_items(store.model, store.views_cache):
+        name, tensor = item.name, item.tensor
         hit = by_name.get(name)
         key = id(hit[0]) if hit is not None else id(tensor)
         if key not in done:

@@ -135,7 +135,7 @@ class PostHocEMA(Averager):
         self._layout = [(i.name, i.kind.value, dtype_name(i.dtype), list(i.aliases))
                         for i in infos]
         names = {n for i in infos for n in (i.name, *i.aliases)}
-        self._order = [n for n in self.model.state_dict(keep_vars=True) if n in names]
+        self._order = [n for n in self._state_names() if n in names]
 
     # the loop's side ---------------------------------------------------------------------
 
