@@ -224,9 +224,14 @@ def test_inspect_a_distributed_checkpoint_without_unpickling(tmp_path):
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    (tmp_path / "ck" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    from ckpt_tools import data_folder, reseal
+
+    (data_folder(tmp_path / "ck") / ".metadata").write_bytes(pickle.dumps(Payload()))
+    code, _, err = run(["inspect", str(tmp_path / "ck")])  # changed: the checksum says so
+    assert code == 2 and one_line(err) and ".metadata is corrupted" in err, err
+    reseal(tmp_path / "ck")  # crafted: checksums recomputed, the restricted unpickler refuses
     code, _, err = run(["inspect", str(tmp_path / "ck")])
-    assert code == 2 and one_line(err) and ".metadata" in err, err
+    assert code == 2 and one_line(err) and ".metadata names" in err, err
     assert not marker.exists()
 
 
