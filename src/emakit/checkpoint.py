@@ -421,14 +421,14 @@ def _check_stateful(ema: Any) -> None:
                         f"emakit.EMA), got {type(ema).__name__} {ema!r:.60}")
 
 
-def _referenced(folder: Path) -> str | None:
-    """The data folder the pointer names; None if there is no readable pointer."""
+def _current(folder: Path) -> dict[str, Any] | None:
+    """The pointer's content; None if there is no readable pointer."""
     try:
         manifest = read_sealed_json(folder / POINTER, what="checkpoint_id")
         _check_manifest(manifest, folder / POINTER)
     except (OSError, ValueError):
         return None
-    return manifest["data"]
+    return manifest
 
 
 def _remove_legacy(folder: Path) -> None:
@@ -439,24 +439,30 @@ def _remove_legacy(folder: Path) -> None:
                 entry.unlink()
 
 
-def _collect(folder: Path, keep: str | None) -> None:
-    """Remove what killed writers left: pointer temporaries and unreferenced data folders
-    whose writer is gone (a live writer's, here or elsewhere, stay)."""
+def _collect(folder: Path, current: Mapping[str, Any] | None) -> None:
+    """Remove what killed writers left: pointer temporaries, the data folder the current
+    checkpoint replaced (if its writer died before removing it), and unreferenced data
+    folders whose writer is gone (a live writer's, here or elsewhere, stay)."""
+    keep = None if current is None else current["data"]
+    replaced = None if current is None else current.get("replaces")
     reclaim_temporaries(folder)
     for entry in folder.iterdir():
         m = _DATA.fullmatch(entry.name)
-        if m and entry.name != keep and entry.is_dir() and abandoned(m.group("tag")):
+        if m is None or entry.name == keep or not entry.is_dir():
+            continue
+        if entry.name == replaced or abandoned(m.group("tag")):
             shutil.rmtree(entry, ignore_errors=True)
     if keep is not None:
         _remove_legacy(folder)
 
 
-def _begin(folder: Path, overwrite: bool) -> str:
-    """Rank 0: clean up, check for a checkpoint, make the new data folder; its name."""
+def _begin(folder: Path, overwrite: bool) -> tuple[str, str | None]:
+    """Rank 0: clean up, check for a checkpoint, make the new data folder. Returns its name
+    and that of the data folder it is to replace."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"checkpoint_id: {str(folder)!r} is a file; expected a folder")
     folder.mkdir(parents=True, exist_ok=True)
-    current = _referenced(folder)
+    current = _current(folder)
     exists = (folder / POINTER).exists() or (folder / _METADATA).exists()
     if current is not None or not exists or overwrite:
         _collect(folder, current)
@@ -467,7 +473,7 @@ def _begin(folder: Path, overwrite: bool) -> str:
         )
     name = f"dcp-{owner_tag()}-{uuid.uuid4().hex[:8]}"
     (folder / name).mkdir()
-    return name
+    return name, None if current is None else current["data"]
 
 
 def _checksum_mine(md: Any, data: Path) -> dict[str, Any]:
@@ -483,7 +489,7 @@ def _checksum_mine(md: Any, data: Path) -> dict[str, Any]:
     return out
 
 
-def _manifest(data: Path, files: dict[str, Any]) -> dict[str, Any]:
+def _manifest(data: Path, files: dict[str, Any], replaces: str | None) -> dict[str, Any]:
     """Rank 0: the pointer's content, after checking ``.metadata`` is what load accepts."""
     import hashlib
 
@@ -492,7 +498,8 @@ def _manifest(data: Path, files: dict[str, Any]) -> dict[str, Any]:
     raw = (data / _METADATA).read_bytes()
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "emakit_version": __version__,
-        "data": data.name, "written_ns": time.time_ns(), "ranks": _world(),
+        "data": data.name, "replaces": replaces, "written_ns": time.time_ns(),
+        "ranks": _world(),
         "metadata": {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()},
         "files": files,
     }
@@ -500,13 +507,15 @@ def _manifest(data: Path, files: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def _publish(folder: Path, data: Path, files: dict[str, Any], overwrite: bool) -> None:
-    """Rank 0: switch the pointer to ``data`` (the atomic step), then drop what it replaced.
-    The loser of a race without ``overwrite`` removes its data and raises FileExistsError."""
+def _publish(folder: Path, data: Path, files: dict[str, Any], overwrite: bool,
+             old: str | None) -> None:
+    """Rank 0: switch the pointer to ``data`` (the atomic step), then drop what it replaced
+    (``old``, recorded in the new pointer, so the next save removes it if this one dies
+    first). The loser of a race without ``overwrite`` removes its data and raises
+    FileExistsError."""
     try:
-        manifest = _manifest(data, files)
+        manifest = _manifest(data, files, old)
         fsync_dir(data)
-        old = _referenced(folder) if overwrite else None
         write_sealed_json(folder / POINTER, manifest, overwrite=overwrite)
     except FileExistsError:
         shutil.rmtree(data, ignore_errors=True)
@@ -537,7 +546,8 @@ def save(ema: Any, checkpoint_id: str | os.PathLike, overwrite: bool = False) ->
     _check_stateful(ema)
     folder = Path(path_arg(checkpoint_id, "checkpoint_id"))
     overwrite = flag(overwrite, "overwrite")
-    data = folder / _on_rank0(lambda: _begin(folder, overwrite))
+    name, old = _on_rank0(lambda: _begin(folder, overwrite))
+    data = folder / name
     try:
         writer = dcp.FileSystemWriter(str(data), overwrite=False)
         md = dcp.save({"ema": ema.state_dict()}, storage_writer=writer)
@@ -547,7 +557,7 @@ def save(ema: Any, checkpoint_id: str | os.PathLike, overwrite: bool = False) ->
             shutil.rmtree(data, ignore_errors=True)
         raise
     outcomes = _gather(files)
-    _on_rank0(lambda: _publish(folder, data, _merge(outcomes, data), overwrite))
+    _on_rank0(lambda: _publish(folder, data, _merge(outcomes, data), overwrite, old))
 
 
 def _merge(outcomes: list[tuple[str, Any]], data: Path) -> dict[str, Any]:

@@ -56,6 +56,7 @@ __all__ = [
     "CHECKSUMS_KEY",
     "HEADER_CHECKSUM_KEY",
     "owner_tag",
+    "pid_alive",
     "abandoned",
     "reclaim_temporaries",
     "write_sealed_json",
@@ -134,7 +135,9 @@ def owner_tag() -> str:
 _TAG = re.compile(r"([0-9a-f]{8})-([0-9]+)")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (a zombie, finished but not yet reaped,
+    does not)."""
     if pid <= 0:  # os.kill(0 or -1, 0) would ask about whole process groups
         return False
     try:
@@ -142,7 +145,10 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
-        return True
+        pass
+    with contextlib.suppress(OSError, IndexError):  # Linux: a zombie has finished
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     return True
 
 
@@ -154,7 +160,7 @@ def abandoned(tag: str) -> bool:
     if m is None or m.group(1) != _machine():
         return False
     pid = int(m.group(2))
-    return pid != os.getpid() and not _pid_alive(pid)
+    return pid != os.getpid() and not pid_alive(pid)
 
 
 _TMP_NAME = re.compile(r"\.(?P<target>.+)\.(?P<tag>[0-9a-f]{8}-[0-9]+)\.[0-9a-f]{8}\.tmp")

@@ -10,6 +10,7 @@ import math
 import os
 import socket
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,9 @@ from ..io import (
     is_temporary,
     model_fingerprint,
     owner_tag,
+    pid_alive,
     read_header,
+    reclaim_temporaries,
     write_safetensors,
 )
 from ..schedules import sigma_rel_to_gamma
@@ -320,18 +323,6 @@ def _host() -> str:
     return socket.gethostname()
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:  # os.kill(0 or -1, 0) would ask about whole process groups
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def _release_all() -> None:
     for lock in list(_HELD.values()):
         with contextlib.suppress(OSError, ValueError):
@@ -369,7 +360,7 @@ def _lock(directory: Path, run_id: str) -> bool:
         return False
     lock = directory / LOCK_NAME
     me = {"pid": os.getpid(), "host": _host(), "run_id": run_id, "since": time.time()}
-    tmp = directory / f"{LOCK_NAME}.{os.getpid()}.{time.time_ns()}.tmp"
+    tmp = directory / f"{LOCK_NAME}.{owner_tag()}.{uuid.uuid4().hex[:8]}.tmp"
     fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     with os.fdopen(fd, "w") as f:
         json.dump(me, f)
@@ -389,8 +380,8 @@ def _lock(directory: Path, run_id: str) -> bool:
             if host == _host() and pid == os.getpid():
                 _HELD[key] = lock
                 return True
-            if host == _host() and not _alive(pid):
-                stale = lock.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
+            if host == _host() and not pid_alive(pid):
+                stale = lock.with_name(f"{LOCK_NAME}.{owner_tag()}.{uuid.uuid4().hex[:8]}.tmp")
                 try:
                     os.rename(lock, stale)
                 except FileNotFoundError:
@@ -415,7 +406,9 @@ def _lock(directory: Path, run_id: str) -> bool:
 
 def _reclaim(directory: Path) -> None:
     """Remove the snapshot temporaries other writers left: this process holds the folder's
-    writer lock, so whoever wrote them has stopped writing (killed mid-write)."""
+    writer lock, so whoever wrote them has stopped writing (killed mid-write). Temporaries
+    of the lock itself go only when their process is gone (another may be taking it)."""
+    reclaim_temporaries(directory, LOCK_NAME[1:])
     mine = owner_tag()
     for p in directory.iterdir():
         if p.name.startswith(f".{PREFIX}") and is_temporary(p) and mine not in p.name:
