@@ -218,6 +218,7 @@ def test_inspect_a_distributed_checkpoint_without_unpickling(tmp_path):
     code, out, err = run(["inspect", str(tmp_path / "ck")])
     assert code == 0, err
     assert "ema.average.weight: float32 [2, 3] in 1 shards" in out
+    assert "checksums: pointer and metadata verified" in out
     marker = tmp_path / "MARKER"
 
     class Payload:

@@ -110,6 +110,14 @@ def test_a_changed_tensor_is_named(tmp_path):
         checkpoint.load(trained_ema(seed=1), tmp_path / "ck")
 
 
+def test_the_data_folder_alone_is_refused(tmp_path):
+    """Loading a checkpoint's data folder directly would skip its checksums."""
+    checkpoint.save(trained_ema(), tmp_path / "ck")
+    data = next((tmp_path / "ck").glob("dcp-*"))
+    with pytest.raises(ValueError, match="is the data folder of the checkpoint in"):
+        checkpoint.load(trained_ema(seed=1), data)
+
+
 _RACERS = textwrap.dedent(
     """
     import json, os, sys, time, warnings, torch, emakit

@@ -366,6 +366,9 @@ def _locate(folder: Path) -> CheckpointInfo:
             raise ValueError(f"checkpoint_id: {pointer} names the data folder {data.name}, "
                              "which is missing")
         return CheckpointInfo(folder, data, manifest)
+    if _DATA.fullmatch(folder.name) and (folder.parent / POINTER).is_file():
+        raise ValueError(f"checkpoint_id: {str(folder)!r} is the data folder of the checkpoint "
+                         f"in {str(folder.parent)!r}; load that folder")
     if (folder / _METADATA).is_file():
         return CheckpointInfo(folder, folder, None)
     raise ValueError(f"checkpoint_id: {str(folder)!r} holds no checkpoint (no {POINTER})")
