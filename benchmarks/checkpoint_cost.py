@@ -46,7 +46,7 @@ def state_mb(sd: dict) -> float:
 
 def main() -> None:
     warnings.simplefilter("ignore")
-    threads = setup_threads()
+    setup_threads()
     torch.manual_seed(0)
     model = ResNet50()
     ema = emakit.EMA(model, half_life="100ba")
@@ -108,7 +108,7 @@ def main() -> None:
         rows.append([what, f"{base_name} {b * 1e3:.0f} ms", f"{ours_name} {o * 1e3:.0f} ms",
                      f"{o / b:.2f}"])
     shutil.rmtree(root, ignore_errors=True)
-    print(f"{machine()}, {threads} threads; EMA state {state_mb(sd):.0f} MB")
+    print(f"{machine()}; EMA state {state_mb(sd):.0f} MB")
     print(table(["operation", "plain", "emakit", "ratio"], rows))
 
 

@@ -432,3 +432,13 @@ def test_old_pickled_arguments_never_reach_a_loader(tmp_path):
         with pytest.raises(ValueError, match="x.safetensors"):
             read_state(tmp_path / "x.safetensors")
     assert not marker.exists()
+
+
+def test_plain_safetensors_files_still_read(tmp_path):
+    """A safetensors file without emakit's metadata (no seal to verify) still reads."""
+    from safetensors.torch import save_file
+
+    from emakit.io import read_header
+
+    save_file({"a": torch.ones(2)}, str(tmp_path / "plain.safetensors"))
+    assert read_header(tmp_path / "plain.safetensors") == ({}, {"a": ("F32", (2,))})

@@ -437,9 +437,9 @@ def verify_header(path: str | os.PathLike, what: str = "file") -> bool:
     path = Path(path)
     raw = _raw_header(path, what)
     try:
-        meta = json.loads(raw[8:])["__metadata__"]
+        meta = json.loads(raw[8:]).get("__metadata__") or {}  # plain files may have none
         got = meta.get(HEADER_CHECKSUM_KEY) if isinstance(meta, dict) else None
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, AttributeError) as err:
         raise _open_error(path, err, what) from None
     if got is None:
         return False
