@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ckpt_tools import data_folder, reseal
 from multiproc import run_ranks
 
 import emakit
@@ -72,17 +73,23 @@ def test_round_trip_bitwise(tmp_path):
 def test_metadata_payload_is_refused(tmp_path):
     ema, folder = _saved(tmp_path)
     marker = tmp_path / "MARKER"
-    (folder / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    (data_folder(folder) / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(ValueError, match=r"checkpoint_id: .*\.metadata is corrupted"):
+        checkpoint.load(ema, folder)  # an accident: the checksum
+    reseal(folder)
     with pytest.raises(ValueError, match=r"checkpoint_id: .*\.metadata names .*open"):
-        checkpoint.load(ema, folder)
+        checkpoint.load(ema, folder)  # crafted: the restricted unpickler
     assert not marker.exists()
 
 
 def _rewrite(folder: Path, edit) -> None:
-    """Re-pickle the folder's metadata after ``edit(metadata)`` (as an attacker could)."""
-    md = checkpoint.read_metadata(folder / ".metadata")
-    edit(md)
-    (folder / ".metadata").write_bytes(pickle.dumps(md))
+    """Re-pickle the folder's metadata after ``edit(metadata)`` and reseal it (as an
+    attacker could)."""
+    data = data_folder(folder)
+    md = checkpoint.read_metadata(data / ".metadata")
+    edit(md, data)
+    (data / ".metadata").write_bytes(pickle.dumps(md))
+    reseal(folder)
 
 
 def test_value_payload_is_refused(tmp_path):
@@ -92,11 +99,11 @@ def test_value_payload_is_refused(tmp_path):
     buf = io.BytesIO()
     torch.save(Payload(marker), buf)
 
-    def edit(md):
+    def edit(md, where):
         key = next(k for k in md.storage_data if k.fqn == "ema.num_updates")
         info = md.storage_data[key]
-        data = (folder / info.relative_path).read_bytes()
-        (folder / info.relative_path).write_bytes(data + buf.getvalue())
+        data = (where / info.relative_path).read_bytes()
+        (where / info.relative_path).write_bytes(data + buf.getvalue())
         info.offset, info.length = len(data), len(buf.getvalue())
 
     _rewrite(folder, edit)
@@ -108,9 +115,9 @@ def test_value_payload_is_refused(tmp_path):
 def test_storage_outside_the_folder_is_refused(tmp_path):
     ema, folder = _saved(tmp_path)
     secret = tmp_path / "secret.bin"
-    shutil.copy(next(folder.glob("*.distcp")), secret)
+    shutil.copy(next(data_folder(folder).glob("*.distcp")), secret)
 
-    def edit(md):
+    def edit(md, where):
         for info in md.storage_data.values():
             info.relative_path = "../secret.bin"
 
@@ -122,7 +129,8 @@ def test_storage_outside_the_folder_is_refused(tmp_path):
 @pytest.mark.parametrize("content", [b"", b"not a pickle", b"\x80\x04K\x01."])
 def test_foreign_metadata_is_a_clear_error(tmp_path, content):
     ema, folder = _saved(tmp_path)
-    (folder / ".metadata").write_bytes(content)
+    (data_folder(folder) / ".metadata").write_bytes(content)
+    reseal(folder)
     with pytest.raises(ValueError, match="is not checkpoint metadata"):
         checkpoint.load(ema, folder)
 
@@ -157,7 +165,8 @@ def test_sharded_save_on_2_ranks_load_on_3_and_hostile_folder(tmp_path):
     hostile = tmp_path / "hostile"
     shutil.copytree(tmp_path / "ckpt", hostile)
     marker = tmp_path / "MARKER"
-    (hostile / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    (data_folder(hostile) / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    reseal(hostile)
     launch("hostile", tmp_path, world=2)
     messages = torch.load(tmp_path / "hostile.pt", weights_only=True)["messages"]
     assert all("refusing to load it" in m for m in messages), messages

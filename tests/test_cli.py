@@ -218,15 +218,21 @@ def test_inspect_a_distributed_checkpoint_without_unpickling(tmp_path):
     code, out, err = run(["inspect", str(tmp_path / "ck")])
     assert code == 0, err
     assert "ema.average.weight: float32 [2, 3] in 1 shards" in out
+    assert "checksums: pointer and metadata verified" in out
     marker = tmp_path / "MARKER"
 
     class Payload:
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    (tmp_path / "ck" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    from ckpt_tools import data_folder, reseal
+
+    (data_folder(tmp_path / "ck") / ".metadata").write_bytes(pickle.dumps(Payload()))
+    code, _, err = run(["inspect", str(tmp_path / "ck")])  # changed: the checksum says so
+    assert code == 2 and one_line(err) and ".metadata is corrupted" in err, err
+    reseal(tmp_path / "ck")  # crafted: checksums recomputed, the restricted unpickler refuses
     code, _, err = run(["inspect", str(tmp_path / "ck")])
-    assert code == 2 and one_line(err) and ".metadata" in err, err
+    assert code == 2 and one_line(err) and ".metadata names" in err, err
     assert not marker.exists()
 
 

@@ -378,6 +378,7 @@ def _rewrite(path: Path, edit_meta=None, edit_tensors=None) -> None:
     if edit_tensors:
         edit_tensors(tensors)
     sums = meta.pop("checksums", None) is not None  # recomputed for the new tensors
+    meta.pop("header_checksum", None)  # and the header sealed again
     write_safetensors(path, tensors, meta, overwrite=True, checksums=sums)
 
 

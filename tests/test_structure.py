@@ -18,17 +18,17 @@ SRC = ROOT / "src" / "emakit"
 
 # Bottom-up. A module may import modules of its own layer or of layers below it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("pure", ("_version", "time", "schedules", "cadence", "laws", "migrations")),
+    ("pure", ("_version", "_args", "time", "schedules", "cadence", "laws", "migrations")),
     ("config", ("config",)),
     ("engine", ("_engine", "_engine.*")),
     ("tensors and files", ("io", "guards", "functional", "flat")),
-    ("saved state", ("checkpoint", "posthoc.profiles", "posthoc.snapshots",
+    ("saved state", ("statefile", "checkpoint", "posthoc.profiles", "posthoc.snapshots",
                      "posthoc.synthesis")),
     ("averager", ("averager",)),
     ("faces", ("ema", "bema", "posthoc", "posthoc.tracker", "distributed")),
     ("edges", ("integrations", "integrations.*", "cli", "demo", "__main__", "")),
 ]
-PURE = {"_version", "time", "schedules", "cadence", "laws", "migrations"}
+PURE = {"_version", "_args", "time", "schedules", "cadence", "laws", "migrations"}
 # What each layer must never import, whatever the order says.
 NO_ENGINE = ("ema", "bema", "posthoc.tracker", "posthoc", "integrations", "integrations.*",
              "cli", "demo", "distributed")

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import cadence as cad
+from ._args import flag
 from ._engine import views
 from ._engine.collectives import all_ranks, check_same_model, process_group, rank
 from ._engine.flat_params import named_state
@@ -33,7 +34,7 @@ from ._engine.layout import Kind
 from ._engine.store import Store
 from ._engine.tensors import unwrap_model
 from .cadence import Cadence, CadenceState, Counts, Span
-from .config import StoreConfig, _Timing, flag
+from .config import StoreConfig, _Timing
 from .guards import Context, Guard, Mask, NonFinite, ScalerSkipped
 from .laws import Law
 from .migrations import CURRENT, upgrade

@@ -7,7 +7,8 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 
 def _halflife(args: argparse.Namespace) -> int:
@@ -70,12 +71,9 @@ class _Progress:
             self.bar.close()
 
 
-def _synthesize(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .io import dtype_from_name, dumps, write_safetensors
-    from .posthoc import plan_synthesis, synthesize
-
+def _out_path(args: argparse.Namespace) -> Path:
+    """``--out``, checked before any work: a .safetensors name, writable, not a folder, and
+    new unless ``--force``."""
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out: expected a .safetensors file name, got {args.out!r}")
@@ -86,18 +84,32 @@ def _synthesize(args: argparse.Namespace) -> int:
     parent = out.parent if str(out.parent) else Path(".")
     if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"--out: cannot write into {str(parent)!r} (permission denied)")
-    dtype = None
-    if args.dtype:
-        dtype = dtype_from_name(args.dtype, "--dtype")
-        if not dtype.is_floating_point:
-            raise ValueError(f"--dtype: expected a floating dtype (float32, bfloat16, ...), "
-                             f"got {args.dtype!r}: an average is not a whole number")
+    return out
+
+
+def _out_dtype(text: str | None) -> Any:
+    from .io import dtype_from_name
+
+    if not text:
+        return None
+    dtype = dtype_from_name(text, "--dtype")
+    if not dtype.is_floating_point:
+        raise ValueError(f"--dtype: expected a floating dtype (float32, bfloat16, ...), "
+                         f"got {text!r}: an average is not a whole number")
+    return dtype
+
+
+def _synthesize(args: argparse.Namespace) -> int:
+    from .io import dumps, write_safetensors
+    from .posthoc import plan_synthesis, synthesize
+
+    out = _out_path(args)
+    dtype = _out_dtype(args.dtype)
     max_error = None if args.max_error == 0 else args.max_error
     plan = plan_synthesis(args.dir, [args.sigma_rel], at=args.at, max_error=max_error)
     bar = _Progress(not args.no_progress, "synthesizing")
     try:
-        state = synthesize(args.dir, args.sigma_rel, at=args.at, max_error=max_error,
-                           dtype=dtype, progress=bar)
+        state = synthesize(plan, dtype=dtype, progress=bar)[0]
     finally:
         bar.close()
     last = plan.snapshots[-1]
@@ -113,7 +125,7 @@ def _synthesize(args: argparse.Namespace) -> int:
         "source": dumps([s.path.name for s in plan.snapshots]),
     }
     try:
-        write_safetensors(out, state, metadata, overwrite=args.force)
+        write_safetensors(out, state, metadata, overwrite=args.force, checksums=True)
     except OSError as err:
         raise ValueError(f"--out: cannot write {args.out!r} ({err.strerror or err})") from None
     print(f"sigma_rel {args.sigma_rel:g} at step {last.step} from {len(plan.snapshots)} "
@@ -122,31 +134,42 @@ def _synthesize(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from .checkpoint import POINTER
 
     path = Path(args.path)
     if not args.max_error > 0:
         raise ValueError(f"--max-error: expected a number > 0, got {args.max_error:g}")
     if path.is_dir():
-        if (path / ".metadata").is_file():
+        if (path / POINTER).is_file() or (path / ".metadata").is_file():
             return _inspect_checkpoint(path, args.limit)
         return _inspect_folder(path, args.max_error)
     if not path.is_file():
         raise ValueError(f"path: {args.path!r} is neither a file nor a folder")
     if path.suffix == ".safetensors":
-        from .io import read_metadata, read_tensors
+        return _inspect_safetensors(path, args.limit)
+    return _inspect_torch(path, args.limit)
 
-        meta, keys = read_metadata(path, what="path")
-        print(f"{path}: safetensors, {len(keys)} tensors")
-        for k, v in sorted(meta.items()):
-            print(f"  {k}: {v if len(v) <= 100 else v[:97] + '...'}")
-        with read_tensors(path, what="path") as f:
-            for k in keys[: args.limit]:
-                sl = f.get_slice(k)
-                print(f"  {k}: {sl.get_dtype()} {list(sl.get_shape())}")
-        if len(keys) > args.limit:
-            print(f"  ... {len(keys) - args.limit} more")
-        return 0
+
+def _inspect_safetensors(path: Path, limit: int) -> int:
+    """A safetensors file: its metadata and tensors (a sealed header is verified)."""
+    from .io import CHECKSUMS_KEY, HEADER_CHECKSUM_KEY, read_header
+
+    meta, tensors = read_header(path, what="path")
+    print(f"{path}: safetensors, {len(tensors)} tensors")
+    for k, v in sorted(meta.items()):
+        print(f"  {k}: {v if len(v) <= 100 else v[:97] + '...'}")
+    for k, (dtype, shape) in list(tensors.items())[:limit]:
+        print(f"  {k}: {dtype} {list(shape)}")
+    if len(tensors) > limit:
+        print(f"  ... {len(tensors) - limit} more")
+    if HEADER_CHECKSUM_KEY in meta:
+        sums = "tensor checksums checked when read" if CHECKSUMS_KEY in meta else "no tensor sums"
+        print(f"  checksums: header verified; {sums}")
+    return 0
+
+
+def _inspect_torch(path: Path, limit: int) -> int:
+    """A torch file, read with ``weights_only=True`` (no code runs): its tree of values."""
     import pickle
     import warnings
 
@@ -155,38 +178,40 @@ def _inspect(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols: one line only
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)  # no code runs
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "global" in str(err).lower():  # names a class or function to call
-            raise ValueError(f"path: {args.path!r} holds objects that are not plain data; "
+            raise ValueError(f"path: {str(path)!r} holds objects that are not plain data; "
                              "refused (unpickling them could run code)") from None
-        raise ValueError(f"path: {args.path!r} is not a complete torch checkpoint (truncated, "
+        raise ValueError(f"path: {str(path)!r} is not a complete torch checkpoint (truncated, "
                          "or another format)") from None
     except Exception as err:  # zip or pickle framing: truncated, or another format
         line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"path: {args.path!r} is not a complete torch checkpoint "
+        raise ValueError(f"path: {str(path)!r} is not a complete torch checkpoint "
                          f"(truncated, or another format: {line})") from None
     print(f"{path}: torch file, {type(state).__name__}")
-
-    def walk(obj, prefix: str, depth: int) -> None:
-        if isinstance(obj, torch.Tensor):
-            name = prefix.rstrip('.')
-            print(f"  {name}: {str(obj.dtype).removeprefix('torch.')} {list(obj.shape)}")
-        elif isinstance(obj, dict) and depth < 3:
-            for i, (k, v) in enumerate(obj.items()):
-                if i >= args.limit:
-                    print(f"  {prefix}... {len(obj) - args.limit} more")
-                    break
-                walk(v, f"{prefix}{k}.", depth + 1)
-        else:
-            text = repr(obj)
-            print(f"  {prefix.rstrip('.')}: {text if len(text) <= 80 else text[:77] + '...'}")
-
-    walk(state, "", 0)
+    _walk(state, "", 0, limit)
     return 0
 
 
-def _inspect_folder(path, max_error: float) -> int:
+def _walk(obj: Any, prefix: str, depth: int, limit: int) -> None:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        name = prefix.rstrip(".")
+        print(f"  {name}: {str(obj.dtype).removeprefix('torch.')} {list(obj.shape)}")
+    elif isinstance(obj, dict) and depth < 3:
+        for i, (k, v) in enumerate(obj.items()):
+            if i >= limit:
+                print(f"  {prefix}... {len(obj) - limit} more")
+                break
+            _walk(v, f"{prefix}{k}.", depth + 1, limit)
+    else:
+        text = repr(obj)
+        print(f"  {prefix.rstrip('.')}: {text if len(text) <= 80 else text[:77] + '...'}")
+
+
+def _inspect_folder(path: Path, max_error: float) -> int:
     from .io import is_temporary
     from .posthoc import format_intervals, list_snapshots, scan, supported_sigma_rels
 
@@ -204,8 +229,8 @@ def _inspect_folder(path, max_error: float) -> int:
         print(f"  {every - len(snaps)} snapshots superseded by a resumed run (left out)")
     if temporary:
         print(f"  {len(temporary)} temporary files from interrupted writes (ignored; "
-              "safe to delete)")
-    shown = snaps if len(snaps) <= 12 else snaps[:5] + [None] + snaps[-5:]
+              "removed by the next write)")
+    shown: list[Any] = [*snaps] if len(snaps) <= 12 else [*snaps[:5], None, *snaps[-5:]]
     print("  | step | t | samples | file | MB |")
     for s in shown:
         if s is None:
@@ -222,15 +247,20 @@ def _inspect_folder(path, max_error: float) -> int:
     return 0
 
 
-def _inspect_checkpoint(path, limit: int) -> int:
+def _inspect_checkpoint(path: Path, limit: int) -> int:
     """A folder written by ``emakit.checkpoint.save``: its entries, read without unpickling
-    code."""
-    from .checkpoint import read_metadata
+    code, its pointer and metadata checked against their checksums."""
+    from .checkpoint import read_checkpoint
 
-    md = read_metadata(path / ".metadata")
+    info, md = read_checkpoint(path)
     entries = sorted(md.state_dict_metadata.items())
-    files = sorted({info.relative_path for info in md.storage_data.values()})
+    files = sorted({s.relative_path for s in md.storage_data.values()})
     print(f"{path}: distributed checkpoint, {len(entries)} entries in {len(files)} files")
+    if info.manifest is None:
+        print("  written by emakit 0.1: no checksums")
+    else:
+        print(f"  data in {info.data.name}; checksums: pointer and metadata verified, "
+              "data files verified when loaded")
     for name, value in entries[:limit]:
         size = getattr(value, "size", None)
         if size is None:

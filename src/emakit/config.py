@@ -38,6 +38,7 @@ from typing import Any, Generic, Literal, TypedDict, TypeVar, get_args, overload
 import torch
 from torch import Tensor
 
+from ._args import flag
 from .schedules import (
     PowerWarmup,
     check_sigma_rel,
@@ -66,6 +67,7 @@ __all__ = [
     "STORAGE_DTYPES",
     "Selector",
     "Unpack",
+    "flag",
 ]
 
 ExecutorName = Literal["auto", "eager", "fused", "graph"]
@@ -121,20 +123,6 @@ class Parsed(Generic[In, Out]):
 
 
 # parsers: what a field is given -> what it holds -------------------------------------------
-
-
-def flag(value: Any, name: str) -> bool:
-    """``value`` if it is ``True`` or ``False``; anything else (``"no"``, 0, None) is a
-    TypeError naming ``name``.
-
-    >>> flag("no", "overwrite")
-    Traceback (most recent call last):
-    ...
-    TypeError: overwrite: expected True or False, got 'no'
-    """
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected True or False, got {value!r}")
-    return value
 
 
 def _time(value: TimeLike, name: str) -> Time:

@@ -6,7 +6,16 @@ JSON inside the safetensors header.
 Writes go to a temporary name in the destination folder, are flushed and ``fsync``-ed, then
 given their final name with ``os.link`` (which refuses to replace an existing file) or, where
 hard links are not supported, ``os.replace`` after a check. A writer killed mid-way leaves
-only a hidden ``.*.tmp`` file, never a truncated file under a final name.
+only a hidden ``.<name>.<owner>.<random>.tmp`` file, never a truncated file under a final
+name; the owner tag names the host and process, so the next write of the same name removes
+the temporaries whose process is gone (:func:`reclaim_temporaries`).
+
+Checksums: ``write_safetensors(checksums=True)`` records the CRC-32 of every tensor's bytes
+and the SHA-256 of the header itself (:data:`HEADER_CHECKSUM_KEY`), so every byte of the file
+is covered: the 8-byte length and the header by the SHA-256, the data (which the tensors tile
+exactly: safetensors refuses gaps and trailing bytes) by the CRC-32s. CRC-32 detects every
+change of up to 32 consecutive bits, every single- and double-bit error in a tensor, and any
+other change but with probability 2**-32.
 """
 
 from __future__ import annotations
@@ -17,13 +26,15 @@ import errno
 import hashlib
 import json
 import os
+import re
+import socket
 import sys
 import uuid
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
@@ -43,6 +54,15 @@ __all__ = [
     "tensor_checksum",
     "verify_checksum",
     "CHECKSUMS_KEY",
+    "HEADER_CHECKSUM_KEY",
+    "owner_tag",
+    "pid_alive",
+    "abandoned",
+    "reclaim_temporaries",
+    "write_sealed_json",
+    "read_sealed_json",
+    "verify_header",
+    "fsync_dir",
 ]
 
 #: torch dtype -> safetensors dtype code
@@ -95,7 +115,77 @@ def model_fingerprint(shapes: Iterable[tuple[str, Iterable[int]]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _fsync_dir(path: Path) -> None:
+# owners of temporaries -------------------------------------------------------------------
+
+
+def _machine() -> str:
+    """8 hex digits naming this host and its process-id namespace (two containers on one
+    host share a host name but not their pids)."""
+    ns = ""
+    with contextlib.suppress(OSError):
+        ns = os.readlink("/proc/self/ns/pid")
+    return hashlib.sha256(f"{socket.gethostname()}\0{ns}".encode()).hexdigest()[:8]
+
+
+def owner_tag() -> str:
+    """``"<machine>-<pid>"``: who writes a temporary, as it goes into the temporary's name."""
+    return f"{_machine()}-{os.getpid()}"
+
+
+_TAG = re.compile(r"([0-9a-f]{8})-([0-9]+)")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (a zombie, finished but not yet reaped,
+    does not)."""
+    if pid <= 0:  # os.kill(0 or -1, 0) would ask about whole process groups
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        pass
+    with contextlib.suppress(OSError, IndexError):  # Linux: a zombie has finished
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    return True
+
+
+def abandoned(tag: str) -> bool:
+    """Whether the writer named by an :func:`owner_tag` is provably gone: it ran on this
+    machine and its process no longer exists. A writer on another machine is never presumed
+    gone (it may still be writing), nor is this very process."""
+    m = _TAG.fullmatch(tag)
+    if m is None or m.group(1) != _machine():
+        return False
+    pid = int(m.group(2))
+    return pid != os.getpid() and not pid_alive(pid)
+
+
+_TMP_NAME = re.compile(r"\.(?P<target>.+)\.(?P<tag>[0-9a-f]{8}-[0-9]+)\.[0-9a-f]{8}\.tmp")
+
+
+def reclaim_temporaries(folder: str | os.PathLike, target: str | None = None) -> list[Path]:
+    """Remove the temporaries in ``folder`` (of the file named ``target``, or of any) that
+    writers killed mid-write left behind, and return their paths. Only temporaries whose
+    writer is :func:`abandoned` are removed: a live writer's (here or on another machine)
+    stays."""
+    removed = []
+    with contextlib.suppress(OSError), os.scandir(os.fspath(folder)) as entries:
+        for entry in entries:
+            m = _TMP_NAME.fullmatch(entry.name)
+            if m is None or (target is not None and m.group("target") != target):
+                continue
+            if abandoned(m.group("tag")):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """``fsync`` a folder, so the names just created or renamed in it survive a crash."""
     with contextlib.suppress(OSError):  # not every platform can open a directory
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -126,11 +216,13 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
 def atomic_file(path: str | os.PathLike, overwrite: bool = True) -> Iterator[BinaryIO]:
     """Open a temporary file beside ``path`` for binary writing; on a clean exit flush and
     ``fsync`` it and give it the name ``path``. A writer that fails or is killed leaves no file
-    under ``path`` (only, if killed, a hidden temporary). Without ``overwrite`` an existing
-    ``path`` raises FileExistsError and is left untouched."""
+    under ``path`` (only, if killed, a hidden temporary, which the next write of ``path``
+    removes). Without ``overwrite`` an existing ``path`` raises FileExistsError and is left
+    untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
+    reclaim_temporaries(path.parent, path.name)
+    tmp = path.with_name(f".{path.name}.{owner_tag()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
     try:
         with open(tmp, "xb") as f:
             yield f
@@ -140,7 +232,7 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Bin
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def save_torch(obj: object, path: str | os.PathLike, overwrite: bool = True) -> None:
@@ -150,9 +242,46 @@ def save_torch(obj: object, path: str | os.PathLike, overwrite: bool = True) -> 
         torch.save(obj, f)
 
 
+# sealed JSON -------------------------------------------------------------------------------
+
+_SEAL = b"emakit-sealed-json/1 sha256:"
+
+
+def write_sealed_json(path: str | os.PathLike, value: object, overwrite: bool = False) -> Path:
+    """Write ``value`` as JSON under a SHA-256 of its bytes, atomically (see
+    :func:`atomic_file`): ``emakit-sealed-json/1 sha256:<64 hex>\\n<json>\\n``."""
+    body = json.dumps(value, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+    with atomic_file(path, overwrite=overwrite) as f:
+        f.write(_SEAL + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+    return Path(path)
+
+
+def read_sealed_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """What :func:`write_sealed_json` wrote; a ValueError naming ``path`` for any other
+    content (a changed, truncated or foreign file)."""
+    data = Path(path).read_bytes()
+    head = len(_SEAL) + 64
+    digest = data[len(_SEAL):head]
+    body = data[head + 1:]
+    if (not data.startswith(_SEAL) or data[head:head + 1] != b"\n"
+            or hashlib.sha256(body).hexdigest().encode() != digest):
+        raise ValueError(f"{what}: {path} is corrupted or truncated (its content does not "
+                         "match its SHA-256)")
+    try:
+        return json.loads(body)
+    except ValueError as err:  # a sealed file that is no JSON: written by something else
+        raise ValueError(f"{what}: {path} is not JSON ({err})") from None
+
+
+# safetensors -------------------------------------------------------------------------------
+
 #: metadata key of the per-tensor checksums written by ``write_safetensors(checksums=True)``
 CHECKSUMS_KEY = "checksums"
+#: metadata key of the header's own SHA-256 (see :func:`write_safetensors`)
+HEADER_CHECKSUM_KEY = "header_checksum"
 _CRC_PLACEHOLDER = "crc32:" + "0" * 8
+_HEADER_PLACEHOLDER = "sha256:" + "0" * 64
+_MAX_HEADER = 100_000_000  # safetensors' own limit
 
 
 def _bytes_of(t: Tensor) -> memoryview:
@@ -183,6 +312,62 @@ def verify_checksum(t: Tensor, name: str, checksums: Mapping[str, str], path: Pa
                          f"match the checksum {want} in the file's header)")
 
 
+def _encode_header(header: Mapping[str, object]) -> bytes:
+    """The header as written: 8-byte little-endian length, then JSON padded to 8 bytes."""
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return len(blob).to_bytes(8, "little") + blob
+
+
+def _seal(header: dict[str, Any]) -> bytes:
+    """The encoded header with :data:`HEADER_CHECKSUM_KEY` set to the SHA-256 of the encoded
+    header that holds the placeholder instead (same length)."""
+    meta = header["__metadata__"]
+    meta[HEADER_CHECKSUM_KEY] = _HEADER_PLACEHOLDER
+    open_ = _encode_header(header)
+    meta[HEADER_CHECKSUM_KEY] = "sha256:" + hashlib.sha256(open_).hexdigest()
+    sealed = _encode_header(header)
+    if len(sealed) != len(open_):
+        raise RuntimeError("write_safetensors: the sealed header changed length")
+    return sealed
+
+
+def _layout(items: list[tuple[str, Tensor, torch.dtype]],
+            meta: dict[str, str]) -> dict[str, Any]:
+    header: dict[str, Any] = {"__metadata__": meta}
+    offset = 0
+    for name, t, dtype in items:
+        if dtype not in DTYPE_CODES:
+            raise TypeError(f"tensor {name!r}: dtype {dtype} cannot be written")
+        if name in header:
+            raise ValueError(f"tensor name {name!r} appears twice")
+        nbytes = t.numel() * dtype.itemsize
+        header[name] = {
+            "dtype": DTYPE_CODES[dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    return header
+
+
+def _write_tensor(f: BinaryIO, name: str, t: Tensor, dtype: torch.dtype, path: Path) -> str:
+    """Write one tensor's bytes, cast to ``dtype``; returns their checksum."""
+    if t.numel() == 0:
+        return f"crc32:{zlib.crc32(b''):08x}"
+    data = t.detach().to(device="cpu", dtype=dtype).contiguous()
+    if dtype != t.dtype and data.is_floating_point() and not bool(torch.isfinite(data).all()):
+        warnings.warn(
+            f"emakit: tensor {name!r} holds values that are not finite in {dtype} "
+            f"(overflow from {t.dtype}?) in {path.name}; store a wider dtype",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    raw = _bytes_of(data)
+    f.write(raw)
+    return f"crc32:{zlib.crc32(raw):08x}"
+
+
 def write_safetensors(
     path: str | os.PathLike,
     tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor] | tuple[str, Tensor, torch.dtype]],
@@ -198,64 +383,31 @@ def write_safetensors(
     tensors may live on an accelerator or share storage). ``metadata`` values must be strings.
     Without ``overwrite``, an existing ``path`` raises FileExistsError and is left untouched.
     ``checksums``: record :func:`tensor_checksum` of every tensor under the metadata key
-    ``"checksums"`` (JSON, name -> checksum), computed from the bytes as they are written.
+    ``"checksums"`` (JSON, name -> checksum), computed from the bytes as they are written,
+    and seal the header: :data:`HEADER_CHECKSUM_KEY` holds ``"sha256:<hex>"`` of the length
+    and header bytes as written with ``"sha256:"`` and 64 zeros in its place.
+    :func:`read_header` verifies it.
     """
     if sys.byteorder != "little":  # safetensors is little-endian
         raise RuntimeError("write_safetensors: only little-endian hosts are supported")
     path = Path(path)
     raw = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
     items = [(it[0], it[1], it[2] if len(it) > 2 else it[1].dtype) for it in raw]
-    meta = {str(k): str(v) for k, v in metadata.items()}
-    crcs = {name: _CRC_PLACEHOLDER for name, _, _ in items} if checksums else None
-    if crcs is not None:
-        meta[CHECKSUMS_KEY] = dumps(crcs)
-    header: dict[str, object] = {"__metadata__": meta}
-    offset = 0
-    for name, t, dtype in items:
-        if dtype not in DTYPE_CODES:
-            raise TypeError(f"tensor {name!r}: dtype {dtype} cannot be written")
-        if name in header:
-            raise ValueError(f"tensor name {name!r} appears twice")
-        nbytes = t.numel() * dtype.itemsize
-        header[name] = {
-            "dtype": DTYPE_CODES[dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    def encode() -> bytes:
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        return blob + b" " * (-len(blob) % 8)
-
-    blob = encode()
+    meta = {str(k): str(v) for k, v in metadata.items() if k != HEADER_CHECKSUM_KEY}
+    if checksums:  # placeholders of the final length, filled in once the data is written
+        meta[CHECKSUMS_KEY] = dumps({name: _CRC_PLACEHOLDER for name, _, _ in items})
+        meta[HEADER_CHECKSUM_KEY] = _HEADER_PLACEHOLDER
+    header = _layout(items, meta)
+    blob = _encode_header(header)
     with atomic_file(path, overwrite=overwrite) as f:
-        f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
-        for name, t, dtype in items:
-            if t.numel() == 0:
-                if crcs is not None:
-                    crcs[name] = f"crc32:{zlib.crc32(b''):08x}"
-                continue
-            data = t.detach().to(device="cpu", dtype=dtype).contiguous()
-            if (dtype != t.dtype and data.is_floating_point()
-                    and not bool(torch.isfinite(data).all())):
-                warnings.warn(
-                    f"emakit: tensor {name!r} holds values that are not finite in {dtype} "
-                    f"(overflow from {t.dtype}?) in {path.name}; store a wider dtype",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            raw = _bytes_of(data)
-            if crcs is not None:
-                crcs[name] = f"crc32:{zlib.crc32(raw):08x}"
-            f.write(raw)
-            del raw, data
-        if crcs is not None:  # same length as the placeholders: rewrite the header in place
+        crcs = {name: _write_tensor(f, name, t, dtype, path) for name, t, dtype in items}
+        if checksums:  # same length as the placeholders: rewrite the header in place
             meta[CHECKSUMS_KEY] = dumps(crcs)
-            final = encode()
+            final = _seal(header)
             if len(final) != len(blob):
                 raise RuntimeError("write_safetensors: checksum header changed length")
-            f.seek(8)
+            f.seek(0)
             f.write(final)
     return path
 
@@ -267,15 +419,51 @@ def _open_error(path: Path, err: Exception, what: str) -> ValueError:
     )
 
 
+def _raw_header(path: Path, what: str) -> bytes:
+    """The length and header bytes of a safetensors file, as stored."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < n <= min(size - 8, _MAX_HEADER):
+            raise _open_error(path, ValueError(f"header length {n} in a file of {size} bytes"),
+                              what)
+        return prefix + f.read(n)
+
+
+def verify_header(path: str | os.PathLike, what: str = "file") -> bool:
+    """Check a sealed header (see :func:`write_safetensors`); False when the file holds no
+    :data:`HEADER_CHECKSUM_KEY`, True when it matches, a ValueError naming the file when not."""
+    path = Path(path)
+    raw = _raw_header(path, what)
+    try:
+        meta = json.loads(raw[8:]).get("__metadata__") or {}  # plain files may have none
+        got = meta.get(HEADER_CHECKSUM_KEY) if isinstance(meta, dict) else None
+    except (ValueError, AttributeError) as err:
+        raise _open_error(path, err, what) from None
+    if got is None:
+        return False
+    key = json.dumps(HEADER_CHECKSUM_KEY).encode() + b":"
+    needle = key + json.dumps(got).encode()
+    if not isinstance(got, str) or raw.count(needle) != 1:
+        raise ValueError(f"{what}: {path}: its header checksum is malformed")
+    opened = raw.replace(needle, key + json.dumps(_HEADER_PLACEHOLDER).encode())
+    if "sha256:" + hashlib.sha256(opened).hexdigest() != got:
+        raise ValueError(f"{what}: {path}: its header is corrupted (its bytes do not match "
+                         f"the header checksum {got[:19]}...)")
+    return True
+
+
 def read_header(
     path: str | os.PathLike, what: str = "file"
 ) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:
     """The ``__metadata__`` of a safetensors file and, per tensor, its dtype code and shape,
-    without reading any tensor data. A truncated or foreign file raises a ValueError naming
-    it."""
+    without reading any tensor data. A sealed header (:data:`HEADER_CHECKSUM_KEY` present) is
+    verified first. A truncated, foreign or corrupted file raises a ValueError naming it."""
     from safetensors import safe_open
 
     path = Path(path)
+    verify_header(path, what)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             tensors = {}
@@ -291,17 +479,10 @@ def read_header(
 
 def read_metadata(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, str], list[str]]:
     """The ``__metadata__`` and the tensor names of a safetensors file, without reading any
-    tensor data. A truncated or foreign file raises a ValueError naming it."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return dict(f.metadata() or {}), list(f.keys())
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # SafetensorError derives from Exception only
-        raise _open_error(path, err, what) from None
+    tensor data (a sealed header is verified). A truncated, foreign or corrupted file raises a
+    ValueError naming it."""
+    meta, tensors = read_header(path, what)
+    return meta, list(tensors)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from typing import Any, overload
 import torch
 from torch import Tensor
 
-from ..io import dtype_from_name, read_tensors, verify_checksum
+from ..io import DTYPE_CODES, dtype_from_name, read_tensors, verify_checksum
 from ..schedules import sigma_rel_to_gamma
 from .profiles import MAX_SIGMA_REL, check_sigma_rel, solve_coefficients
 from .snapshots import SnapshotInfo, list_snapshots
@@ -71,9 +71,9 @@ def supported_sigma_rels(
     _, ts, gammas = _rows(snapshots)
     t = snapshots[-1].t
     top = MAX_SIGMA_REL * 0.999
-    grid = torch.logspace(math.log10(0.001), math.log10(top), points, dtype=torch.float64)
+    logs = torch.logspace(math.log10(0.001), math.log10(top), points, dtype=torch.float64)
     known_bad = {float(x) for x in refused if 0.001 < x < top}
-    grid = sorted(set(grid.tolist()) | known_bad)
+    grid: list[float] = sorted(set(logs.tolist()) | known_bad)
     ok = [e <= max_error and x not in known_bad
           for x, e in zip(grid, _errors(ts, gammas, t, grid), strict=True)]
 
@@ -127,13 +127,46 @@ def format_intervals(intervals: Sequence[tuple[float, float]], digits: int = 4) 
 
 @dataclass
 class SynthesisPlan:
-    """Which snapshots enter a synthesis and with which coefficients."""
+    """Which snapshots enter a synthesis and with which coefficients (what
+    :func:`plan_synthesis` computes from the headers; :func:`synthesize` takes it)."""
 
     snapshots: list[SnapshotInfo]
     sigma_rels: list[float]
     coefficients: Tensor  # [rows, targets], float64; row r is (snapshot, profile) rows[r]
     rows: list[tuple[int, int]]
     errors: Tensor  # [targets], relative L2 error of each synthesized profile
+    max_error: float | None = DEFAULT_MAX_ERROR  # what the errors were accepted against
+
+
+def _folder(directory: Any) -> str:
+    """A snapshot folder argument: a path (TypeError naming ``directory`` otherwise)."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory: expected a snapshot folder (str or os.PathLike) or a "
+                        f"SynthesisPlan, got {type(directory).__name__} {directory!r}")
+    return os.fspath(directory)
+
+
+def _check_max_error(max_error: Any) -> None:
+    if max_error is not None and (isinstance(max_error, bool)
+                                  or not isinstance(max_error, (int, float))
+                                  or not max_error > 0):
+        raise ValueError(f"max_error: expected a number > 0 or None, got {max_error!r}")
+
+
+def _refuse(snaps: list[SnapshotInfo], sigma_rels: list[float], errors: Tensor,
+            max_error: float) -> None:
+    """A ValueError naming the targets whose profile error exceeds ``max_error`` and the
+    sigma_rel the snapshots do support."""
+    bad = [(s, float(e)) for s, e in zip(sigma_rels, errors, strict=True) if not e <= max_error]
+    if bad:
+        ranges = supported_sigma_rels(snaps, max_error, refused=[s for s, _ in bad])
+        where = format_intervals(ranges) if ranges else "nowhere"
+        raise ValueError(
+            f"sigma_rel: {', '.join(f'{s:g} (profile error {e:.3f})' for s, e in bad)} "
+            f"cannot be represented by the {len(snaps)} snapshots up to step "
+            f"{snaps[-1].step} within max_error={max_error:g}; they support sigma_rel "
+            f"{where}. Take snapshots more often, or pass a larger max_error"
+        )
 
 
 def plan_synthesis(
@@ -142,43 +175,119 @@ def plan_synthesis(
     at: int | None = None,
     max_error: float | None = DEFAULT_MAX_ERROR,
 ) -> SynthesisPlan:
-    """Pass 1 of :func:`synthesize`: headers only, the Gram system and its solution."""
+    """Pass 1 of :func:`synthesize`: headers only, the Gram system and its solution. Every
+    header is checked (see :func:`~emakit.posthoc.read_snapshot_info`); a target the
+    snapshots cannot represent within ``max_error`` is a ValueError."""
+    folder = _folder(directory)
+    if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Sequence):
+        raise TypeError(f"sigma_rels: expected a sequence of numbers, got "
+                        f"{type(sigma_rels).__name__} {sigma_rels!r}")
     sigma_rels = [check_sigma_rel(s) for s in sigma_rels]
-    if max_error is not None and (isinstance(max_error, bool)
-                                  or not isinstance(max_error, (int, float))
-                                  or not max_error > 0):
-        raise ValueError(f"max_error: expected a number > 0 or None, got {max_error!r}")
-    snaps = _select(list_snapshots(directory), at)
+    if not sigma_rels:
+        raise ValueError("sigma_rel: expected at least one value")
+    _check_max_error(max_error)
+    snaps = _select(list_snapshots(folder), at)
     rows, ts, gammas = _rows(snaps)
     g_out = [sigma_rel_to_gamma(s) for s in sigma_rels]
     coefs, errors = solve_coefficients(ts, gammas, snaps[-1].t, g_out)
     if max_error is not None:
-        bad = [(s, float(e)) for s, e in zip(sigma_rels, errors, strict=True) if not e <= max_error]
-        if bad:
-            ranges = supported_sigma_rels(snaps, max_error, refused=[s for s, _ in bad])
-            where = format_intervals(ranges) if ranges else "nowhere"
-            raise ValueError(
-                f"sigma_rel: {', '.join(f'{s:g} (profile error {e:.3f})' for s, e in bad)} "
-                f"cannot be represented by the {len(snaps)} snapshots up to step "
-                f"{snaps[-1].step} within max_error={max_error:g}; they support sigma_rel "
-                f"{where}. Take snapshots more often, or pass a larger max_error"
-            )
-    return SynthesisPlan(snaps, sigma_rels, coefs, rows, errors)
+        _refuse(snaps, sigma_rels, errors, max_error)
+    return SynthesisPlan(snaps, sigma_rels, coefs, rows, errors, max_error)
+
+
+def _out_dtype(dtype: Any) -> torch.dtype | None:
+    if isinstance(dtype, str):
+        dtype = dtype_from_name(dtype, "dtype")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating torch.dtype (or its name) or None, got "
+                        f"{dtype!r}: an average is not a whole number")
+    return dtype
+
+
+def _read(f: Any, snap: SnapshotInfo, key: str) -> Tensor:
+    """One tensor of a snapshot, as its checked header described it and with the bytes its
+    checksum vouches for (the file may have changed since the plan read it)."""
+    t = f.get_tensor(key)
+    code, shape = snap.tensors[key]
+    if DTYPE_CODES.get(t.dtype) != code or tuple(t.shape) != shape:
+        raise ValueError(f"snapshot_dir: {snap.path}: tensor {key!r} is {t.dtype} "
+                         f"{list(t.shape)}, its header said {code} {list(shape)} (the file "
+                         "changed while it was read?)")
+    verify_checksum(t, key, snap.checksums, snap.path, "snapshot_dir")
+    return t
+
+
+def _accumulate(plan: SynthesisPlan, acc: list[dict[str, Tensor]], f: Any, i: int) -> None:
+    """Add snapshot ``i``'s profiles, times their coefficients, to every target's sum."""
+    snap = plan.snapshots[i]
+    rows = [(r, k) for r, (j, k) in enumerate(plan.rows) if j == i]
+    for name, kind, _, _ in plan.snapshots[-1].layout:
+        if kind != "average":
+            continue
+        for r, k in rows:
+            x = _read(f, snap, f"p{k}/{name}").to(torch.float32)
+            for j, target in enumerate(acc):
+                c = float(plan.coefficients[r, j])
+                if name not in target:
+                    target[name] = x * c
+                else:
+                    target[name].add_(x, alpha=c)
+            del x
+
+
+def _assemble(plan: SynthesisPlan, acc: dict[str, Tensor], rest: dict[str, Tensor],
+              dtype: torch.dtype | None) -> dict[str, Tensor]:
+    """One target's model state dict, in the model's order, tied names sharing a tensor."""
+    last = plan.snapshots[-1]
+    out: dict[str, Tensor] = {}
+    for name, kind, model_dtype, aliases in last.layout:
+        t = acc.pop(name) if kind == "average" else rest[name].clone()
+        if t.is_floating_point():
+            t = t.to(dtype or dtype_from_name(model_dtype, "layout"))
+        for n in (name, *aliases):
+            out[n] = t
+    return {n: out[n] for n in last.order}
+
+
+def _run(plan: SynthesisPlan, dtype: torch.dtype | None,
+         progress: Callable[[int, int], None] | None) -> list[dict[str, Tensor]]:
+    """Pass 2: one tensor at a time, accumulated in float32 per target."""
+    acc: list[dict[str, Tensor]] = [{} for _ in plan.sigma_rels]
+    rest: dict[str, Tensor] = {}
+    total = len(plan.snapshots)
+    for i, snap in enumerate(plan.snapshots):
+        with read_tensors(snap.path, what="snapshot_dir") as f:
+            _accumulate(plan, acc, f, i)
+            if i == total - 1:  # copied and live tensors from the target snapshot
+                rest = {n: _read(f, snap, f"{kind}/{n}") for n, kind, _, _ in snap.layout
+                        if kind != "average"}
+        if progress is not None:
+            progress(i + 1, total)
+    return [_assemble(plan, a, rest, dtype) for a in acc]
 
 
 @overload
 def synthesize(
-    directory: str | os.PathLike, sigma_rel: float, at: int | None = None, **kw: Any
+    directory: str | os.PathLike, sigma_rel: float, at: int | None = None, *,
+    max_error: float | None = ..., dtype: torch.dtype | str | None = ...,
+    progress: Callable[[int, int], None] | None = ...,
 ) -> dict[str, Tensor]: ...
 @overload
 def synthesize(
-    directory: str | os.PathLike, sigma_rel: Sequence[float], at: int | None = None, **kw: Any
+    directory: str | os.PathLike, sigma_rel: Sequence[float], at: int | None = None, *,
+    max_error: float | None = ..., dtype: torch.dtype | str | None = ...,
+    progress: Callable[[int, int], None] | None = ...,
+) -> list[dict[str, Tensor]]: ...
+@overload
+def synthesize(
+    directory: SynthesisPlan, *, dtype: torch.dtype | str | None = ...,
+    progress: Callable[[int, int], None] | None = ...,
 ) -> list[dict[str, Tensor]]: ...
 
 
 def synthesize(
-    directory: str | os.PathLike,
-    sigma_rel: float | Sequence[float],
+    directory: str | os.PathLike | SynthesisPlan,
+    sigma_rel: float | Sequence[float] | None = None,
     at: int | None = None,
     *,
     max_error: float | None = DEFAULT_MAX_ERROR,
@@ -191,13 +300,16 @@ def synthesize(
               c = \arg\min_{\sum c_i = 1} \|\textstyle\sum_i c_i p_i - p_{target}\|_2
 
     over every stored profile ``p_i`` of every snapshot at or before ``at`` (a snapshot
-    step; default the last). Pass 1 reads headers only and solves in float64; pass 2 reads
-    one tensor at a time and accumulates in float32, so the peak memory is about one fp32
-    model per target plus one snapshot tensor, whatever the number of snapshots. Buffers that
-    are copied, not averaged, and frozen tensors come from the snapshot at ``at``.
+    step; default the last). Pass 1 (:func:`plan_synthesis`) reads headers only and solves in
+    float64; pass 2 reads one tensor at a time and accumulates in float32, so the peak memory
+    is about one fp32 model per target plus one snapshot tensor, whatever the number of
+    snapshots. Buffers that are copied, not averaged, and frozen tensors come from the
+    snapshot at ``at``. Every tensor read is checked against its checksum, dtype and shape.
 
     Args:
-        directory: the ``snapshot_dir`` of a :class:`PostHocEMA`.
+        directory: the ``snapshot_dir`` of a :class:`PostHocEMA`, or a :class:`SynthesisPlan`
+            from :func:`plan_synthesis` (then ``sigma_rel`` and ``at`` are the plan's, and a
+            list with one state dict per target is returned).
         sigma_rel: target relative width in (0, sqrt(1/12)), or a sequence of them (one pass
             over the files; a list of state dicts is returned).
         at: the step to synthesize at; must be the step of a snapshot.
@@ -208,63 +320,25 @@ def synthesize(
         progress: called as ``progress(files_done, files_total)`` after each file.
 
     Raises:
-        ValueError: empty folder, truncated or foreign file, snapshots of different models
-            or runs, ``at`` not a snapshot step, or a target the snapshots cannot represent.
+        ValueError: empty folder, truncated, corrupted or foreign file, snapshots of
+            different models or runs, ``at`` not a snapshot step, or a target the snapshots
+            cannot represent.
+        TypeError: ``directory`` neither a path nor a plan, or a malformed argument.
     """
-    if isinstance(dtype, str):
-        dtype = dtype_from_name(dtype, "dtype")
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise TypeError(f"dtype: expected a floating torch.dtype (or its name) or None, got "
-                        f"{dtype!r}: an average is not a whole number")
+    dtype = _out_dtype(dtype)
     if progress is not None and not callable(progress):
         raise TypeError(f"progress: expected a callable progress(done, total) or None, got "
                         f"{type(progress).__name__} {progress!r}")
+    if isinstance(directory, SynthesisPlan):
+        if sigma_rel is not None or at is not None or max_error not in (DEFAULT_MAX_ERROR,
+                                                                        directory.max_error):
+            raise TypeError("sigma_rel, at, max_error: a SynthesisPlan fixes them; pass the "
+                            "plan alone")
+        return _run(directory, dtype, progress)
+    folder = _folder(directory)
+    if sigma_rel is None:
+        raise TypeError("sigma_rel: required (a number in (0, sqrt(1/12)) or a sequence)")
     single = not isinstance(sigma_rel, Sequence)
-    targets = [sigma_rel] if single else list(sigma_rel)
-    if not targets:
-        raise ValueError("sigma_rel: expected at least one value")
-    plan = plan_synthesis(directory, targets, at, max_error)
-    layout = plan.snapshots[-1].layout
-    averaged = [n for n, kind, _, _ in layout if kind == "average"]
-    f32 = torch.float32
-    acc: list[dict[str, Tensor]] = [{} for _ in targets]
-    total = len(plan.snapshots)
-    for i, snap in enumerate(plan.snapshots):
-        rows = [(r, k) for r, (j, k) in enumerate(plan.rows) if j == i]
-        with read_tensors(snap.path, what="snapshot_dir") as f:
-            for name in averaged:
-                for r, k in rows:
-                    key = f"p{k}/{name}"
-                    raw = f.get_tensor(key)
-                    verify_checksum(raw, key, snap.checksums, snap.path, "snapshot_dir")
-                    x = raw.to(f32)
-                    del raw
-                    for j in range(len(targets)):
-                        c = float(plan.coefficients[r, j])
-                        if name not in acc[j]:
-                            acc[j][name] = x * c
-                        else:
-                            acc[j][name].add_(x, alpha=c)
-                    del x
-            if i == total - 1:  # copied and live tensors from the target snapshot
-                rest = {}
-                for n, kind, _, _ in layout:
-                    if kind in ("copy", "live"):
-                        rest[n] = f.get_tensor(f"{kind}/{n}")
-                        verify_checksum(rest[n], f"{kind}/{n}", snap.checksums, snap.path,
-                                        "snapshot_dir")
-        if progress is not None:
-            progress(i + 1, total)
-    results = []
-    for j in range(len(targets)):
-        out: dict[str, Tensor] = {}
-        for name, kind, model_dtype, aliases in layout:
-            t = acc[j].pop(name) if kind == "average" else rest[name].clone()
-            want = dtype or dtype_from_name(model_dtype, "layout")
-            if t.is_floating_point():
-                t = t.to(want)
-            for n in (name, *aliases):
-                out[n] = t
-        results.append({n: out[n] for n in plan.snapshots[-1].order})
+    targets: list[float] = [sigma_rel] if not isinstance(sigma_rel, Sequence) else list(sigma_rel)
+    results = _run(plan_synthesis(folder, targets, at, max_error), dtype, progress)
     return results[0] if single else results
-
