@@ -40,7 +40,7 @@ from .laws import Law
 from .migrations import CURRENT, upgrade
 from .time import check_count
 
-__all__ = ["Averager", "EMAModule", "Store", "swapped_by", "check_initialized"]
+__all__ = ["Averager", "EMAModule"]
 
 # model -> the averager whose average it holds now (inside that averager's swapped() block)
 _SWAPPED: weakref.WeakKeyDictionary[nn.Module, Averager] = weakref.WeakKeyDictionary()

@@ -66,8 +66,6 @@ __all__ = [
     "BUFFER_MODES",
     "STORAGE_DTYPES",
     "Selector",
-    "Unpack",
-    "flag",
 ]
 
 ExecutorName = Literal["auto", "eager", "fused", "graph"]

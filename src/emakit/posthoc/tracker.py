@@ -289,6 +289,21 @@ class PostHocEMA(Averager):
                                  f"has {key}={mine[key]!r}")
         if not isinstance(state["run_id"], str):
             raise ValueError(f"state['run_id']: expected a string, got {state['run_id']!r}")
+        self._check_times(state)
+
+    def _check_times(self, state: Mapping[str, Any]) -> None:
+        """The last update's time: where origin and k put it, no later than the saved clock
+        (a post-hoc update happens at a clock time), and as ``t`` says."""
+        unit = self.update_interval.unit
+        clock = state["clock"][unit]
+        last = state["origin"] + state["k"] - 1 if state["started"] else 0
+        if last > clock or (state["started"] and state["origin"] < 1):
+            raise ValueError(f"state: the last update at {unit} {last} (origin "
+                             f"{state['origin']}, k {state['k']}) does not fit the clock at "
+                             f"{unit} {clock}")
+        if "t" in state and state["t"] != last:
+            raise ValueError(f"state['t']: expected {last} (the last update's time), got "
+                             f"{state['t']!r}")
 
     def _compare_config(self, saved: Any) -> None:
         """Checked (and refused) in :meth:`_check_extra`: the profiles must match."""
