@@ -66,6 +66,7 @@ __all__ = [
     "BUFFER_MODES",
     "STORAGE_DTYPES",
     "Selector",
+    "Unpack",  # re-exported: the faces annotate **kwargs with it (typing_extensions on 3.10)
 ]
 
 ExecutorName = Literal["auto", "eager", "fused", "graph"]
