@@ -369,8 +369,11 @@ class ZeroDebiased:
         if d == 1.0:
             return (k - 1) / k
         # 1 - d**m as -expm1(m log d): exact to rounding also when d**m is close to 1
+        # 1 - s = (1 - d) / (1 - d**k), each 1 - d**m as -expm1(m log d) (exact to rounding
+        # also when d**m is close to 1); computed as the weight, which falls with k whatever
+        # the rounding, so s never decreases and never exceeds d
         log_d = math.log(d)
-        return d * math.expm1((k - 1) * log_d) / math.expm1(k * log_d)
+        return 1.0 - math.expm1(log_d) / math.expm1(k * log_d)
 
 
 @dataclass(frozen=True)
