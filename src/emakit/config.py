@@ -99,7 +99,8 @@ class StoreConfig:
         buffers: ``"average"`` or ``"copy"`` for floating buffers (BatchNorm statistics);
             integer buffers are always taken from the model.
         dtype: storage dtype of the average; ``None`` keeps each tensor's own. fp32 by
-            default, also for bf16/fp16 models (a 16-bit average stops moving).
+            default, also for bf16/fp16 models (a 16-bit average stops moving); fp32 is a
+            floor, so fp64 tensors keep fp64.
         device: where the average lives, e.g. ``"cpu"`` to keep it off the accelerator
             (``None``: beside each tensor).
         compensated: keep a compensation term beside the average (compensated summation,
