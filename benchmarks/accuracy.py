@@ -29,11 +29,11 @@
    ratio to a plain ``torch._foreach_lerp_`` over the same number of fp32 elements, timed
    back to back in the same run.
 
-Every storage row runs the library's kernels except "fp32 + int16, round to nearest
-(sim.)": the 6-byte layout of the int16 compensation with the low part rounded to nearest
+Every storage row runs the library's kernels except "fp32 + 16-bit comp, round to nearest
+(sim.)": the 6-byte layout of the 16-bit compensation with the low part rounded to nearest
 instead of dithered, simulated in float64 arithmetic, to show why the kernel dithers. The
-int16 compensation is decoded here in float64 from its definition (``q * 2**(e - 39)``),
-not by the kernel.
+16-bit compensation (an int8 ``comp`` of two byte planes) is decoded here in float64 from
+its definition (``q * 2**(e - 39)``), not by the kernel.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from emakit.kernels import FusedLerp, comp_nbytes, compilation_available, lerp_
 
 torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
 
-F32, BF16, F64, I16 = torch.float32, torch.bfloat16, torch.float64, torch.int16
+F32, BF16, F64, I8 = torch.float32, torch.bfloat16, torch.float64, torch.int8
 RN16 = "int16 rn"  # the simulated round-to-nearest fixed point
 
 # name: (average dtype, compensation dtype or None)
@@ -59,8 +59,8 @@ STORAGES: dict[str, tuple[torch.dtype, torch.dtype | str | None]] = {
     "fp32 (plain)": (F32, None),
     "fp32 + fp32 comp": (F32, F32),
     "fp32 + bf16 comp": (F32, BF16),
-    "fp32 + int16 comp (dithered)": (F32, I16),
-    "fp32 + int16, round to nearest (sim.)": (F32, RN16),
+    "fp32 + 16-bit comp (dithered)": (F32, I8),
+    "fp32 + 16-bit comp, round to nearest (sim.)": (F32, RN16),
     "bf16 + bf16 comp": (BF16, BF16),
     "bf16 (plain)": (BF16, None),
     "fp64 (plain)": (F64, None),
@@ -68,14 +68,23 @@ STORAGES: dict[str, tuple[torch.dtype, torch.dtype | str | None]] = {
 
 
 def nbytes(avg_dtype: torch.dtype, comp) -> int:
-    return comp_nbytes(avg_dtype, I16 if comp == RN16 else comp)
+    return comp_nbytes(avg_dtype, I8 if comp == RN16 else comp)
 
 
 def quantum(hi: torch.Tensor) -> torch.Tensor:
-    """The int16 compensation's step for fp32 averages ``hi``, in float64, from its
+    """The 16-bit compensation's step for fp32 averages ``hi``, in float64, from its
     definition: 2**(e - 39) for hi in [2**e, 2**(e+1)), e >= -87."""
     _, e = torch.frexp(hi.double())  # hi = m * 2**e with m in [0.5, 1)
     return torch.ldexp(torch.ones_like(hi, dtype=F64), torch.clamp(e - 1, min=-87) - 39)
+
+
+def planes(q: torch.Tensor) -> torch.Tensor:
+    """The kernel's layout of 16-bit counts: two int8 planes, high byte then low byte."""
+    return torch.stack([(q >> 8).to(I8), ((q & 0xFF) + 128) % 256 - 128]).to(I8)
+
+
+def count(c: torch.Tensor) -> torch.Tensor:
+    return c[0].to(torch.int64) * 256 + (c[1].to(torch.int64) & 0xFF)
 
 
 class State:
@@ -86,23 +95,26 @@ class State:
         self.hi = value.to(avg_dtype)
         self.lo = None
         rest = value - self.hi.double()
-        if comp in (I16, RN16):
-            self.lo = torch.round(rest / quantum(self.hi)).clamp(-(2**15), 2**15 - 1).to(I16)
+        if comp in (I8, RN16):
+            q = torch.round(rest / quantum(self.hi)).clamp(-(2**15), 2**15 - 1).to(torch.int64)
+            self.lo = q if comp == RN16 else planes(q)
         elif comp is not None:
             self.lo = rest.to(comp)
 
     def value(self) -> torch.Tensor:
-        if self.comp_kind in (I16, RN16):
+        if self.comp_kind == I8:
+            return self.hi.double() + count(self.lo).double() * quantum(self.hi)
+        if self.comp_kind == RN16:
             return self.hi.double() + self.lo.double() * quantum(self.hi)
         return self.hi.double() + (0.0 if self.lo is None else self.lo.double())
 
     def update(self, src: torch.Tensor, w: float, kernel=lerp_) -> None:
-        if self.comp_kind == RN16:  # float64 arithmetic, stored as the int16 layout holds it
+        if self.comp_kind == RN16:  # float64 arithmetic, stored as the 16-bit layout holds it
             e = self.value()
             e = e + w * (src.double() - e)
             self.hi = e.to(F32)
             q = torch.round((e - self.hi.double()) / quantum(self.hi))
-            self.lo = q.clamp(-(2**15), 2**15 - 1).to(I16)
+            self.lo = q.clamp(-(2**15), 2**15 - 1).to(torch.int64)
         else:
             kernel([self.hi], [src], w, None if self.lo is None else [self.lo])
 
@@ -193,10 +205,10 @@ COST_ROWS = [  # (model dtype, storage name)
     (F32, "fp32 (plain)"),
     (F32, "fp32 + fp32 comp"),
     (F32, "fp32 + bf16 comp"),
-    (F32, "fp32 + int16 comp (dithered)"),
+    (F32, "fp32 + 16-bit comp (dithered)"),
     (BF16, "fp32 (plain)"),
     (BF16, "fp32 + fp32 comp"),
-    (BF16, "fp32 + int16 comp (dithered)"),
+    (BF16, "fp32 + 16-bit comp (dithered)"),
     (BF16, "bf16 + bf16 comp"),
 ]
 
@@ -233,7 +245,8 @@ def cost_table(n: int, reps: int) -> None:
         avg_dtype, comp_dtype = STORAGES[name]
         src = [torch.randn(n).to(model_dtype)]
         avg = [src[0].to(avg_dtype)]
-        comp = None if comp_dtype is None else [torch.zeros(n, dtype=comp_dtype)]
+        comp = None if comp_dtype is None else [
+            torch.zeros((2, n) if comp_dtype == I8 else n, dtype=comp_dtype)]
         stored = nbytes(avg_dtype, comp_dtype)
         moved = model_dtype.itemsize + 2 * stored
         cells = []

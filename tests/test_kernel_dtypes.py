@@ -236,3 +236,31 @@ def test_any_floating_weight_tensor(kernel, dtype):
     tol = {F16: 1e-6, BF16: 1e-4, F32: 1e-7}[dtype]  # the low part's own rounding
     for name, got in out.items():
         assert (got - ref).abs().max().item() < tol * ref.abs().max().item(), name
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16, F32, F64])
+def test_worst_cases_at_the_top_of_the_range_stay_finite(dtype):
+    """Part of the sweep behind the module docstring's no-overflow argument: the averages and
+    sources at +-max, +-(max - ulp), +-max/2 and 0, low parts of 0 and +-ulp/2 of max, and
+    the weights next to 1 and to 1/2 (where the argument's rounding bound is tight), in the
+    eager kernel (float and tensor weights) and the compiled one."""
+    m = torch.finfo(dtype).max
+    top_ulp = m * torch.finfo(dtype).eps / 2
+    vals = torch.tensor([m, m - top_ulp, m / 2, 0.0], dtype=F64)
+    vals = torch.cat([vals, -vals])
+    a = vals.repeat_interleave(len(vals)).to(dtype)
+    b = vals.repeat(len(vals)).to(dtype)
+    eps = torch.finfo(F64 if dtype == F64 else F32).eps
+    weights = [1 - eps / 2, 1 - eps, 1 - 1.5 * eps, 0.5, 0.5 - eps / 4, 0.5 + eps / 2, eps]
+    kernels = [("eager", lerp_, False), ("eager tensor weight", lerp_, True)]
+    if compilation_available("cpu"):
+        kernels.append(("fused", FUSED, True))
+    for w in weights:
+        for low in (None, 0.0, 0.5, -0.5):
+            for name, kernel, tensor in kernels:
+                avg = [a.clone()]
+                comp = None if low is None else [torch.full_like(a, low * top_ulp)]
+                weight = torch.tensor(w, dtype=F64) if tensor else w
+                kernel(avg, [b], weight, comp)
+                assert torch.isfinite(avg[0]).all(), (name, w, low)
+                assert comp is None or torch.isfinite(comp[0]).all(), (name, w, low)

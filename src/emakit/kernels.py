@@ -53,17 +53,17 @@ half its value: ``d/2 = src/2 - hi/2``, ``y/2 = lo/2 + w * (d/2 - lo/2)``,
 magnitude at least twice the smallest normal (2**-125 in fp32), so there the halved
 arithmetic is the plain one bit for bit; below it a halving errs by at most half the
 smallest subnormal (2**-150 in fp32). No halved quantity exceeds ``M``: ``|d/2| <= M`` and
-``|y/2| <= |lo|/2 + w * |d|/2 <= M``. The fused kernel halves only the elements whose
-``|src - avg|`` exceeds ``M/2`` (a select per element, free in a memory-bound pass); the
-eager kernel, which has no per-element select in ``torch._foreach_*``, halves every element
-of such lists. The final doubling can overflow only when the rounded result lies beyond
-``M`` while the exact one lies between ``avg + comp`` and ``src``; where ``src`` is within
-the storage's range that result is clamped to ``+-M``, the nearest finite value. (The plain
-update with a float weight needs no clamp: for ``w < 1/2`` it computes ``avg + w * d``,
-within ``u * |d|`` of a point between ``avg`` and the midpoint, which passes ``M`` only when
-``avg`` and ``src`` are both within a few ulps of ``M``, where that error is far below half
-an ulp; from ``w = 1/2`` on it computes ``src - (1 - w) * d``, the same with the roles
-swapped. Both are ``torch.lerp``'s forms, so on a CPU the result is lerp's, bit for bit.)
+``|y/2| <= |lo|/2 + w * |d|/2 <= M``. Both kernels halve every element of such lists (a
+per-element choice costs a compare and two selects, more than the halving). Doubling back
+cannot overflow: with ``src >= avg`` (the other case is its mirror) the computed ``t/2`` is
+``hi/2 + fl(w * d/2)``, and ``fl(w * d/2) <= d/2 - ulp(d/2)/2`` for ``w <= 1 - 2u`` while
+``d/2`` is at most ``(src - hi)/2 + ulp(d/2)/2``, so ``t/2 <= src/2 <= M/2`` before rounding
+and after it; a low part adds at most ``(1 - w) |lo|/2``, under half an ulp of ``M/2``.
+``w = 1 - u``, the one weight above, was swept with low parts of 0, +-ulp/4 and +-ulp/2 at
+``+-M``, ``+-(M - ulp)``, ``+-M/2`` and 0 in every kernel and dtype: no overflow
+(``tests/test_kernel_dtypes.py`` runs part of the sweep). The eager plain update
+with a float weight uses ``torch.lerp``'s two forms on the halved difference (``avg + w * d``
+below 1/2, ``src - (1 - w) * d`` from 1/2 on), so on a CPU its result is lerp's, bit for bit.
 A source beyond the storage's range (an fp32 model into an fp16 average) still gives
 ``+-inf``, as the conversion would.
 
@@ -354,33 +354,25 @@ def _planes(q: Tensor) -> Planes:
     return (q >> 8).to(I8), (((q & 0xFF) + 128) & 0xFF).sub(128).to(I8)
 
 
-def _clamp_over(v: Tensor, x: Tensor, hi: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``v`` clamped to ``dtype``'s finite range where rounding alone carried it past it (the
-    source and the old average are in range, so the exact average is), and that mask."""
-    top = torch.finfo(dtype).max
-    over = (v.abs() > top) & (x.abs() <= top) & (hi.abs() <= top)
-    return torch.where(over, v.clamp(-top, top), v), over
 
 
 def _fused_one(a: Tensor, s: Tensor, c: Tensor | Planes | None, weight: Tensor) -> None:
     # One pass over one tensor: read a, s, c once, write a and c once (the module docstring
-    # has the algorithm). Elements whose difference could overflow are carried at half
-    # their value (k = 1/2; exact, see Range). ``c``: a floating compensation, or the two
-    # int8 planes of a 16-bit one as separate tensors (writing rows of one 2-row tensor
-    # compiles to a loop 100x slower).
+    # has the algorithm). ``c``: a floating compensation, or the two int8 planes of a
+    # 16-bit one as separate tensors (writing rows of one 2-row tensor compiles to a loop
+    # 100x slower). Every quantity is carried at ``k`` times its value (1/2 where W has no
+    # room for the differences: exact, see Range; a per-element select cost more).
     wide = arithmetic_dtype(a.dtype, s.dtype, c.dtype if isinstance(c, Tensor) else None)
+    k = 0.5 if _halves(wide, a.dtype, s.dtype) else 1.0
     hi, x = a.to(wide, copy=True), s.to(wide, copy=True)  # never an alias of a mutated input
     w = weight.to(wide)
-    small = (x - hi).abs() <= torch.finfo(wide).max / 2
-    k, k_inv = torch.where(small, 1.0, 0.5).to(wide), torch.where(small, 1.0, 2.0).to(wide)
-    hi_k, x_k = hi * k, x * k
+    hi_k, x_k = (hi * k, x * k) if k != 1.0 else (hi, x)
     lo = _decode(c, a, wide)
     if lo is None:
         t = torch.where(w == 1.0, x_k, hi_k + w * (x_k - hi_k))
-        new = _clamp_over(t * k_inv, x, hi, a.dtype)[0].to(a.dtype)
-        a.copy_(torch.where(w == 0.0, a, new))
+        a.copy_(torch.where(w == 0.0, a, (t / k).to(a.dtype)))
         return
-    lo_k = lo * k
+    lo_k = lo * k if k != 1.0 else lo
     y = lo_k + w * ((x_k - hi_k) - lo_k)
     t = hi_k + y
     bp = t - hi_k
@@ -388,8 +380,7 @@ def _fused_one(a: Tensor, s: Tensor, c: Tensor | Planes | None, weight: Tensor) 
     t = torch.where(w == 1.0, x_k, t)
     err = torch.where(w == 1.0, torch.zeros_like(err), err)
     r = round_to(t, a.dtype)  # on the average's grid; t - r is exact
-    new_hi, over = _clamp_over(r * k_inv, x, hi, a.dtype)
-    new_lo = torch.where(over, torch.zeros_like(err), ((t - r) + err) * k_inv)
+    new_hi, new_lo = r / k, ((t - r) + err) / k
     keep = w == 0.0
     if isinstance(c, tuple):  # selected as int32: a select of int8 lanes compiles 10x slower
         q = _count(c)
@@ -483,11 +474,57 @@ def _plain(avg: list[Tensor], src: list[Tensor], weight: Weight) -> None:
         torch._foreach_mul_(avg, 0.5)
         torch._foreach_lerp_(avg, torch._foreach_mul(src, 0.5), weight)
         torch._foreach_mul_(avg, 2.0)
-    elif weight < 0.5:  # avg + w * d, as torch.lerp computes it (one fused multiply-add)
-        torch._foreach_add_(avg, _half_diff(avg, src), alpha=2.0 * weight)
-    else:  # src - (1 - w) * d, lerp's form from w = 1/2 on (1 - w exact in the weight's dtype)
-        w = torch.tensor(weight, dtype=torch.promote_types(dtype, src[0].dtype)).item()
-        torch._foreach_copy_(avg, torch._foreach_add(src, _half_diff(avg, src), alpha=2 * w - 2))
+    else:
+        _lerp_halved(avg, src, weight)
+
+
+# Big tensors are done in pieces of _PIECE elements through one scratch buffer: a fresh
+# full-size temporary costs more in page faults than the arithmetic (8M fp32: 25 ms against
+# 2.7 ms for torch.lerp), a piece stays in the cache.
+_PIECE = 1 << 17
+
+
+def _lerp_halved(avg: list[Tensor], src: list[Tensor], weight: float) -> None:
+    """``avg + w * d`` below 1/2, ``src - (1 - w) * d`` from 1/2 on (``torch.lerp``'s forms,
+    one fused multiply-add each on a CPU), from ``d/2``; ``1 - w`` is exact in the weight's
+    dtype."""
+    wide = torch.promote_types(avg[0].dtype, src[0].dtype)
+    if weight >= 0.5:
+        weight = torch.tensor(weight, dtype=wide).item()  # as lerp rounds it
+    if max(a.numel() for a in avg) < _PIECE:
+        small = range(len(avg))
+    else:
+        small = [i for i, (a, s) in enumerate(zip(avg, src, strict=True))
+                 if a.numel() < _PIECE or not (a.is_contiguous() and s.is_contiguous())]
+    if small:
+        sa, ss = (avg, src) if len(small) == len(avg) else (
+            [avg[i] for i in small], [src[i] for i in small])
+        d = _half_diff(sa, ss)
+        if weight < 0.5:
+            torch._foreach_add_(sa, d, alpha=2.0 * weight)
+        else:
+            torch._foreach_copy_(sa, torch._foreach_add(ss, d, alpha=2.0 * weight - 2.0))
+    if len(small) == len(avg):
+        return
+    scratch = torch.empty(_PIECE, dtype=wide, device=avg[0].device)
+    for i in sorted(set(range(len(avg))) - set(small)):
+        a, s = avg[i].view(-1), src[i].view(-1)
+        for start in range(0, a.numel(), _PIECE):
+            _lerp_piece(a[start:start + _PIECE], s[start:start + _PIECE], weight, scratch)
+
+
+def _lerp_piece(a: Tensor, s: Tensor, weight: float, scratch: Tensor) -> None:
+    d = scratch[: a.numel()]
+    if d.dtype == a.dtype:
+        torch.mul(a, -0.5, out=d)
+        d.add_(s, alpha=0.5)
+    else:
+        torch.mul(s, 0.5, out=d)
+        d.sub_(a, alpha=0.5)
+    if weight < 0.5:
+        a.add_(d, alpha=2.0 * weight)
+    else:
+        a.copy_(torch.add(s, d, alpha=2.0 * weight - 2.0, out=d))
 
 
 def _scaled(ts: list[Tensor], wide: torch.dtype, factor: float) -> list[Tensor]:
@@ -510,11 +547,6 @@ def _mix_(lo: list[Tensor], d: list[Tensor], weight: Weight) -> None:
         torch._foreach_lerp_(lo, d, weight)
 
 
-def _clamp_(ts: list[Tensor], top: float) -> None:
-    torch._foreach_clamp_min_(ts, -top)
-    torch._foreach_clamp_max_(ts, top)
-
-
 def _compensated(avg: list[Tensor], src: list[Tensor], weight: Weight, comp: list[Tensor]):
     """fp32 or fp64 average and compensation, a source no wider: the update at half scale
     (the average's own dtype has no room for ``src - avg``)."""
@@ -526,7 +558,6 @@ def _compensated(avg: list[Tensor], src: list[Tensor], weight: Weight, comp: lis
     torch._foreach_sub_(comp, moved)  # the rounding's error, halved
     torch._foreach_mul_(comp, 2.0)
     torch._foreach_mul_(t, 2.0)
-    _clamp_(t, torch.finfo(avg[0].dtype).max)
     torch._foreach_copy_(avg, t)
 
 
@@ -556,10 +587,6 @@ def _wide(avg: list[Tensor], src: list[Tensor], weight: Weight, comp: list[Tenso
         hi = t
     if scale != 1.0:
         torch._foreach_mul_(hi, 1.0 / scale)
-    # clamp only where the source is within the average's range (then so is the exact
-    # average); a wider source beyond it becomes inf, as its conversion would
-    in_range = torch.finfo(src[0].dtype).max <= torch.finfo(dtype).max
-    _clamp_(hi, torch.finfo(dtype if in_range else wide).max)
     torch._foreach_copy_(avg, hi)
     if lo is None:
         return
