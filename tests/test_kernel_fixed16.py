@@ -10,7 +10,15 @@ import math
 import pytest
 import torch
 
-from emakit.kernels import FusedLerp, check_operands, comp_nbytes, compilation_available, lerp_
+from emakit.kernels import (
+    FusedLerp,
+    check_operands,
+    comp_nbytes,
+    compilation_available,
+    fixed_comp,
+    float_comp,
+    lerp_,
+)
 
 F32, F64, I8, BF16 = torch.float32, torch.float64, torch.int8, torch.bfloat16
 
@@ -108,14 +116,16 @@ def test_random_walk_tracks_float64(kernel):
 
 @needs_compiler
 def test_eager_and_fused_agree_bit_for_bit():
-    """One elementwise body, run eagerly and compiled (no contraction on a CPU)."""
+    """One elementwise body, run eagerly (in cache-sized pieces past 2**17 elements) and
+    compiled (no contraction on a CPU)."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(5000, generator=g) * torch.logspace(-30, 30, 5000).float()
-    hi, comp = split(x.double() + 1e-9 * x.double() * torch.randn(5000, dtype=F64, generator=g))
+    n = (1 << 17) + 5000
+    x = torch.randn(n, generator=g) * torch.logspace(-30, 30, n).float()
+    hi, comp = split(x.double() + 1e-9 * x.double() * torch.randn(n, dtype=F64, generator=g))
     a1, c1 = [hi.clone()], [comp.clone()]
     a2, c2 = [hi.clone()], [comp.clone()]
     for k, w in enumerate([0.3, 1e-6, 0.5, 0.9, 1e-3]):
-        src = x + 1e-4 * x * torch.randn(5000, generator=g)
+        src = x + 1e-4 * x * torch.randn(n, generator=g)
         weight = torch.tensor(w) if k % 2 else w
         lerp_(a1, [src], weight, c1)
         FUSED(a2, [src], weight, c2)
@@ -196,3 +206,18 @@ def test_bad_compensations_are_named():
         check_operands([torch.zeros(3)], [torch.zeros(3)], [torch.zeros(3, dtype=I8)])
     with pytest.raises(TypeError, match=r"comp: expected a dtype of"):
         lerp_([torch.zeros(3)], [torch.zeros(3)], 0.5, [torch.zeros(3, dtype=torch.int16)])
+
+
+def test_conversion_from_and_to_a_float_compensation():
+    """For loading an fp32-compensated state into the 6-byte one and back: the nearest count,
+    decoded exactly as defined."""
+    g = torch.Generator().manual_seed(5)
+    avg = torch.randn(10_000, generator=g) * torch.logspace(-35, 35, 10_000).float()
+    lo = (torch.rand(10_000, generator=g, dtype=F64) - 0.5) * quantum(avg) * 2**16
+    comp = fixed_comp(avg, lo.float())
+    assert comp.dtype == I8 and comp.shape == (2, 10_000)
+    got = value(avg, comp) - avg.double()
+    assert ((got - lo).abs() <= quantum(avg) * 0.5 + lo.abs() * 2.0**-24).all()
+    assert torch.equal(float_comp(avg, comp).double(), got)
+    with pytest.raises(ValueError, match=r"comp: expected int8 of shape \(2, 3\)"):
+        float_comp(torch.zeros(3), torch.zeros(3, dtype=I8))

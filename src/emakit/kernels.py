@@ -124,6 +124,8 @@ __all__ = [
     "check_operands",
     "arithmetic_dtype",
     "round_to",
+    "fixed_comp",
+    "float_comp",
     "comp_nbytes",
     "COMP_DTYPES",
     "FusedLerp",
@@ -354,6 +356,32 @@ def _planes(q: Tensor) -> Planes:
     return (q >> 8).to(I8), (((q & 0xFF) + 128) & 0xFF).sub(128).to(I8)
 
 
+
+
+def fixed_comp(avg: Tensor, lo: Tensor) -> Tensor:
+    """The 16-bit compensation (int8, shape ``(2, *avg.shape)``) nearest to the low part
+    ``lo`` of the fp32 average ``avg``, e.g. to load an fp32 compensation into a 6-byte
+    state (a low part beyond the count's range is clamped to it).
+
+    >>> import torch
+    >>> avg = torch.tensor([1.0])
+    >>> float_comp(avg, fixed_comp(avg, torch.tensor([2.0**-30]))).item() == 2.0**-30
+    True
+    """
+    if avg.dtype != F32:
+        raise TypeError(f"avg: expected torch.float32 for a 16-bit compensation, got {avg.dtype}")
+    count = torch.round(lo.to(F32) * _quantum(avg)[1])
+    count = torch.clamp(count, -_Q_MAX - 1, _Q_MAX)
+    return torch.stack(_planes(torch.where(torch.isfinite(count), count, 0.0).to(torch.int32)))
+
+
+def float_comp(avg: Tensor, comp: Tensor) -> Tensor:
+    """The low part (fp32) held by the 16-bit compensation ``comp`` of the fp32 ``avg``:
+    ``avg + float_comp(avg, comp)`` is the stored average to 40 bits."""
+    if comp.dtype != I8 or tuple(comp.shape) != (2, *avg.shape):
+        raise ValueError(f"comp: expected int8 of shape {(2, *avg.shape)}, got {comp.dtype} "
+                         f"of shape {tuple(comp.shape)}")
+    return _count((comp[0], comp[1])).to(F32) * _quantum(avg)[0]
 
 
 def _fused_one(a: Tensor, s: Tensor, c: Tensor | Planes | None, weight: Tensor) -> None:
@@ -605,7 +633,12 @@ def _fixed(avg: list[Tensor], src: list[Tensor], weight: Weight, comp: list[Tens
     else:
         w = torch.tensor(weight, dtype=wide, device=avg[0].device)
     for a, s, c in zip(avg, src, comp, strict=True):
-        if a.numel():
+        if a.numel() > _PIECE and a.is_contiguous() and s.is_contiguous() and _flat(c):
+            a, s, c = a.view(-1), s.view(-1), c.view(2, -1)  # pieces: cache-sized temporaries
+            for i in range(0, a.numel(), _PIECE):
+                piece = slice(i, i + _PIECE)
+                _fused_one(a[piece], s[piece], (c[0, piece], c[1, piece]), w)
+        elif a.numel():
             _fused_one(a, s, (c[0], c[1]), w)
 
 
