@@ -440,8 +440,8 @@ def lerp_(
     device. Lists must be homogeneous (``check_operands``). Eager ``torch._foreach_*`` calls:
     without ``comp`` one ``lerp`` for fp16, three passes for an fp32 or fp64 average and a
     float weight (``d/2``, then ``avg + 2w * d/2``: no overflow, bit for bit ``torch.lerp``'s
-    result on a CPU); with a floating ``comp`` about twelve passes (use ``FusedLerp`` for
-    one); with an int8 ``comp`` the fused kernel's body, tensor by tensor.
+    result on a CPU); with a floating ``comp`` about ten passes (use ``FusedLerp`` for one);
+    with an int8 ``comp`` the fused kernel's body, tensor by tensor.
 
     >>> import torch
     >>> avg, comp = [torch.ones(1)], [torch.zeros(1)]
@@ -461,7 +461,7 @@ def lerp_(
             return
     if comp is not None and comp[0].dtype == I8:
         _fixed(avg, src, weight, comp)
-    elif weight == 1.0 and not isinstance(weight, Tensor):
+    elif not isinstance(weight, Tensor) and weight == 1.0:  # (a tensor is never compared)
         torch._foreach_copy_(avg, src)
         if comp is not None:
             torch._foreach_copy_(comp, torch._foreach_sub(src, avg))  # the conversion's rest
@@ -519,26 +519,29 @@ def _lerp_halved(avg: list[Tensor], src: list[Tensor], weight: float) -> None:
     wide = torch.promote_types(avg[0].dtype, src[0].dtype)
     if weight >= 0.5:
         weight = torch.tensor(weight, dtype=wide).item()  # as lerp rounds it
-    if max(a.numel() for a in avg) < _PIECE:
-        small = range(len(avg))
-    else:
-        small = [i for i, (a, s) in enumerate(zip(avg, src, strict=True))
-                 if a.numel() < _PIECE or not (a.is_contiguous() and s.is_contiguous())]
+    big = _big(avg, src)
+    small = [i for i in range(len(avg)) if i not in big] if big else range(len(avg))
     if small:
-        sa, ss = (avg, src) if len(small) == len(avg) else (
-            [avg[i] for i in small], [src[i] for i in small])
+        sa, ss = (avg, src) if not big else ([avg[i] for i in small], [src[i] for i in small])
         d = _half_diff(sa, ss)
         if weight < 0.5:
             torch._foreach_add_(sa, d, alpha=2.0 * weight)
         else:
             torch._foreach_copy_(sa, torch._foreach_add(ss, d, alpha=2.0 * weight - 2.0))
-    if len(small) == len(avg):
-        return
-    scratch = torch.empty(_PIECE, dtype=wide, device=avg[0].device)
-    for i in sorted(set(range(len(avg))) - set(small)):
-        a, s = avg[i].view(-1), src[i].view(-1)
-        for start in range(0, a.numel(), _PIECE):
-            _lerp_piece(a[start:start + _PIECE], s[start:start + _PIECE], weight, scratch)
+    if big:
+        scratch = torch.empty(_PIECE, dtype=wide, device=avg[0].device)
+        for i in big:
+            a, s = avg[i].view(-1), src[i].view(-1)
+            for start in range(0, a.numel(), _PIECE):
+                _lerp_piece(a[start:start + _PIECE], s[start:start + _PIECE], weight, scratch)
+
+
+def _big(avg: list[Tensor], src: list[Tensor]) -> set[int]:
+    """Indices of the contiguous tensors of at least ``_PIECE`` elements."""
+    if max(a.numel() for a in avg) < _PIECE:
+        return set()
+    return {i for i, (a, s) in enumerate(zip(avg, src, strict=True))
+            if a.numel() >= _PIECE and a.is_contiguous() and s.is_contiguous()}
 
 
 def _lerp_piece(a: Tensor, s: Tensor, weight: float, scratch: Tensor) -> None:
