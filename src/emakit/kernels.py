@@ -80,8 +80,9 @@ update decodes ``lo``, runs the compensated update above in fp32 and encodes the
 part as ``q = floor(lo / s + r)``, ``r`` in ``[0, 1)`` a hash of the element's stored state
 (its old ``q`` and the low 15 bits of its old average, in int32 arithmetic). This is
 stochastic rounding without a random number generator: the rounding error is below one
-quantum, unbiased over the states an element visits, reproducible (the same state gives
-the same result on every device and placement, integer arithmetic being exact everywhere)
+quantum, unbiased over the states an element visits, reproducible (the same state gets the
+same offset on every device and placement, integer arithmetic being exact everywhere; a GPU
+that fuses ``lo / s + r`` into one multiply-add may still round a rare count the other way)
 and draws nothing from torch's generators. Rounding to nearest instead errs the same way at
 every update while ``w * |src - e|`` changes slowly, a bias of up to half a quantum per
 update (``benchmarks/accuracy.py`` measures both). ``|lo| <= ulp(avg)/2`` keeps
@@ -468,14 +469,33 @@ def lerp_(
     elif comp is None:
         _plain(avg, src, weight)
     elif comp[0].dtype == avg[0].dtype in (F32, F64) and _narrower(src[0].dtype, avg[0].dtype):
-        _compensated(avg, src, weight, comp)
+        _by_pieces(_compensated, avg, src, weight, comp)
     else:
-        _wide(avg, src, weight, comp)
+        _by_pieces(_wide, avg, src, weight, comp)
 
 
 def _narrower(a: torch.dtype, b: torch.dtype) -> bool:
     """Whether every value of ``a`` is one of ``b``."""
     return torch.promote_types(a, b) == b and (a != BF16 or b != F16)
+
+
+def _by_pieces(fn, avg: list[Tensor], src: list[Tensor], weight: Weight, comp) -> None:
+    """``fn(avg, src, weight, comp)``, big contiguous tensors in pieces of ``_PIECE``
+    elements (their temporaries stay in the cache instead of faulting in fresh pages)."""
+    big = {i for i in _big(avg, src) if comp is None or comp[i].is_contiguous()}
+    if not big:
+        fn(avg, src, weight, comp)
+        return
+    rest = [i for i in range(len(avg)) if i not in big]
+    if rest:
+        fn([avg[i] for i in rest], [src[i] for i in rest], weight,
+           None if comp is None else [comp[i] for i in rest])
+    for i in big:
+        a, s = avg[i].view(-1), src[i].view(-1)
+        c = None if comp is None else comp[i].view(-1)
+        for start in range(0, a.numel(), _PIECE):
+            p = slice(start, start + _PIECE)
+            fn([a[p]], [s[p]], weight, None if c is None else [c[p]])
 
 
 def _half_diff(avg: list[Tensor], src: list[Tensor]) -> list[Tensor]:
