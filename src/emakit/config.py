@@ -301,7 +301,7 @@ class StoreConfig:
             integer buffers are always taken from the model.
         dtype: storage dtype of the average (float16, bfloat16, float32 or float64);
             ``None`` keeps each tensor's own. fp32 by default, also for bf16/fp16 models (a
-            16-bit average stops moving).
+            16-bit average stops moving); fp32 is a floor, so fp64 tensors keep fp64.
         device: where the average lives, e.g. ``"cpu"`` to keep it off the accelerator
             (``None``: beside each tensor).
         compensated: keep a compensation term beside the average (compensated summation), so
