@@ -368,9 +368,13 @@ class ZeroDebiased:
             return 0.0
         if d == 1.0:
             return (k - 1) / k
-        # 1 - d**m as -expm1(m log d): exact to rounding also when d**m is close to 1
-        log_d = math.log(d)
-        return d * math.expm1((k - 1) * log_d) / math.expm1(k * log_d)
+        # s = d - (1 - d) d**k / (1 - d**k) = d - (1 - d) / expm1(-k log d): each operation
+        # is monotone in k, so the rounded factors never decrease and never pass d (the
+        # quotient form d (1 - d**(k-1)) / (1 - d**k) can dip by an ulp)
+        x = -k * math.log(d)
+        if x > 709.0:  # expm1 overflows; the correction is below 1e-307
+            return d
+        return d - (1.0 - d) / math.expm1(x)
 
 
 @dataclass(frozen=True)
