@@ -78,6 +78,7 @@ class EMA(Averager):
         )
         super().__init__(model, config, [law])
         self.config: EMAConfig = config
+        self._constructed()
 
     @property
     def half_life(self) -> Time | None:
