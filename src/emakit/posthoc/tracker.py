@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from .._version import __version__
 from ..averager import Averager
-from ..cadence import Cadence
 from ..config import PostHocEMAConfig, PostHocEMAOptions, Unpack
 from ..io import dtype_from_name, dtype_name, dumps, model_fingerprint
 from ..laws import PowerFunction
@@ -98,11 +97,7 @@ class PostHocEMA(Averager):
         config = PostHocEMAConfig.resolve(config, dict(kwargs), "PostHocEMA")
         config.require_total()
         self.gammas = tuple(sigma_rel_to_gamma(s) for s in config.sigma_rels)
-        cadence = Cadence(
-            start=config.start, interval=config.interval, total=config.total,
-            batches_per_epoch=config.batches_per_epoch, switch_every=config.switch_every,
-            snapshot_every=config.snapshot_every, start_on_interval=True,
-        )
+        cadence = config.cadence(snapshot_every=config.snapshot_every, start_on_interval=True)
         super().__init__(model, config, [PowerFunction(g) for g in self.gammas], cadence)
         self.config: PostHocEMAConfig = config
         self.run_id = uuid.uuid4().hex
@@ -112,6 +107,7 @@ class PostHocEMA(Averager):
         self._dir_checked = False
         self._describe()
         self._check_folder_model()
+        self._constructed()
 
     sigma_rels = property(lambda self: self.config.sigma_rels)
     snapshot_every = property(lambda self: self.config.snapshot_every)
