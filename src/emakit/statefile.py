@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ._args import flag, path_arg
+from ._engine.tensors import is_dtensor
 from .io import (
     CHECKSUMS_KEY,
     HEADER_CHECKSUM_KEY,
@@ -55,9 +56,7 @@ def _encode_dict(value: dict, where: str, tensors: list[tuple[str, torch.Tensor]
 
 def _encode(value: Any, where: str, tensors: list[tuple[str, torch.Tensor]]) -> Any:
     """The JSON tree of a state: tensors become ``{"__tensor__": key}``."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(value, DTensor):
+    if is_dtensor(value):
         raise TypeError(f"state{where}: a DTensor (sharded under FSDP2); write sharded states "
                         "with emakit.checkpoint.save")
     if isinstance(value, torch.Tensor):

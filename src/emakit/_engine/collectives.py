@@ -18,10 +18,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .flat_params import fsdp1_group, named_state
-from .tensors import DTensor, check_same_names, distribute_tensor, unwrap_model
+from .tensors import check_same_names, distribute_tensor, is_dtensor, unwrap_model
 
 __all__ = [
-    "DTensor",
+    "is_dtensor",
     "distribute_tensor",
     "initialized",
     "rank",
@@ -80,7 +80,7 @@ def process_group(model: nn.Module, shard: bool = False) -> Any:
     if fsdp1 is not None:
         return fsdp1
     for p in unwrap_model(model).parameters():
-        if isinstance(p, DTensor):
+        if is_dtensor(p):
             mesh = p.device_mesh
             return mesh.get_group() if mesh.ndim == 1 else dist.group.WORLD
         if is_zero3(p):

@@ -13,6 +13,7 @@ False
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .tensors import DTensor
+from .tensors import is_dtensor
 
 __all__ = ["FlatView", "Item", "uses_fsdp1", "fsdp1_group", "state_items", "named_state",
            "unit_name", "WRAPPERS"]
@@ -31,11 +32,10 @@ _SUPPORTED = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 
 
 def _fsdp_class() -> type | None:
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # pragma: no cover - a torch built without distributed
-        return None
-    return FullyShardedDataParallel
+    # Importing FSDP imports DTensor's package (over a second); no model can hold an FSDP
+    # unit before FSDP was imported, so an absent module answers "none".
+    module = sys.modules.get("torch.distributed.fsdp")
+    return getattr(module, "FullyShardedDataParallel", None) if module is not None else None
 
 
 def _units(model: nn.Module) -> list[Any]:
@@ -47,7 +47,7 @@ def _flattened(p: Tensor) -> bool:
     """Whether FSDP1 manages ``p``: a FlatParameter, or an original parameter flattened into
     one (``use_orig_params=True``). Tensor parallel marks its DTensors the same way."""
     return bool(getattr(p, "_is_flat_param", False)) or (
-        bool(getattr(p, "_fsdp_flattened", False)) and not isinstance(p, DTensor)
+        bool(getattr(p, "_fsdp_flattened", False)) and not is_dtensor(p)
     )
 
 
@@ -315,7 +315,7 @@ def _check_model(model: nn.Module, units: list[Any]) -> Any:
         owned.update(id(p) for p in flat._shared_params or ())
     for name, p in model.named_parameters():
         clean = ".".join(a for a in name.split(".") if a not in WRAPPERS)
-        if isinstance(p, DTensor):
+        if is_dtensor(p):
             raise ValueError(
                 f"model: {clean} is a DTensor in a model that also uses FSDP1 "
                 "(FullyShardedDataParallel); the EMA supports one or the other"

@@ -7,25 +7,41 @@ Every helper runs one ``torch._foreach_*`` call per group with no host synchroni
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import Tensor, nn
 
-try:  # public since torch 2.5; torch 2.4 has it under a private name
-    from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError:  # pragma: no cover - depends on the torch build
-    try:
-        from torch.distributed._tensor import DTensor, distribute_tensor
-    except ImportError:  # a torch built without distributed: no parameter is a DTensor
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
-        class DTensor:  # type: ignore[no-redef]
-            pass
+# torch.distributed.tensor costs over a second to import (sympy, the sharding rules), so
+# emakit never imports it to ask whether a tensor is a DTensor: a DTensor can only exist once
+# its package was imported, so a package absent from sys.modules answers "no".
+_DTENSOR_PACKAGES = ("torch.distributed.tensor", "torch.distributed._tensor")
 
-        distribute_tensor = None  # type: ignore[assignment]
+
+def is_dtensor(t: object) -> TypeGuard[DTensor]:
+    """Whether ``t`` is a DTensor (FSDP2, tensor parallel), without importing its package."""
+    for name in _DTENSOR_PACKAGES:
+        module = sys.modules.get(name)
+        cls = getattr(module, "DTensor", None) if module is not None else None
+        if cls is not None:
+            return isinstance(t, cls)
+    return False
+
+
+def distribute_tensor(tensor: Tensor, mesh: Any, placements: Any, **kwargs: Any) -> DTensor:
+    """``torch.distributed.tensor.distribute_tensor``, imported when first needed."""
+    from torch.distributed.tensor import distribute_tensor as distribute
+
+    return distribute(tensor, mesh, placements, **kwargs)
+
 
 __all__ = [
-    "DTensor",
+    "is_dtensor",
     "distribute_tensor",
     "grouped",
     "copy_",

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from ..collectives import DTensor, is_zero3
+from ..collectives import is_dtensor, is_zero3
 from ..flat_params import uses_fsdp1
 from .base import Key, Placement, Slot, Whole
 from .dtensor import DTensorShard
@@ -51,6 +51,6 @@ def choose(model: nn.Module, shard: bool = False, group: Any = None) -> Placemen
         return ReplicaSlice(group)
     if zero3:
         return ZeroPartition(group)
-    if any(isinstance(p, DTensor) for p in model.parameters()):
+    if any(is_dtensor(p) for p in model.parameters()):
         return DTensorShard(group)
     return Whole()

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..collectives import DTensor
+from ..collectives import is_dtensor
 from ..layout import Entry, align
 
 __all__ = ["Key", "Slot", "Placement", "Whole", "whole"]
@@ -104,7 +104,7 @@ class Placement:
         """The whole value of model tensor ``t`` (a live one: frozen, integer), gathered where
         the model spreads it (a collective then); exports read live tensors through it."""
         t = t.detach()
-        return t.full_tensor() if isinstance(t, DTensor) else t
+        return t.full_tensor() if is_dtensor(t) else t
 
     def allocate(self, slots: Sequence[Slot]) -> dict[Key, Tensor]:
         """Default: every slot keeps its whole local part, aligned, in slot order."""
@@ -148,7 +148,7 @@ class Placement:
         return [getattr(s, attr) for s in slots]
 
     def scatter(self, slot: Slot, value: Tensor) -> Tensor:
-        return value.full_tensor() if isinstance(value, DTensor) else value
+        return value.full_tensor() if is_dtensor(value) else value
 
     def swap_pairs(self, slots: Sequence[Slot]) -> tuple[list[Tensor], list[Tensor]]:
         return [self.local(s.entry.tensor()) for s in slots], whole([s.avg for s in slots])

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..collectives import DTensor, distribute_tensor
+from ..collectives import distribute_tensor, is_dtensor
 from .base import Key, Placement, Slot, whole
 
 __all__ = ["DTensorShard"]
@@ -30,7 +30,7 @@ class DTensorShard(Placement):
         self.group = group
 
     def local(self, t: Tensor) -> Tensor:
-        return t._local_tensor if isinstance(t, DTensor) else t
+        return t._local_tensor if is_dtensor(t) else t
 
     def watch_local(self, slot: Slot) -> Callable[[Tensor], Tensor] | None:
         return _LOCAL_TENSOR if slot.meta is not None else None
@@ -40,7 +40,7 @@ class DTensorShard(Placement):
             t = s.entry.tensor()
             s.meta = (
                 (t.device_mesh, tuple(t.placements), t.shape, t.stride())
-                if isinstance(t, DTensor)
+                if is_dtensor(t)
                 else None
             )
         return super().allocate(slots)
@@ -48,6 +48,8 @@ class DTensorShard(Placement):
     def _wrap(self, s: Slot, local: Tensor) -> Tensor:
         if s.meta is None:
             return local
+        from torch.distributed.tensor import DTensor  # loaded: the slot's tensor was one
+
         mesh, placements, shape, stride = s.meta
         return DTensor.from_local(
             local, mesh, placements, run_check=False, shape=shape, stride=stride
@@ -65,14 +67,14 @@ class DTensorShard(Placement):
         out: list[Tensor | None] = []
         for s in slots:
             t = self._wrap(s, getattr(s, attr))
-            out.append(t.full_tensor() if isinstance(t, DTensor) else t)
+            out.append(t.full_tensor() if is_dtensor(t) else t)
         return out
 
     def scatter(self, slot: Slot, value: Tensor) -> Tensor:
         if slot.meta is None:
             return super().scatter(slot, value)
         mesh, placements = slot.meta[0], slot.meta[1]
-        if isinstance(value, DTensor):
+        if is_dtensor(value):
             if value.device_mesh != mesh or tuple(value.placements) != tuple(placements):
                 value = value.redistribute(mesh, placements)
             return value.to_local()

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..collectives import DTensor
+from ..collectives import is_dtensor
 from ..layout import align
 from .base import Key, Placement, Slot, whole
 
@@ -38,7 +38,7 @@ class ReplicaSlice(Placement):
     def allocate(self, slots: Sequence[Slot]) -> dict[Key, Tensor]:
         totals: dict[Key, int] = {}
         for s in slots:
-            if isinstance(s.entry.tensor(), DTensor):
+            if is_dtensor(s.entry.tensor()):
                 raise ValueError(
                     "shard=True is for replicated (DDP) models; this model's parameters are "
                     "DTensors (FSDP2), whose average is already kept shard by shard: drop shard"
