@@ -504,6 +504,42 @@ def test_a_run_resumed_after_a_parameter_stopped_training_continues_exactly():
         assert torch.equal(resumed.state_dict()["average"][name], t), name
 
 
+def test_a_state_without_a_frozen_parameter_leaves_it_live():
+    """A state saved while the backbone was still frozen, loaded after it trained and was
+    frozen again: the state decides, the backbone is read from the model."""
+    model = _backbone_frozen()
+    ema, ref, g = _setup(model)
+    _run(model, ema, ref, g)
+    early = ema.state_dict()
+    model[0].requires_grad_(True)
+    _run(model, ema, ref, g)
+    model[0].requires_grad_(False)
+    _run(model, ema, ref, g)
+    assert "0.weight" in ema.state_dict()["average"]
+    ema.load_state_dict(early)
+    got = ema.ema_state_dict()
+    for name, t in early["average"].items():
+        assert torch.equal(got[name], t), name
+    assert torch.equal(got["0.weight"], model[0].weight)
+    assert sorted(ema.state_dict()["average"]) == sorted(early["average"])
+
+
+def test_a_copied_average_watches_its_own_model():
+    import copy
+
+    model = nn.Sequential(nn.Linear(3, 3))
+    ema, ref, g = _setup(model)
+    twin = copy.deepcopy(ema)  # its own copy of the model
+    copied = store_of(twin).model
+    assert copied is not model
+    copied[0].scale = nn.Parameter(torch.ones(3))  # seen by the registration hooks only
+    _perturb(copied, g)
+    twin.update()
+    ref.update(copied)
+    ref.check(twin)
+    assert "0.scale" in twin.state_dict()["average"]
+
+
 def test_an_excluded_parameter_that_starts_training_stays_live():
     model = _backbone_frozen()
     ema = emakit.EMA(model, smoothing=S, exclude="0.*")

@@ -155,6 +155,12 @@ class Registrations:
         self.tripped = False
         _live = (*_live, weakref.ref(self, _forget))
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a copy (deepcopy, pickle) watches copied modules under other ids, unregistered:
+        # the first check looks again, and the watch then starts afresh on the copies
+        self.__dict__.update(state)
+        self.tripped = True
+
     def note(self, module: nn.Module, name: str, value: Any, same_is_nothing: bool) -> None:
         """Called by the hooks, before ``module`` holds ``value`` under ``name``."""
         key = (id(module), name)

@@ -35,9 +35,9 @@ averaged from then on, every other average carried over. A parameter that stops 
 stays in the average and keeps being averaged, toward the value it now keeps: the average
 of its trajectory, which reaches the frozen value with the half-life instead of jumping to
 it (as timm, Ultralytics and d2go average every parameter, frozen or not). :meth:`Store.reset`
-classifies afresh and drops it (its average is then its value); :meth:`Store.load` takes a
-saved average for a frozen parameter (a run resumed after it stopped training) and averages
-it from then on.
+classifies afresh and drops it (its average is then its value). For a frozen parameter,
+:meth:`Store.load` follows the state: one that holds its average (a run resumed after it
+stopped training) keeps it averaged, one that does not leaves it live.
 
 Under placements whose exports gather (FSDP2, ``shard=True``) a re-plan gathers the old
 averages: every rank must change its model alike, as training does anyway. Not watched: a
@@ -66,6 +66,12 @@ __all__ = ["Store"]
 
 def _signature(entries: list[Entry]) -> list[tuple]:
     return [(tuple(e.names), e.kind, id(e.module), e.attr, e.is_param) for e in entries]
+
+
+def _probe(e: Entry) -> Tensor:
+    """``e``'s tensor, or for an FSDP1 parameter a meta tensor of its shape, dtype and
+    ``requires_grad``."""
+    return e.view.meta() if isinstance(e, FlatEntry) and e.view is not None else e.tensor()
 
 
 def _params(entries: list[Entry], kind: Kind) -> list[Entry]:
@@ -166,7 +172,7 @@ class Store:
         for e in entries:
             if e.kind is not Kind.LIVE or not e.is_param or not any(n in names for n in e.names):
                 continue
-            probe = e.view.meta() if isinstance(e, FlatEntry) and e.view is not None else e.tensor()
+            probe = _probe(e)
             if probe.is_floating_point() and not probe.requires_grad:
                 excluded = excluded or Matcher(self.config.exclude, "exclude")
                 if not excluded(e.names, probe):
@@ -339,8 +345,9 @@ class Store:
         bad = [n for n, t in tensors.items() if not isinstance(t, Tensor)]
         if bad:
             raise TypeError(f"{what}: expected tensors, got other values for {bad}")
-        expected = {s.entry.name: s.shape for s in self.slots}
-        for e in self._stopped(self.entries, tensors):  # see load()
+        resumed, dropped = self._frozen_saved(tensors)  # see load()
+        expected = {s.entry.name: s.shape for s in self.slots if s.entry not in dropped}
+        for e in resumed:
             expected[e.name] = self.placement.shape(e.tensor())
         check_same_names(expected, {n: t.shape for n, t in tensors.items()}, what)
         ints = [f"{n}: {t.dtype}" for n, t in tensors.items() if not t.is_floating_point()]
@@ -357,8 +364,9 @@ class Store:
         """Copy ``tensors`` (as from :meth:`tensors`: DTensors of any placements or full
         tensors) into this rank's parts, after :meth:`check_load`. ``compensation`` (as
         from :meth:`compensation_tensors`) is loaded when given and kept; else it is 0.
-        An average saved for a parameter that is frozen here (a run resumed after it stopped
-        training) is taken, and the parameter stays averaged."""
+        For a parameter that is frozen now the state decides: an average saved for it (a run
+        resumed after it stopped training) is taken and it stays averaged; none saved (a
+        state from before it was averaged) and it is read from the model."""
         self.check_load(tensors, what)
         if compensation is not None and self.comps is not None:
             self.check_load(compensation, f"{what} (compensation)")
@@ -376,11 +384,18 @@ class Store:
                 copy_([c for c, _ in pairs],
                       [p.scatter(b.slot, compensation[b.entry.name]) for _, b in pairs])
 
+    def _frozen_saved(self, tensors: Mapping[str, Tensor]) -> tuple[list[Entry], list[Entry]]:
+        """(live frozen parameters that ``tensors`` holds averages of, averaged frozen
+        parameters it holds none of)."""
+        dropped = [e for e in _params(self.entries, Kind.AVERAGE)
+                   if e.name not in tensors and not _probe(e).requires_grad]
+        return self._stopped(self.entries, tensors), dropped
+
     def _resume_stopped(self, tensors: Mapping[str, Tensor]) -> None:
-        """Average the parameters that are frozen here and that ``tensors`` (a saved state)
-        holds averages of: the run stopped training them after they were averaged."""
-        resumed = self._stopped(self.entries, tensors)
-        if resumed:
+        """Frozen parameters averaged as ``tensors`` (a saved state) has them."""
+        resumed, dropped = self._frozen_saved(tensors)
+        if resumed or dropped:
+            self._trained.difference_update(n for e in dropped for n in e.names)
             self._trained.update(n for e in resumed for n in e.names)
             self._replan(self._classify())
 
