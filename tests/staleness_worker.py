@@ -1,10 +1,10 @@
 """One rank of a multi-process staleness test (gloo, CPU). Run by ``tests/test_staleness.py``:
 
-    python tests/staleness_worker.py SCENARIO OUTDIR   (RANK, WORLD_SIZE, MASTER_* set)
+    python tests/staleness_worker.py SCENARIO[,SCENARIO...] OUTDIR   (RANK, WORLD_SIZE, ...)
 
-Scenarios: ``fsdp1`` (FullyShardedDataParallel, ``use_orig_params=True``, one unit per
-Linear), ``fsdp2`` (``fully_shard`` per Linear and the root), ``zero3`` (DeepSpeed ZeRO-3,
-CPU accelerator).
+Scenarios, run one after another in one launch: ``fsdp1`` (FullyShardedDataParallel,
+``use_orig_params=True``, one unit per Linear), ``fsdp2`` (``fully_shard`` per Linear and
+the root), ``zero3`` (DeepSpeed ZeRO-3, CPU accelerator).
 
 The model's first layer (a backbone) is frozen when the EMA is built and starts training at
 step :data:`UNFREEZE`. Every step runs a forward and backward pass and an optimizer step on
@@ -159,14 +159,15 @@ def run(scenario: str, out: str, rank: int, world: int) -> None:
 
 
 def main() -> None:
-    if sys.argv[1] == "zero3":
+    scenarios, out = sys.argv[1].split(","), sys.argv[2]
+    if "zero3" in scenarios:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    scenario, out = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     try:
-        run(scenario, out, dist.get_rank(), dist.get_world_size())
-        dist.barrier()
+        for scenario in scenarios:
+            run(scenario, out, dist.get_rank(), dist.get_world_size())
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
