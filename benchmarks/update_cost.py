@@ -35,6 +35,7 @@ from _common import (
     table,
     timed,
 )
+from torch import nn
 
 import emakit
 
@@ -44,8 +45,22 @@ def emakit_flat(model):
     return emakit_update(flat)  # the EMA holds the flattened copy
 
 
+def emakit_registering(model):
+    """emakit with ``nn.CrossEntropyLoss()`` and ``nn.Linear(2, 2)`` built before each step,
+    as training code builds a loss or a metric; their building is timed too (see
+    benchmarks/registrations.py for the step alone)."""
+    step, drain = emakit_update(model)
+
+    def update():
+        kept = (nn.CrossEntropyLoss(), nn.Linear(2, 2))  # noqa: F841 - alive during the step
+        step()
+
+    return update, drain
+
+
 CONTESTANTS = dict(PEERS)
 CONTESTANTS["emakit"] = emakit_update
+CONTESTANTS["emakit, a module built per step"] = emakit_registering
 CONTESTANTS["emakit + flatten_parameters"] = emakit_flat
 TENTH = "emakit, 10ba (per step)"
 

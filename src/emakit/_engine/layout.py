@@ -18,17 +18,19 @@ tensor that both select is excluded.
 
 Also here: the alignment shared with :func:`emakit.flatten_parameters` (every stored view
 starts at a multiple of :data:`ALIGN` elements, so a flattened model's parameters sit at the
-same relative offsets as their averages), and :func:`generation`, a counter that every
-parameter, buffer or submodule registration in the process advances (``m.w = Parameter``,
-``register_buffer``, ``load_state_dict(assign=True)``, an appended layer): one integer
-comparison tells a plan whether such a change may have happened since it was made.
+same relative offsets as their averages), and :class:`Registrations`: the parameter,
+buffer and submodule registrations on a model's own modules since a plan was made
+(``m.w = Parameter``, ``register_buffer``, ``load_state_dict(assign=True)``, an appended
+layer), kept only when they may have changed what a module holds; registrations anywhere
+else in the process are forgotten as they happen.
 """
 
 from __future__ import annotations
 
 import enum
 import fnmatch
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +39,8 @@ from torch import Tensor, nn
 from ..config import Selector
 from .flat_params import FlatView, Item, state_items
 
-__all__ = ["ALIGN", "align", "Kind", "Entry", "FlatEntry", "Matcher", "classify", "generation"]
+__all__ = ["ALIGN", "align", "Kind", "Entry", "FlatEntry", "Matcher", "classify",
+           "Registrations"]
 
 ALIGN = 16  # elements; every view starts 64-byte aligned (fp32), for vectorized kernels
 
@@ -61,32 +64,119 @@ def align(n: int) -> int:
 
 # registrations ---------------------------------------------------------------------------
 
-_generation = 0
-_hooks: list = []
+_ATTRS = ("_parameters", "_buffers", "_modules")
+_live: tuple[weakref.ref[Registrations], ...] = ()  # every Registrations not yet collected
+_hooks: list[Any] = []
 
 
-def _bump(*args: object) -> None:
-    global _generation
-    _generation += 1
+def _held(module: nn.Module, name: str) -> Any:
+    """What ``module`` holds under ``name`` as far as its state dict is concerned: the
+    parameter, the persistent buffer or the submodule (None: nothing, or a non-persistent
+    buffer)."""
+    p = module._parameters.get(name)
+    if p is not None:
+        return p
+    b = module._buffers.get(name)
+    if b is not None and name not in module._non_persistent_buffers_set:
+        return b
+    return module._modules.get(name)
 
 
-def generation() -> int:
-    """A counter advanced by every parameter, buffer and submodule registration in the
-    process (torch's global registration hooks, installed at the first call).
+def _on_parameter_or_module(module: nn.Module, name: str, value: Any) -> None:
+    for ref in _live:
+        r = ref()
+        if r is not None and id(module) in r.ids:
+            r.note(module, name, value, same_is_nothing=True)
 
-    >>> import torch
-    >>> g = generation()
-    >>> m = torch.nn.Linear(2, 2)
-    >>> generation() > g
-    True
-    """
+
+def _on_buffer(module: nn.Module, name: str, value: Any) -> None:
+    # the same tensor registered again may change its persistence, which the hook does not see
+    for ref in _live:
+        r = ref()
+        if r is not None and id(module) in r.ids:
+            r.note(module, name, value, same_is_nothing=False)
+
+
+def _forget(ref: weakref.ref) -> None:
+    global _live
+    _live = tuple(r for r in _live if r is not ref)
+
+
+def _install() -> None:
     if not _hooks:
         from torch.nn.modules import module as _m
 
-        _hooks.append(_m.register_module_parameter_registration_hook(_bump))
-        _hooks.append(_m.register_module_buffer_registration_hook(_bump))
-        _hooks.append(_m.register_module_module_registration_hook(_bump))
-    return _generation
+        _hooks.append(_m.register_module_parameter_registration_hook(_on_parameter_or_module))
+        _hooks.append(_m.register_module_module_registration_hook(_on_parameter_or_module))
+        _hooks.append(_m.register_module_buffer_registration_hook(_on_buffer))
+
+
+class Registrations:
+    """The registrations (parameters, buffers, submodules) on ``modules`` since it was made
+    that may have changed what they hold.
+
+    torch's global registration hooks (installed once) run for every registration in the
+    process; one on a module outside ``modules`` (a loss built per step, another model)
+    costs a set lookup per live :class:`Registrations` and is forgotten. One on a module in
+    ``modules`` of the very object it held under that name (FSDP1 with
+    ``use_orig_params=True`` sets its original parameters again after every forward) is
+    forgotten too. Any other is kept, and :meth:`changed` compares what the module holds
+    under that name now with what it held when this was made (after the registration
+    completed: the hook runs before it). A registration names its module, so a layer added
+    to a module in ``modules`` is seen, though the layer itself is not in ``modules``.
+
+    Not seen here (no hook runs): ``module._buffers[k] = x`` and ``.data`` assignment (the
+    plan's watch compares addresses), and deletions (``del model[1]``; the watch compares
+    children).
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> seen = Registrations(model.modules())
+    >>> _ = torch.nn.CrossEntropyLoss(), torch.nn.Linear(2, 2)  # elsewhere: forgotten
+    >>> model[0].weight = model[0].weight  # the same parameter again: forgotten
+    >>> seen.pending, seen.changed()
+    ({}, False)
+    >>> _ = model.append(torch.nn.Linear(2, 2))
+    >>> seen.changed()
+    True
+    """
+
+    def __init__(self, modules: Iterable[nn.Module]) -> None:
+        global _live
+        _install()
+        self.ids: set[int] = set()
+        self.held: dict[tuple[int, str], Any] = {}  # strong references: compared by identity
+        for m in modules:
+            self.ids.add(id(m))
+            for attr in _ATTRS:
+                for name in getattr(m, attr):
+                    self.held[(id(m), name)] = _held(m, name)
+        self.pending: dict[tuple[int, str], nn.Module] = {}
+        self.tripped = False
+        _live = (*_live, weakref.ref(self, _forget))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a copy (deepcopy, pickle) watches copied modules under other ids, unregistered:
+        # the first check looks again, and the watch then starts afresh on the copies
+        self.__dict__.update(state)
+        self.tripped = True
+
+    def note(self, module: nn.Module, name: str, value: Any, same_is_nothing: bool) -> None:
+        """Called by the hooks, before ``module`` holds ``value`` under ``name``."""
+        key = (id(module), name)
+        if same_is_nothing and value is not None and self.held.get(key) is value:
+            return
+        self.pending[key] = module
+
+    def changed(self) -> bool:
+        """Whether a registration since this was made left a module holding another object
+        under a name than it held then (once true, stays true)."""
+        if self.pending:
+            pending, self.pending = self.pending, {}
+            self.tripped = self.tripped or any(
+                _held(m, key[1]) is not self.held.get(key) for key, m in pending.items()
+            )
+        return self.tripped
 
 
 # entries ---------------------------------------------------------------------------------

@@ -26,24 +26,26 @@ gets every path:
   then the CPU arithmetic (run by the executor on a worker thread).
 - :class:`Copy`: ``buffers="copy"`` entries take the model's values.
 
-:class:`Watch` says whether the model still holds the tensors a plan was made for, at the
-cost of one integer comparison plus one C-level pass (``map``) over the stored tensors'
-``data_ptr``: a replaced parameter or buffer, a ``.data`` moved anywhere in a span, a
-changed dtype or device (``model.half()``, ``model.to()``: new storage) all change an
-address; an added or removed tensor or layer goes through torch's registration hooks
-(:func:`emakit.layout.generation`) or removes a key.
+:class:`Watch` says whether the model still holds the tensors a plan was made for and would
+classify them alike, with no Python loop per tensor: registrations on the model's own
+modules (:class:`emakit.layout.Registrations`; those elsewhere in the process cost
+nothing), a comparison of each parent module's children (a deleted or inserted layer), one
+C-level pass over the live parameters' ``requires_grad`` (one that starts training joins
+the average) and one over the stored tensors' ``data_ptr`` (a replaced parameter or
+buffer, a ``.data`` moved anywhere in a span, a changed dtype or device: new storage).
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import kernels
-from .layout import ALIGN, Entry, Kind, align, generation
+from .layout import ALIGN, Entry, FlatEntry, Kind, Registrations, align
 from .placements import Key, Slot
 
 __all__ = [
@@ -177,27 +179,54 @@ class Copy:
 Op = Foreach | Gather | Staged
 
 
-class Watch:
-    """Whether the model still holds the tensors a plan was made for.
+_MODULES = operator.attrgetter("_modules")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+# containers whose insert() writes _modules directly: no hook runs, even when one is empty
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
-    ``valid()`` costs one comparison of :func:`~emakit.layout.generation` and one C-level
-    ``map`` over the watched tensors' ``data_ptr`` (read afresh from the modules' dicts, so
-    a tensor replaced behind torch's back is seen too); no Python loop per tensor.
+
+class Watch:
+    """Whether the model still holds the tensors a plan was made for, and would classify
+    them alike.
+
+    ``valid()`` checks, cheapest first, with no Python loop per tensor:
+
+    1. registrations on the model's own modules since the plan
+       (:class:`~emakit.layout.Registrations`; one attribute read when there were none:
+       registrations elsewhere in the process are forgotten as they happen);
+    2. each parent module's children (its ``_modules`` compared with a copy, in C): a layer
+       deleted (``del model[1]``, ``pop``) or inserted (``insert``), which no hook reports;
+    3. ``requires_grad`` of the parameters the plan leaves live (frozen ones, one C-level
+       ``map``; none in full training): one that starts training joins the average;
+    4. each watched tensor's ``data_ptr`` (one C-level ``map``, read afresh from the
+       modules' dicts): a tensor replaced behind torch's hooks (``module._buffers[k] = x``,
+       ``module.to()``), ``.data`` moved anywhere in a span, a dtype or device change.
     """
 
     def __init__(
-        self, entries: Sequence[Entry], local: Sequence[Callable[[Tensor], Tensor] | None]
+        self,
+        entries: Sequence[Entry],
+        local: Sequence[Callable[[Tensor], Tensor] | None],
+        model: nn.Module | None = None,
+        live: Sequence[Entry] = (),
     ) -> None:
         """``local[i]``: what maps ``entries[i]``'s tensor to the part to watch (None: the
-        tensor); entries that share one are checked in one ``map``."""
+        tensor); entries that share one are checked in one ``map``. ``model``: whose
+        modules' registrations and children are watched. ``live``: the parameters the plan
+        leaves live, whose ``requires_grad`` is watched (an FSDP1 parameter's own flag, as
+        :attr:`~emakit._engine.flat_params.FlatView.requires_grad` reads it)."""
         groups: dict[Callable | None, tuple[Callable | None, list, list]] = {}
         for e, f in zip(entries, local, strict=True):
             g = groups.setdefault(f, (f, [], []))  # bound methods of one object are equal
             g[1].append(e.table)
             g[2].append(e.attr)
         self.groups = list(groups.values())
-        self.generation = generation()
-        self.ptrs = self._ptrs()
+        self.model = model
+        plain = [e for e in live if not isinstance(e, FlatEntry)]
+        self.flag_tables = [e.table for e in plain]
+        self.flag_attrs = [e.attr for e in plain]
+        self.flag_objects = [_flag_holder(e) for e in live if isinstance(e, FlatEntry)]
+        self.refresh()
 
     def _ptrs(self) -> list[int]:
         out: list[int] = []
@@ -208,20 +237,47 @@ class Watch:
             out += map(Tensor.data_ptr, ts)
         return out
 
+    def _flags(self) -> list[bool]:
+        out = list(map(_REQUIRES_GRAD, map(dict.__getitem__, self.flag_tables,
+                                           self.flag_attrs)))
+        return out + list(map(_REQUIRES_GRAD, self.flag_objects))
+
     def same_tensors(self) -> bool:
-        """Whether every watched tensor is where it was (no registration counter)."""
+        """Whether every watched tensor is where it was (addresses only)."""
         try:
             return self._ptrs() == self.ptrs
         except Exception:  # a removed key, a tensor set to None: re-plan
             return False
 
     def valid(self) -> bool:
-        return generation() == self.generation and self.same_tensors()
+        if self.registrations.changed():
+            return False
+        try:
+            return (
+                list(map(_MODULES, self.parents)) == self.children
+                and self._flags() == self.flags
+                and self._ptrs() == self.ptrs
+            )
+        except Exception:  # a removed key, a tensor set to None: re-plan
+            return False
 
     def refresh(self) -> None:
-        """Accept the model as it is now (after a check found nothing changed)."""
-        self.generation = generation()
+        """Accept the model as it is now (after a check found that nothing it plans for
+        changed)."""
+        modules = [] if self.model is None else list(self.model.modules())
+        self.registrations = Registrations(modules)
+        self.parents = [m for m in modules if m._modules or isinstance(m, _CONTAINERS)]
+        self.children = [dict(m._modules) for m in self.parents]
+        self.flags = self._flags()
         self.ptrs = self._ptrs()
+
+
+def _flag_holder(e: FlatEntry) -> Tensor:
+    """The tensor whose ``requires_grad`` an FSDP1 parameter's classification reads."""
+    view = e.view
+    if view is None:
+        raise RuntimeError(f"model: {e.name} has no FSDP1 view")
+    return view.param if view.param is not None else view.flat
 
 
 @dataclass

@@ -5,31 +5,50 @@ model's tensors (:mod:`.layout`), places this rank's part of each (:mod:`.placem
 plans the update (:mod:`.plan`) and runs it (:mod:`.executors`). Reading the average back
 in the model's form (by name, as a state dict, for a forward pass) is :mod:`.views`.
 
-**Never a stale average.** Every entry point first checks (:class:`~.plan.Watch`:
-one integer comparison and one C-level pass over the stored tensors' addresses) that the
-model still holds the tensors the plan was made for. When it does not (a parameter or buffer
-replaced, ``load_state_dict(assign=True)``, ``.data`` moved, ``model.half()`` or
-``model.to()``, a tensor or layer added or removed), the store re-plans:
+**Never a stale average.** Every entry point first checks (:class:`~.plan.Watch`: no
+Python loop per tensor) that the model still holds the tensors the plan was made for and
+would classify them alike. When it does not (a parameter or buffer replaced,
+``load_state_dict(assign=True)``, ``.data`` moved, ``model.half()`` or ``model.to()``, a
+tensor or layer added or removed, a frozen parameter that starts training), the store
+re-plans:
 
-- a tensor whose name and (global) shape are unchanged keeps its average (converted to the
-  storage dtype and device, which follow the model's when ``dtype``/``device`` are None);
+- a tensor keeps its average when it is held where it was (the same module and attribute:
+  a layer that moved to another name, as ``del model[1]`` renumbers a Sequential, keeps its
+  own), else when its name is unchanged (``load_state_dict(assign=True)``, ``model.half()``),
+  provided its (global) shape is unchanged; the average is converted to the storage dtype
+  and device, which follow the model's when ``dtype``/``device`` are None;
 - a new tensor starts as a copy of the model's current value;
 - a removed tensor is dropped (exports follow the model);
 - a tensor whose shape changed raises a ValueError naming it, and nothing changes: its
   average cannot be carried over. :meth:`Store.reset` then restarts every average from the
   model's current weights.
 
+Registrations elsewhere in the process (a loss or metric built per step, another model)
+and the same parameter registered again under its name (FSDP1 with
+``use_orig_params=True``, after every forward) cost nothing.
+
+**Training starts and stops.** A parameter that is frozen (``requires_grad=False``) when
+the store plans is left live: exports read it from the model. When it starts training
+(gradual unfreezing; a backbone frozen for the first N steps), the next update (or export,
+swap or load, whichever comes first) sees it: it starts as a copy of its value then and is
+averaged from then on, every other average carried over. A parameter that stops training
+stays in the average and keeps being averaged, toward the value it now keeps: the average
+of its trajectory, which reaches the frozen value with the half-life instead of jumping to
+it (as timm, Ultralytics and d2go average every parameter, frozen or not). :meth:`Store.reset`
+classifies afresh and drops it (its average is then its value). For a frozen parameter,
+:meth:`Store.load` follows the state: one that holds its average (a run resumed after it
+stopped training) keeps it averaged, one that does not leaves it live.
+
 Under placements whose exports gather (FSDP2, ``shard=True``) a re-plan gathers the old
 averages: every rank must change its model alike, as training does anyway. Not watched: a
-change of ``requires_grad`` (freezing or unfreezing a parameter), and a view of the same
-memory under another shape; :meth:`Store.reset` re-classifies the model.
+view of the same memory under another shape.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Container, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -37,7 +56,7 @@ from torch import Tensor, nn
 
 from ..config import StoreConfig
 from .executors import Eager, Executor, select
-from .layout import Entry, Kind, classify
+from .layout import Entry, FlatEntry, Kind, Matcher, classify
 from .placements import Placement, Slot, choose
 from .plan import Bound, Plan, Watch, build
 from .tensors import all_finite, check_same_names, copy_, unwrap_model, values_swapped
@@ -62,6 +81,33 @@ def storage_dtype(requested: torch.dtype | None, model: torch.dtype) -> torch.dt
 
 def _signature(entries: list[Entry]) -> list[tuple]:
     return [(tuple(e.names), e.kind, id(e.module), e.attr, e.is_param) for e in entries]
+
+
+def _probe(e: Entry) -> Tensor:
+    """``e``'s tensor, or for an FSDP1 parameter a meta tensor of its shape, dtype and
+    ``requires_grad``."""
+    return e.view.meta() if isinstance(e, FlatEntry) and e.view is not None else e.tensor()
+
+
+def _params(entries: list[Entry], kind: Kind) -> list[Entry]:
+    return [e for e in entries if e.kind is kind and e.is_param]
+
+
+def _owner(e: Entry) -> tuple[int, str] | None:
+    """The module and attribute that hold ``e`` (None for an FSDP1 parameter, whose unit
+    holds many): a layer moved to another name (``del model[1]`` renumbers a Sequential)
+    keeps its own average. The old entries keep their modules alive, so ids are not reused."""
+    return None if isinstance(e, FlatEntry) else (id(e.module), e.attr)
+
+
+def _carried(carry: dict, e: Entry) -> tuple | None:
+    """``e``'s old (average, compensation): by its holder, else by any of its names (a
+    name whose old holder holds a tensor still is not carried by name: a layer inserted
+    before it starts afresh)."""
+    owner = _owner(e)
+    if owner is not None and owner in carry:
+        return carry[owner]
+    return next((carry[n] for n in e.names if n in carry), None)
 
 
 class Store:
@@ -119,13 +165,35 @@ class Store:
         self.views_cache: dict = {}  # an FSDP1 model's flat-parameter views, kept
         self.flat: dict = {}
         self.comps: dict | None = None
+        self._trained: set[str] = set()  # names of the parameters averaged so far
         self._build(self._classify(), carry=None)
 
     # construction ------------------------------------------------------------------------
 
-    def _classify(self) -> list[Entry]:
+    def _classify(self, fresh: bool = False) -> list[Entry]:
+        """The model's entries; unless ``fresh``, a parameter averaged so far stays averaged
+        after it stops training (see the module docstring)."""
         c = self.config
-        return classify(self.model, c.buffers, c.exclude, c.include, self.views_cache)
+        entries = classify(self.model, c.buffers, c.exclude, c.include, self.views_cache)
+        if not fresh:
+            for e in self._stopped(entries, self._trained):
+                e.kind = Kind.AVERAGE
+        return entries
+
+    def _stopped(self, entries: list[Entry], names: Container[str]) -> list[Entry]:
+        """The live entries among ``names`` that are floating parameters left live only
+        because they do not train now (not excluded)."""
+        out = []
+        excluded = None
+        for e in entries:
+            if e.kind is not Kind.LIVE or not e.is_param or not any(n in names for n in e.names):
+                continue
+            probe = _probe(e)
+            if probe.is_floating_point() and not probe.requires_grad:
+                excluded = excluded or Matcher(self.config.exclude, "exclude")
+                if not excluded(e.names, probe):
+                    out.append(e)
+        return out
 
     def _slots(self, entries: list[Entry]) -> list[Slot]:
         p = self.placement
@@ -139,9 +207,9 @@ class Store:
             slots.append(Slot(e, p.shape(t), t.dtype, key))
         return slots
 
-    def _check_shapes(self, slots: list[Slot], carry: dict[str, tuple]) -> None:
+    def _check_shapes(self, slots: list[Slot], carry: dict) -> None:
         for s in slots:
-            old = next((carry[n] for n in s.entry.names if n in carry), None)
+            old = _carried(carry, s.entry)
             if old is not None and tuple(old[0].shape) != tuple(s.shape):
                 raise ValueError(
                     f"model: {s.entry.name} changed shape from {tuple(old[0].shape)} to "
@@ -151,9 +219,10 @@ class Store:
                 )
 
     @torch.no_grad()
-    def _build(self, entries: list[Entry], carry: dict[str, tuple] | None) -> None:
+    def _build(self, entries: list[Entry], carry: dict | None) -> None:
         """Allocate, bind and plan for ``entries``; fill each average from ``carry``
-        (name -> (full average, full compensation or None)) or from the model."""
+        (name, or (id(module), attribute) -> (full average, full compensation or None)) or
+        from the model."""
         slots = self._slots(entries)
         if carry:
             self._check_shapes(slots, carry)
@@ -167,15 +236,17 @@ class Store:
             if comps is not None and s.avg is not None:
                 a = s.avg
                 s.comp = comps[s.key].as_strided(a.shape, a.stride(), a.storage_offset())
-        watch = Watch([s.entry for s in slots], [p.watch_local(s) for s in slots])
+        watch = Watch([s.entry for s in slots], [p.watch_local(s) for s in slots], self.model,
+                      _params(entries, Kind.LIVE))
         self.entries, self.slots, self.flat, self.comps = entries, slots, flats, comps
+        self._trained = {n for e in _params(entries, Kind.AVERAGE) for n in e.names}
         self._signature = _signature(entries)
         self.plan: Plan = build(slots, watch, comps, stage=self.executor.stage)
         self._fill(slots, carry or {})
 
-    def _fill(self, slots: list[Slot], carry: dict[str, tuple]) -> None:
-        """Each average from ``carry`` (its old average and compensation, by name) or, for a
-        tensor new to the store, from the model's current value."""
+    def _fill(self, slots: list[Slot], carry: dict) -> None:
+        """Each average from ``carry`` (its old average and compensation, by holder or name)
+        or, for a tensor new to the store, from the model's current value."""
         p = self.placement
         dst: list[Tensor] = []
         src: list[Tensor] = []
@@ -183,7 +254,7 @@ class Store:
         csrc: list[Tensor] = []
         for b in Bound.of(slots):
             s = b.slot
-            old = next((carry[n] for n in s.entry.names if n in carry), None)
+            old = _carried(carry, s.entry)
             dst.append(b.avg)
             src.append(b.src if old is None else p.scatter(s, old[0]))
             if old is not None and s.comp is not None and old[1] is not None:
@@ -193,21 +264,32 @@ class Store:
         copy_(cdst, csrc)
 
     def ensure(self) -> None:
-        """Re-plan when the model no longer holds the tensors the plan was made for."""
+        """Re-plan when the model no longer holds the tensors the plan was made for, or a
+        frozen parameter started training."""
         if self.plan.watch.valid():
             return
         entries = self._classify()
         if _signature(entries) == self._signature and self.plan.watch.same_tensors():
-            self.plan.watch.refresh()  # a registration elsewhere in the process
+            self.plan.watch.refresh()  # nothing the plan covers changed (a stateless layer)
             return
+        self._replan(entries)
+
+    def _replan(self, entries: list[Entry]) -> None:
+        """Plan for ``entries``, every average carried over by holder or name (see the
+        module docstring)."""
         self.executor.synchronize()
         full = self.placement.gather(self.slots)
         comp = self.placement.gather(self.slots, attr="comp") if self.comps else None
-        carry = {}
+        claimed = {_owner(e) for e in entries}
+        carry: dict[str | tuple[int, str], tuple] = {}
         for i, s in enumerate(self.slots):
             value = (full[i], None if comp is None else comp[i])
-            for n in s.entry.names:
-                carry[n] = value
+            owner = _owner(s.entry)
+            if owner is not None:
+                carry[owner] = value
+            if owner is None or owner not in claimed:  # its holder is gone or emptied
+                for n in s.entry.names:
+                    carry[n] = value
         if self._auto_placement is not None:
             self.placement = choose(self.model, *self._auto_placement)
         self._build(entries, carry)
@@ -236,10 +318,10 @@ class Store:
     def reset(self) -> None:
         """Every average takes the model's current value (compensation 0). Usable at any
         time, also after a change that could not be carried over; it classifies the model
-        afresh, so parameters frozen or unfrozen since (``requires_grad``, which no cheap
-        check sees) join or leave the average here."""
+        afresh, so parameters that stopped training leave the average here (their live
+        value is the average of a tensor that does not move)."""
         self.executor.synchronize()
-        entries = self._classify()  # also sees parameters frozen or unfrozen since
+        entries = self._classify(fresh=True)  # parameters that stopped training leave
         if not self.plan.watch.valid() or _signature(entries) != self._signature:
             if self._auto_placement is not None:
                 self.placement = choose(self.model, *self._auto_placement)
@@ -279,11 +361,11 @@ class Store:
         bad = [n for n, t in tensors.items() if not isinstance(t, Tensor)]
         if bad:
             raise TypeError(f"{what}: expected tensors, got other values for {bad}")
-        check_same_names(
-            {s.entry.name: s.shape for s in self.slots},
-            {n: t.shape for n, t in tensors.items()},
-            what,
-        )
+        resumed, dropped = self._frozen_saved(tensors)  # see load()
+        expected = {s.entry.name: s.shape for s in self.slots if s.entry not in dropped}
+        for e in resumed:
+            expected[e.name] = self.placement.shape(e.tensor())
+        check_same_names(expected, {n: t.shape for n, t in tensors.items()}, what)
         ints = [f"{n}: {t.dtype}" for n, t in tensors.items() if not t.is_floating_point()]
         if ints:
             raise TypeError(f"{what}: expected floating tensors, got [{'; '.join(ints)}]")
@@ -297,10 +379,14 @@ class Store:
     ) -> None:
         """Copy ``tensors`` (as from :meth:`tensors`: DTensors of any placements or full
         tensors) into this rank's parts, after :meth:`check_load`. ``compensation`` (as
-        from :meth:`compensation_tensors`) is loaded when given and kept; else it is 0."""
+        from :meth:`compensation_tensors`) is loaded when given and kept; else it is 0.
+        For a parameter that is frozen now the state decides: an average saved for it (a run
+        resumed after it stopped training) is taken and it stays averaged; none saved (a
+        state from before it was averaged) and it is read from the model."""
         self.check_load(tensors, what)
         if compensation is not None and self.comps is not None:
             self.check_load(compensation, f"{what} (compensation)")
+        self._resume_stopped(tensors)
         self.executor.synchronize()
         p = self.placement
         live = Bound.of(self.slots)
@@ -313,6 +399,21 @@ class Store:
                 pairs = [(c, b) for b in live if (c := b.slot.comp) is not None]
                 copy_([c for c, _ in pairs],
                       [p.scatter(b.slot, compensation[b.entry.name]) for _, b in pairs])
+
+    def _frozen_saved(self, tensors: Mapping[str, Tensor]) -> tuple[list[Entry], list[Entry]]:
+        """(live frozen parameters that ``tensors`` holds averages of, averaged frozen
+        parameters it holds none of)."""
+        dropped = [e for e in _params(self.entries, Kind.AVERAGE)
+                   if e.name not in tensors and not _probe(e).requires_grad]
+        return self._stopped(self.entries, tensors), dropped
+
+    def _resume_stopped(self, tensors: Mapping[str, Tensor]) -> None:
+        """Frozen parameters averaged as ``tensors`` (a saved state) has them."""
+        resumed, dropped = self._frozen_saved(tensors)
+        if resumed or dropped:
+            self._trained.difference_update(n for e in dropped for n in e.names)
+            self._trained.update(n for e in resumed for n in e.names)
+            self._replan(self._classify())
 
     # swapping -----------------------------------------------------------------------------
 
