@@ -405,6 +405,29 @@ class Averager:
         return views.export(store, started=self.started and not self._in_swap,
                             rank0_only=rank0_only)
 
+    # pickling -----------------------------------------------------------------------------
+
+    #: attributes a pickle leaves out and :meth:`__setstate__` builds again
+    _UNPICKLED: tuple[str, ...] = ("module",)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """``pickle`` and ``copy.deepcopy``: the model, the configuration, the laws, the
+        cadence state and the guards go with the averager, and each store's averages and
+        compensations by name, bitwise (``copy.deepcopy(ema)`` therefore copies the model
+        too; ``copy.deepcopy((model, ema))`` keeps them bound). What is rebuilt in the
+        process that loads it: the stores' layout, plan and executor (worker threads,
+        compiled kernels, CUDA graphs) and :attr:`module`. A distributed average (FSDP,
+        ZeRO-3, ``shard=True``) does not pickle: save it with :meth:`state_dict`."""
+        self._check_not_swapped("pickle the average")  # the model holds the average now
+        state = self.__dict__.copy()
+        for name in self._UNPICKLED:
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.module = EMAModule(self)
+
     # checkpoints --------------------------------------------------------------------------
 
     def _config_record(self) -> dict[str, Any]:
@@ -507,7 +530,13 @@ class Averager:
         """Load the face's own part of ``state`` (after it was checked)."""
 
     def _compare_config(self, saved: Any) -> None:
+        """Warn when ``saved`` (a state's ``config``) differs from this averager's record in
+        a key both hold: a state saved by an emakit that did not record a key yet (the law)
+        is compared on the keys it has."""
         mine = self._config_record()
+        if isinstance(saved, Mapping):
+            saved = {k: v for k, v in saved.items() if k in mine}
+            mine = {k: v for k, v in mine.items() if k in saved}
         if saved and saved != mine:
             warnings.warn(
                 f"emakit: loading a state saved with {saved} into one built with {mine}",

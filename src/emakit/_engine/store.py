@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -38,11 +38,15 @@ from torch import Tensor, nn
 from ..config import StoreConfig
 from .executors import Eager, Executor, select
 from .layout import Entry, Kind, classify
-from .placements import Placement, Slot, choose
+from .placements import Placement, Slot, Whole, choose
 from .plan import Bound, Plan, Watch, build
 from .tensors import all_finite, check_same_names, copy_, unwrap_model, values_swapped
 
 __all__ = ["Store"]
+
+
+# What a pickled store rebuilds instead of holding (see Store.__getstate__).
+_REBUILT = frozenset({"entries", "slots", "flat", "comps", "plan", "_signature"})
 
 
 def _signature(entries: list[Entry]) -> list[tuple]:
@@ -103,6 +107,7 @@ class Store:
         self.views_cache: dict = {}  # an FSDP1 model's flat-parameter views, kept
         self.flat: dict = {}
         self.comps: dict | None = None
+        self._pending: dict[str, tuple] | None = None  # averages a pickle brought (by name)
         self._build(self._classify(), carry=None)
 
     # construction ------------------------------------------------------------------------
@@ -320,3 +325,60 @@ class Store:
         with self.placement.swap_scope(self.slots), values_swapped(targets, values):
             del values
             yield
+
+    # pickling -----------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a pickle (or ``copy.deepcopy``) of the store holds: the model, the
+        configuration and each stored tensor's average and compensation by name, bitwise.
+        The layout, placement, flats, plan and executor (its worker thread, compiled
+        kernels, CUDA graphs) are rebuilt from them in the process that loads it, at the
+        store's first use (:meth:`_restore`). Only a one-process (or replicated DDP, without
+        ``shard``) average pickles: a distributed one is a TypeError that says what to use."""
+        if not isinstance(self.placement, Whole):
+            raise TypeError(
+                f"pickle: this average is kept by the {type(self.placement).__name__} placement "
+                "(a sharded or distributed model), which does not pickle; save it with "
+                "state_dict() or emakit.distributed.save()"
+            )
+        self.ensure()
+        self.executor.synchronize()
+        full = self.placement.gather(self.slots)
+        comp = self.placement.gather(self.slots, attr="comp") if self.comps else None
+        carry = {}
+        for i, s in enumerate(self.slots):
+            avg = full[i]
+            low = None if comp is None else comp[i]
+            carry[s.entry.name] = (None if avg is None else avg.detach().clone(),
+                                   None if low is None else low.detach().clone())
+        return {"model": self.model, "config": self.config, "carry": carry}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        config: StoreConfig = state["config"]
+        self.model, self.config = state["model"], config
+        self.dtype, self.device = config.dtype, config.device
+        self.compensated = config.compensated
+        self._auto_placement = (config.shard, None)
+        self.placement = Whole()
+        self.executor = Eager()
+        self.views_cache = {}
+        # Built at the first use, not here: unpickling may reach this store before the
+        # model it belongs to is whole (a model that holds its own EMA).
+        self._pending = dict(state["carry"])
+
+    @torch.no_grad()
+    def _restore(self) -> None:
+        """Build the store a pickle brought for its model, every average and compensation
+        as it was pickled."""
+        carry, self._pending = self._pending, None
+        self._build(self._classify(), carry)
+
+    if not TYPE_CHECKING:  # (so that type checkers still see every attribute's type)
+
+        def __getattr__(self, name: str) -> Any:
+            # Reached only for attributes the instance lacks: those an unpickled store
+            # builds at its first use.
+            if name in _REBUILT and self.__dict__.get("_pending") is not None:
+                self._restore()
+                return getattr(self, name)
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
