@@ -73,6 +73,15 @@ def test_a_trainable_tensor_of_an_unknown_kind_is_refused_by_name(face, make, wh
     assert what in str(err.value) or what == "float8" and "float8_e4m3fn" in str(err.value)
 
 
+@pytest.mark.parametrize("face", FACES)
+def test_a_model_whose_only_trainable_tensor_is_unknown_is_no_silent_pass_through(face):
+    """On 22b934d this EMA had an empty average and every export gave the live weights."""
+    model = nn.Module()
+    model.phase = nn.Parameter(torch.randn(4, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="model: phase is a complex parameter"):
+        face(model)
+
+
 @pytest.mark.parametrize("make, what", UNKNOWN)
 def test_an_excluded_tensor_of_an_unknown_kind_is_exported_from_the_model(make, what):
     model = Holder(make())

@@ -265,6 +265,24 @@ def _check_untracked(model: nn.Module, entries: list[Entry], excluded: Matcher) 
         )
 
 
+def _entry(names: list[str], item: Item, buffers: str, excluded: Matcher, included: Matcher,
+           dtensors: bool) -> Entry:
+    """One tensor's entry, or the ValueError of :func:`refusal`."""
+    view = item.tensor if isinstance(item.tensor, FlatView) else None
+    probe = view.meta() if view is not None else item.tensor
+    out = excluded(names, probe)
+    kind = Kind.LIVE if out else _kind(item, names, probe, buffers, included)
+    if out and not item.is_param and probe.is_floating_point():
+        included(names, probe)  # both select it: excluded, and the pattern matched
+    if view is not None:  # FSDP1's flat parameters are checked by flat_params
+        return FlatEntry(names, item.module, item.attr, True, kind, view)
+    trains = item.is_param and probe.requires_grad and not out
+    why = refusal(names[0], probe, trains, kind is not Kind.LIVE, dtensors)
+    if why is not None:
+        raise ValueError(why)
+    return Entry(names, item.module, item.attr, item.is_param, kind)
+
+
 def classify(
     model: nn.Module,
     buffers: str = "average",
@@ -303,20 +321,7 @@ def classify(
         by_id[id(item.tensor)] = names
         found.append((names, item))
     dtensors = any(isinstance(p, DTensor) for p in model.parameters())
-    entries: list[Entry] = []
-    for names, item in found:
-        view = item.tensor if isinstance(item.tensor, FlatView) else None
-        probe = view.meta() if view is not None else item.tensor
-        out = excluded(names, probe)
-        kind = Kind.LIVE if out else _kind(item, names, probe, buffers, included)
-        if view is not None:  # FSDP1 checked its flat parameters (flat_params)
-            entries.append(FlatEntry(names, item.module, item.attr, True, kind, view))
-            continue
-        trains = item.is_param and probe.requires_grad and not out
-        why = refusal(names[0], probe, trains, kind is not Kind.LIVE, dtensors)
-        if why is not None:
-            raise ValueError(why)
-        entries.append(Entry(names, item.module, item.attr, item.is_param, kind))
+    entries = [_entry(names, item, buffers, excluded, included, dtensors) for names, item in found]
     _check_untracked(model, entries, excluded)
     excluded.check_used("tensor")
     included.check_used("floating buffer")
