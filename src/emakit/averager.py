@@ -254,7 +254,7 @@ class Averager:
         elif due.update:
             self._update()
         if self.started and due.switch:
-            self.copy_to()
+            self._switch()
         if self.started and due.snapshot:
             self._snapshot_due()
 
@@ -304,7 +304,9 @@ class Averager:
         n = self._state.num_updates
         for store, law in zip(self._stores, self._laws, strict=True):
             weight = 1.0 - law.smoothing(covered, n)
-            store.update(weight if isinstance(mask, float) else mask * weight)
+            # a device mask times the weight in float64: a float32 product would round the
+            # weight of a float64 average to float32
+            store.update(weight if isinstance(mask, float) else mask.double() * weight)
         self._updated(covered)
         self._state = cad.moved(self._state, covered)
 
@@ -317,10 +319,16 @@ class Averager:
 
     def reset(self) -> None:
         """The average takes the model's weights now; warmup restarts from here (this time is
-        k = 1 again); the clock runs on. Before the start, starts the average now."""
+        k = 1 again); the clock runs on. Before the start, starts the average now.
+
+        A reset is a start copy to the guards: a step a ``grad_scaler`` skipped before it
+        does not leave the next update out, and with ``skip_nonfinite=True`` a reset on a
+        model holding NaN or Inf is skipped (the average is kept)."""
         self._check_not_swapped("reset the average")
         if not self.started:
             self._begin()
+            return
+        if self._admit(start=True) is None:
             return
         for store in self._all_stores():
             store.synchronize()
@@ -387,6 +395,18 @@ class Averager:
                 target.load_state_dict(views.mapping(store, started=True), strict=False)
             return
         target.load_state_dict(self.ema_state_dict(), strict=True)
+
+    def _switch(self) -> None:
+        """Switch EMA: the model's averaged tensors take the average for good. Copied buffers
+        keep the model's own values (their stored copy may be older, or narrower)."""
+        store = self._handout()
+        if store.model_forward:  # FSDP1/2, ZeRO-3: into this rank's shards, no gather
+            store.write_to_model(kinds=(Kind.AVERAGE,))
+            return
+        mapping = views.mapping(store, started=True)
+        averaged = {n for e in store.entries if e.kind is Kind.AVERAGE for n in e.names}
+        self.model.load_state_dict({n: t for n, t in mapping.items() if n in averaged},
+                                   strict=False)
 
     def ema_state_dict(self, *, rank0_only: bool = False) -> dict[str, Tensor]:
         """A plain state dict of the averaged weights (names and dtypes as the model's, no

@@ -53,6 +53,21 @@ def _signature(entries: list[Entry]) -> list[tuple]:
     return [(tuple(e.names), e.kind, id(e.module), e.attr, e.is_param) for e in entries]
 
 
+@torch.no_grad()
+def _keep_remainders(bound: list[Bound]) -> None:
+    """After ``avg <- src`` (the model's values rounded into the storage dtype), the
+    compensation keeps what the rounding dropped (``comp <- src - avg``), so that a
+    compensated average starts at the model's values, not half an ulp of the storage dtype
+    off them, where the model's dtype is wider (an fp64 model into fp32, fp32 into 16 bits).
+    One tensor at a time: it runs at a start copy, a reset or a re-plan, not per update."""
+    for b in bound:
+        comp = b.slot.comp
+        if comp is None or b.src.dtype == b.avg.dtype:
+            continue
+        wide = torch.promote_types(b.src.dtype, b.avg.dtype)
+        comp.copy_(b.src.detach().to(device=b.avg.device, dtype=wide) - b.avg.to(wide))
+
+
 class Store:
     """Averaged copies of a model's tensors, kept where the placement says.
 
@@ -170,16 +185,20 @@ class Store:
         src: list[Tensor] = []
         cdst: list[Tensor] = []
         csrc: list[Tensor] = []
+        fresh: list[Bound] = []
         for b in Bound.of(slots):
             s = b.slot
             old = next((carry[n] for n in s.entry.names if n in carry), None)
             dst.append(b.avg)
             src.append(b.src if old is None else p.scatter(s, old[0]))
-            if old is not None and s.comp is not None and old[1] is not None:
+            if old is None:
+                fresh.append(b)
+            elif s.comp is not None and old[1] is not None:
                 cdst.append(s.comp)
                 csrc.append(p.scatter(s, old[1]))
         copy_(dst, src)
         copy_(cdst, csrc)
+        _keep_remainders(fresh)
 
     def ensure(self) -> None:
         """Re-plan when the model no longer holds the tensors the plan was made for."""
@@ -223,7 +242,8 @@ class Store:
 
     @torch.no_grad()
     def reset(self) -> None:
-        """Every average takes the model's current value (compensation 0). Usable at any
+        """Every average takes the model's current value (the compensation keeps what
+        rounding it into the storage dtype dropped, else 0). Usable at any
         time, also after a change that could not be carried over; it classifies the model
         afresh, so parameters frozen or unfrozen since (``requires_grad``, which no cheap
         check sees) join or leave the average here."""
@@ -239,6 +259,7 @@ class Store:
         if self.comps is not None:
             for c in self.comps.values():
                 c.zero_()
+            _keep_remainders(live)
 
     def sources_finite(self) -> bool:
         """Whether the model's stored tensors (averaged and copied) are finite on this rank's
@@ -306,13 +327,15 @@ class Store:
     # swapping -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def write_to_model(self) -> None:
+    def write_to_model(self, kinds: tuple[Kind, ...] = tuple(Kind)) -> None:
         """Write the average into the model's tensors for good, this rank's parts into its
-        shards (no gather): what ``copy_to()`` does where the model's forward gathers."""
+        shards (no gather): what ``copy_to()`` does where the model's forward gathers.
+        ``kinds``: only the entries of those kinds (a switch-back writes averaged ones)."""
         self.ensure()
         self.executor.synchronize()
-        targets, values = self.placement.swap_pairs(self.slots)
-        with self.placement.swap_scope(self.slots):
+        slots = [s for s in self.slots if s.entry.kind in kinds]
+        targets, values = self.placement.swap_pairs(slots)
+        with self.placement.swap_scope(slots):
             copy_(targets, values)
 
     @contextlib.contextmanager
