@@ -82,6 +82,7 @@ class BEMA(Averager):
         self._theta0 = self._new_store(storage)
         self._out = self._new_store(storage)
         self._cache: tuple | None = None  # (the three stores' plans, the correction's lists)
+        self._constructed()
 
     #: the correction's cached lists hold views of the stores: rebuilt after unpickling
     _UNPICKLED = (*Averager._UNPICKLED, "_cache")
