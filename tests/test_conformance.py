@@ -11,7 +11,8 @@ the table ``docs/semantics.md`` prints).
 Tiers:
 
 - fast (``make test``): a fixed set of drawn cases (``derandomize=True``, no example
-  database), the ``whole`` placement, and the known kernel bugs pinned as strict xfails;
+  database), the ``whole`` placement, the cases that showed the kernel bugs of issue 19,
+  item 4 (:data:`PINNED`, fixed by the kernels merge), and the known bugs as strict xfails;
 - full (``EMAKIT_CONFORMANCE=full``, by hand): many more cases, and the placements on two
   gloo processes (``shard=True``, FSDP2, FSDP1: ``tests/conformance_worker.py``); it prints
   how many cases it ran and the largest error measured per storage dtype and executor.
@@ -20,10 +21,9 @@ Tiers:
 A new executor, placement or storage dtype joins with one line: :data:`EXECUTORS`,
 :data:`PLACEMENTS` or :data:`STORAGES` (and ``oracle.BOUNDS`` for a new dtype).
 
-Known kernel bugs (issue 19, item 4, fixed on the ``kernels`` branch): :data:`KNOWN` lists
-them with the part of the matrix each one covers. Drawn cases are kept out of those parts
-(``repair``) and one pinned case per bug is a strict xfail: when the fix merges, those
-xfails fail (XPASS), and the lead removes the entry from :data:`KNOWN` and the xfail marker.
+Known bugs not fixed yet: :data:`KNOWN` lists them with the part of the matrix each one
+covers. Drawn cases are kept out of those parts (``repair``) and one pinned case per bug is a
+strict xfail: when a fix merges, the xfail fails (XPASS), and the entry leaves :data:`KNOWN`.
 """
 
 from __future__ import annotations
@@ -67,75 +67,22 @@ SHAPES = {
     "staging": [(STAGING + 1,)],
 }
 SIZE_WEIGHTS = {"0-d": 2, "empty": 2, "small": 8, "gather-edge": 3, "below-fused": 2,
-                "fused": 1 if TIER == "fast" else 2, "staging": 0 if TIER == "fast" else 1}
+                "fused": 0 if TIER == "fast" else 2, "staging": 0 if TIER == "fast" else 1}
 
 
-# known kernel bugs --------------------------------------------------------------------------
+# pinned regressions and known bugs ----------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Known:
-    """A bug the matrix finds that another branch fixes (or the lead decides on): where it
-    shows in a case, how a drawn case is kept out of it (``repair``), and pinned cases that
-    show it (run in a fresh interpreter with ``isolated``: that bug poisons its process)."""
+    """A bug the matrix finds that is not fixed yet (the lead decides on it): where it shows
+    in a case, how a drawn case is kept out of it (``repair``), and pinned cases that show it
+    (a strict xfail each)."""
 
     reason: str
     applies: Callable[[Case], bool]
     repair: Callable[[Case], Case]
     pinned: tuple[Case, ...]
-    isolated: bool = False
-
-
-def _numel(spec: TensorSpec) -> int:
-    n = 1
-    for d in spec.shape:
-        n *= d
-    return n
-
-
-def _compiled(case: Case, spec: TensorSpec) -> bool:
-    return case.executor in ("fused", "graph") and _numel(spec) >= EAGER_BELOW
-
-
-def _storage(case: Case, spec: TensorSpec) -> str:
-    return case.storage or spec.dtype
-
-
-def _shrunk(case: Case, which: Callable[[Case, TensorSpec], bool]) -> Case:
-    """``case`` with the tensors ``which`` picks made smaller than the compiled kernel's."""
-    specs = tuple(replace(s, shape=(EAGER_BELOW - 1,)) if which(case, s) else s
-                  for s in case.tensors)
-    return replace(case, tensors=specs)
-
-
-def _fused16(case: Case, spec: TensorSpec) -> bool:
-    return (_compiled(case, spec) and case.compensated
-            and _storage(case, spec) in ("float16", "bfloat16"))
-
-
-def _fused64(case: Case, spec: TensorSpec) -> bool:
-    return _compiled(case, spec) and _storage(case, spec) == "float64"
-
-
-def _scaler64(case: Case) -> bool:
-    # FusedLerp reads a tensor weight (a GradScaler's mask) as float32 on every path
-    return (case.executor in ("fused", "graph") and case.grad_scaler
-            and any(_storage(case, s) == "float64" for s in case.tensors))
-
-
-#: the compiled combinations (storage, source dtype, compensated, contiguous) the drawn
-#: cases keep while the process's one compiled kernel has dynamo's recompile limit (8)
-COMPILED = {("float32", "float32", True, True), ("float32", "bfloat16", True, True),
-            ("float32", "float32", False, True), ("float32", "float16", True, False)}
-
-
-def _beyond_limit(case: Case, spec: TensorSpec) -> bool:
-    combo = (_storage(case, spec), spec.dtype, case.compensated, not spec.transposed)
-    return _compiled(case, spec) and combo not in COMPILED
-
-
-def _resumed_after_skip(case: Case) -> bool:
-    return case.grad_scaler and "skip" in case.events and "resume" in case.events
 
 
 _DRIFT = TensorSpec("w", (EAGER_BELOW,), "float16", magnitude="drift")
@@ -150,45 +97,45 @@ def _every_combination(compensated: bool) -> Case:
                 events=("step",) * 3)
 
 
+#: Cases that showed the kernel bugs of issue 19, item 4 (fixed by the kernels merge), kept
+#: as regressions: the drawn cases of the full tier reach these parts of the matrix too, these
+#: always do. The fast tier runs the first one only (each compiled kernel costs seconds): the
+#: compiled kernel's compensation of fp16 and bf16 storage, its fp64 weight, and fp16
+#: weights near the maximum, in one model.
+PINNED = {
+    "fused-every-storage": replace(
+        _PINNED_16, tensors=(_DRIFT, replace(_DRIFT, name="b", dtype="bfloat16"),
+                             replace(_DRIFT, name="d", dtype="float64"),
+                             TensorSpec("big", (EAGER_BELOW,), "float16", magnitude="large"))),
+    # the fused kernel dropped the compensation of fp16 and bf16 storage
+    "fused-fp16-compensation": _PINNED_16,
+    "fused-bf16-compensation": replace(_PINNED_16, tensors=(replace(_DRIFT, dtype="bfloat16"),)),
+    # the fused executor passed the weight as float32 (to its compiled kernel, and a tensor
+    # weight on every path): a float64 average had a float32-accurate factor
+    "fused-fp64-weight": replace(_PINNED_16, tensors=(replace(_DRIFT, dtype="float64"),),
+                                 storage="float64", events=("step",) * 20),
+    "fused-fp64-scaler-weight": replace(_PINNED_16,
+                                        tensors=(replace(_DRIFT, shape=(), dtype="float64"),),
+                                        storage="float64", grad_scaler=True,
+                                        events=("step",) * 20),
+    # finite weights near the dtype's maximum overflowed in the update (src - avg)
+    "fp16-near-max": Case(tensors=(TensorSpec("w", (4,), "float16", magnitude="large"),),
+                          storage=None, events=("step",) * 4),
+    "fp16-near-max-fused": Case(tensors=(TensorSpec("w", (EAGER_BELOW,), "float16",
+                                                    magnitude="large"),),
+                                executor="fused", storage=None, events=("step",) * 4),
+    # the process's one compiled kernel raised FailOnRecompileLimitHit after 8 dtype/layout
+    # combinations (dynamo's recompile limit)
+    "fused-16-combinations": _every_combination(True),
+    "fused-16-combinations-plain": _every_combination(False),
+}
+
+
+def _resumed_after_skip(case: Case) -> bool:
+    return case.grad_scaler and "skip" in case.events and "resume" in case.events
+
+
 KNOWN = [
-    Known(
-        "issue 19 item 4 (kernels branch): the fused kernel drops the compensation of fp16 "
-        "and bf16 storage",
-        lambda c: any(_fused16(c, s) for s in c.tensors),
-        lambda c: _shrunk(c, _fused16),
-        (_PINNED_16,),
-    ),
-    Known(
-        "issue 19 item 4 (kernels branch): the fused executor passes the weight as float32 "
-        "(to its compiled kernel, and a tensor weight on every path), so a float64 average "
-        "has a float32-accurate factor",
-        lambda c: any(_fused64(c, s) for s in c.tensors) or _scaler64(c),
-        lambda c: replace(_shrunk(c, _fused64), executor="eager") if _scaler64(c)
-        else _shrunk(c, _fused64),
-        (replace(_PINNED_16, tensors=(replace(_DRIFT, dtype="float64"),), storage="float64",
-                 events=("step",) * 20),
-         replace(_PINNED_16, tensors=(replace(_DRIFT, shape=(), dtype="float64"),),
-                 storage="float64", grad_scaler=True, events=("step",) * 20)),
-    ),
-    Known(
-        "issue 19 item 4 (kernels branch): finite weights near the dtype's maximum overflow "
-        "in the update (src - avg) to Inf or NaN",
-        lambda c: any(s.magnitude == "large" for s in c.tensors),
-        lambda c: replace(c, tensors=tuple(replace(s, magnitude="normal")
-                                           if s.magnitude == "large" else s
-                                           for s in c.tensors)),
-        (Case(tensors=(TensorSpec("w", (4,), "float16", magnitude="large"),), storage=None,
-              events=("step",) * 4),),
-    ),
-    Known(
-        "issue 19 item 4 (kernels branch): the process's one compiled fused kernel raises "
-        "FailOnRecompileLimitHit from ema.step() after 8 dtype/layout combinations (dynamo's "
-        "recompile limit)",
-        lambda c: any(_beyond_limit(c, s) for s in c.tensors),
-        lambda c: _shrunk(c, _beyond_limit),
-        (_every_combination(True), _every_combination(False)),
-        isolated=True,
-    ),
     Known(
         "a GradScaler's skipped step is not in the saved state: a run resumed between a "
         "skipped step and the next update does not leave that update out, the run that "
@@ -410,42 +357,26 @@ def test_the_bytes_per_element_of_the_table_are_measured(dtype: torch.dtype, com
     assert ema.nbytes() == 1024 * BOUNDS[dtype].element_size * (2 if compensated else 1)
 
 
-def _run_isolated(cases: tuple[Case, ...]) -> Report:
-    """Run ``cases`` in a fresh interpreter, one after another; their report."""
-    import subprocess
-    import sys
-
-    code = ("import json, sys; from conformance import Case, run\n"
-            "cases = [Case.from_json(c) for c in json.loads(sys.argv[1])]\n"
-            "failures = []\n"
-            "for c in cases:\n"
-            "    try:\n"
-            "        failures += run(c).failures\n"
-            "    except Exception as e:\n"
-            "        failures.append(f'{type(e).__name__}: {e}')\n"
-            "print(json.dumps(failures))\n")
-    here = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, *(p for p in sys.path if p)])}
-    out = subprocess.run([sys.executable, "-c", code, json.dumps([c.to_json() for c in cases])],
-                         capture_output=True, text=True, env=env, check=True)
-    return Report(failures=json.loads(out.stdout.strip().splitlines()[-1]))
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=[pytest.mark.skipif(TIER == "fast" and i > 0, reason="compiles "
+                                              "more kernels: EMAKIT_CONFORMANCE=slow or full")])
+    for i, n in enumerate(PINNED)])
+def test_pinned_regressions(name: str):
+    """The cases that showed the kernel bugs of issue 19, item 4, within their bounds."""
+    report = run(PINNED[name])
+    assert report.checks > 0
+    _check(PINNED[name], report)
 
 
 @pytest.mark.parametrize("known", [
-    pytest.param(k, id=f"known{i}", marks=[pytest.mark.xfail(reason=k.reason, strict=True)]
-                 + ([pytest.mark.skipif(TIER == "fast", reason="compiles 16 kernels in a fresh "
-                                        "interpreter: EMAKIT_CONFORMANCE=full")]
-                    if k.isolated else []))
+    pytest.param(k, id=f"known{i}", marks=pytest.mark.xfail(reason=k.reason, strict=True))
     for i, k in enumerate(KNOWN)])
 def test_known_bugs(known: Known):
     """Each known bug, pinned: a strict xfail, so a fix turns it into a failure (XPASS) and
     the lead removes the entry from KNOWN (and with it the repair of drawn cases)."""
-    if known.isolated:
-        report = _run_isolated(known.pinned)
-    else:
-        report = Report()
-        for case in known.pinned:
-            report.merge(run(case))
+    report = Report()
+    for case in known.pinned:
+        report.merge(run(case))
     assert not report.failures, "\n".join(report.failures[:5])
 
 
