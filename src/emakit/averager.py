@@ -559,10 +559,11 @@ class Averager:
     def _compare_config(self, saved: Any) -> None:
         """Warn when ``saved`` (a state's ``config``) differs from this averager's record in
         a key both hold: a state saved by an emakit that did not record a key yet (the law)
-        is compared on the keys it has."""
-        mine = self._config_record()
+        is compared on the keys it has. ``update_phase`` is recorded only when it is not
+        the default ``"zero"``: its absence means ``"zero"``."""
+        mine = {"update_phase": "zero", **self._config_record()}
         if isinstance(saved, Mapping):
-            saved = {k: v for k, v in saved.items() if k in mine}
+            saved = {k: v for k, v in {"update_phase": "zero", **saved}.items() if k in mine}
             mine = {k: v for k, v in mine.items() if k in saved}
         if saved and saved != mine:
             warnings.warn(
