@@ -253,7 +253,7 @@ class Averager:
         elif due.update:
             self._update()
         if self.started and due.switch:
-            self.copy_to()
+            self._switch()
         if self.started and due.snapshot:
             self._snapshot_due()
 
@@ -309,7 +309,9 @@ class Averager:
         n = self._state.num_updates
         for store, law in zip(self._stores, self._laws, strict=True):
             weight = 1.0 - law.smoothing(covered, n)
-            store.update(weight if isinstance(mask, float) else mask * weight)
+            # a device mask times the weight in float64: a float32 product would round the
+            # weight of a float64 average to float32
+            store.update(weight if isinstance(mask, float) else mask.double() * weight)
         self._updated(covered)
         self._state = cad.moved(self._state, covered)
 
@@ -322,10 +324,16 @@ class Averager:
 
     def reset(self) -> None:
         """The average takes the model's weights now; warmup restarts from here (this time is
-        k = 1 again); the clock runs on. Before the start, starts the average now."""
+        k = 1 again); the clock runs on. Before the start, starts the average now.
+
+        A reset is a start copy to the guards: a step a ``grad_scaler`` skipped before it
+        does not leave the next update out, and with ``skip_nonfinite=True`` a reset on a
+        model holding NaN or Inf is skipped (the average is kept)."""
         self._check_not_swapped("reset the average")
         if not self.started:
             self._begin()
+            return
+        if self._admit(start=True) is None:
             return
         for store in self._all_stores():
             store.synchronize()
@@ -393,6 +401,18 @@ class Averager:
             return
         target.load_state_dict(self.ema_state_dict(), strict=True)
 
+    def _switch(self) -> None:
+        """Switch EMA: the model's averaged tensors take the average for good. Copied buffers
+        keep the model's own values (their stored copy may be older, or narrower)."""
+        store = self._handout()
+        if store.model_forward:  # FSDP1/2, ZeRO-3: into this rank's shards, no gather
+            store.write_to_model(kinds=(Kind.AVERAGE,))
+            return
+        mapping = views.mapping(store, started=True)
+        averaged = {n for e in store.entries if e.kind is Kind.AVERAGE for n in e.names}
+        self.model.load_state_dict({n: t for n, t in mapping.items() if n in averaged},
+                                   strict=False)
+
     def ema_state_dict(self, *, rank0_only: bool = False) -> dict[str, Tensor]:
         """A plain state dict of the averaged weights (names and dtypes as the model's, no
         wrapper prefixes): ``model.load_state_dict(ema.ema_state_dict())`` just works.
@@ -409,6 +429,29 @@ class Averager:
         store.synchronize()
         return views.export(store, started=self.started and not self._in_swap,
                             rank0_only=rank0_only)
+
+    # pickling -----------------------------------------------------------------------------
+
+    #: attributes a pickle leaves out and :meth:`__setstate__` builds again
+    _UNPICKLED: tuple[str, ...] = ("module",)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """``pickle`` and ``copy.deepcopy``: the model, the configuration, the laws, the
+        cadence state and the guards go with the averager, and each store's averages and
+        compensations by name, bitwise (``copy.deepcopy(ema)`` therefore copies the model
+        too; ``copy.deepcopy((model, ema))`` keeps them bound). What is rebuilt in the
+        process that loads it: the stores' layout, plan and executor (worker threads,
+        compiled kernels, CUDA graphs) and :attr:`module`. A distributed average (FSDP,
+        ZeRO-3, ``shard=True``) does not pickle: save it with :meth:`state_dict`."""
+        self._check_not_swapped("pickle the average")  # the model holds the average now
+        state = self.__dict__.copy()
+        for name in self._UNPICKLED:
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.module = EMAModule(self)
 
     # checkpoints --------------------------------------------------------------------------
 
@@ -514,7 +557,14 @@ class Averager:
         """Load the face's own part of ``state`` (after it was checked)."""
 
     def _compare_config(self, saved: Any) -> None:
-        mine = self._config_record()
+        """Warn when ``saved`` (a state's ``config``) differs from this averager's record in
+        a key both hold: a state saved by an emakit that did not record a key yet (the law)
+        is compared on the keys it has. ``update_phase`` is recorded only when it is not
+        the default ``"zero"``: its absence means ``"zero"``."""
+        mine = {"update_phase": "zero", **self._config_record()}
+        if isinstance(saved, Mapping):
+            saved = {k: v for k, v in {"update_phase": "zero", **saved}.items() if k in mine}
+            mine = {k: v for k, v in mine.items() if k in saved}
         if saved and saved != mine:
             warnings.warn(
                 f"emakit: loading a state saved with {saved} into one built with {mine}",

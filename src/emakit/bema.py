@@ -84,6 +84,13 @@ class BEMA(Averager):
         self._cache: tuple | None = None  # (the three stores' plans, the correction's lists)
         self._constructed()
 
+    #: the correction's cached lists hold views of the stores: rebuilt after unpickling
+    _UNPICKLED = (*Averager._UNPICKLED, "_cache")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._cache = None
+
     ema_power = property(lambda self: self.law.ema_power)
     bias_power = property(lambda self: self.law.bias_power)
     lag = property(lambda self: self.law.lag)

@@ -34,13 +34,17 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from ..config import Selector
-from .flat_params import FlatView, Item, state_items
+from ..config import STORAGE_DTYPES, Selector
+from .flat_params import WRAPPERS, FlatView, Item, state_items
+from .tensors import is_dtensor
 
-__all__ = ["ALIGN", "align", "Kind", "Entry", "FlatEntry", "Matcher", "classify",
-           "Registrations"]
+__all__ = [
+    "ALIGN", "align", "Kind", "Entry", "FlatEntry", "Matcher", "classify", "refusal",
+    "Registrations",
+]
 
 ALIGN = 16  # elements; every view starts 64-byte aligned (fp32), for vectorized kernels
 
@@ -267,6 +271,108 @@ def _kind(item: Item, names: list[str], probe: Tensor, buffers: str, included: M
     return Kind.LIVE
 
 
+# the closed world ------------------------------------------------------------------------
+
+#: What a stored tensor may be: a plain tensor or ``nn.Parameter`` (DeepSpeed ZeRO-3 and
+#: FSDP1 ``use_orig_params=True`` parameters are ``nn.Parameter``), or a DTensor where the
+#: model's parameters are DTensors (FSDP2, tensor parallelism: the DTensor placement).
+_PLAIN = (Tensor, nn.Parameter)
+
+
+def refusal(name: str, t: Tensor, trains: bool, stored: bool, dtensors: bool) -> str | None:
+    """Why the EMA cannot take model tensor ``name`` as :func:`classify` would (a ValueError
+    message that says what to do), or None when it can.
+
+    ``trains``: a parameter that requires grad and is not excluded (it must be averaged);
+    ``stored``: the store would keep it (averaged or copied); ``dtensors``: the model's
+    parameters are DTensors, so the DTensor placement keeps DTensor entries. Tensors left
+    live (frozen parameters, integer buffers, excluded tensors) are exported from the model as
+    it holds them and may be of any kind.
+
+    >>> import torch
+    >>> refusal("w", torch.zeros(2, dtype=torch.complex64), True, False, False).split(";")[0]
+    'model: w is a complex parameter (torch.complex64) that trains'
+    >>> refusal("w", torch.zeros(2), True, True, False) is None
+    True
+    """
+    if not (trains or stored):
+        return None
+    problem = _problem(t, trains, dtensors)
+    if problem is None:
+        return None
+    what, hint = problem
+    fix = f"exclude it (exclude=[{name!r}]) to export it from the model as it is"
+    return f"model: {name} {what}: {fix}{hint}"
+
+
+def _problem(t: Tensor, trains: bool, dtensors: bool) -> tuple[str, str] | None:
+    """What makes ``t`` a tensor the EMA cannot average, and a further hint; or None."""
+    if t.is_meta:
+        return "is on the meta device and holds no values", (
+            ", or materialize the model (to_empty + init) before building the EMA")
+    if trains and t.is_complex():
+        return (f"is a complex parameter ({t.dtype}) that trains; emakit averages real "
+                "floating tensors only", ", or hold it in the model as a real tensor of "
+                "(real, imaginary) pairs (torch.view_as_real)")
+    if trains and not t.is_floating_point():
+        return f"requires grad but holds {t.dtype}, not a floating dtype", ""
+    kind = type(t)
+    if not (kind in _PLAIN or (dtensors and is_dtensor(t))):
+        return (f"is a {kind.__module__}.{kind.__qualname__}, a tensor subclass emakit does "
+                "not know (it averages plain tensors and nn.Parameter, FSDP2 and DTensor "
+                "shards, FSDP1 flat parameters and DeepSpeed ZeRO-3 partitions), so its "
+                "average could be wrong", ", or hold it as a plain nn.Parameter")
+    if t.is_nested:
+        return "is a nested tensor, which emakit does not average", ""
+    if t.layout != torch.strided:
+        return f"is a {t.layout} tensor, which emakit does not average", ", or make it dense"
+    if t.dtype not in STORAGE_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in STORAGE_DTYPES)
+        return f"holds {t.dtype}, which emakit does not average (it averages {names})", ""
+    return None
+
+
+def _check_untracked(model: nn.Module, entries: list[Entry], excluded: Matcher) -> None:
+    """Every parameter that trains is an entry (or excluded): a parameter that
+    ``model.state_dict()`` leaves out (an overridden ``_save_to_state_dict``, a state-dict
+    hook) could be neither saved nor exported, so it is named, not silently left live.
+    FSDP1's parameters are entries under their original names (:class:`FlatEntry`), also
+    while FSDP registers views of them in their place (``use_orig_params=False``)."""
+    seen = {id(e.table.get(e.attr)) for e in entries if not isinstance(e, FlatEntry)}
+    names = {n for e in entries for n in e.names}
+    for name, p in model.named_parameters():
+        flat = getattr(p, "_is_flat_param", False) or getattr(p, "_fsdp_flattened", False)
+        if not p.requires_grad or flat or id(p) in seen:
+            continue
+        clean = ".".join(a for a in name.split(".") if a not in WRAPPERS)
+        if clean in names or excluded([clean], p):
+            continue
+        raise ValueError(
+            f"model: {clean} trains but is not in model.state_dict() (an overridden "
+            "_save_to_state_dict or a state-dict hook leaves it out), so its average could "
+            f"be neither saved nor exported: exclude it (exclude=[{clean!r}]) or keep it in "
+            "the state dict"
+        )
+
+
+def _entry(names: list[str], item: Item, buffers: str, excluded: Matcher, included: Matcher,
+           dtensors: bool) -> Entry:
+    """One tensor's entry, or the ValueError of :func:`refusal`."""
+    view = item.tensor if isinstance(item.tensor, FlatView) else None
+    probe = view.meta() if view is not None else item.tensor
+    out = excluded(names, probe)
+    kind = Kind.LIVE if out else _kind(item, names, probe, buffers, included)
+    if out and not item.is_param and probe.is_floating_point():
+        included(names, probe)  # both select it: excluded, and the pattern matched
+    if view is not None:  # FSDP1's flat parameters are checked by flat_params
+        return FlatEntry(names, item.module, item.attr, True, kind, view)
+    trains = item.is_param and probe.requires_grad and not out
+    why = refusal(names[0], probe, trains, kind is not Kind.LIVE, dtensors)
+    if why is not None:
+        raise ValueError(why)
+    return Entry(names, item.module, item.attr, item.is_param, kind)
+
+
 def classify(
     model: nn.Module,
     buffers: str = "average",
@@ -277,6 +383,11 @@ def classify(
     """The model's state-dict tensors as entries, in state-dict order, tied tensors merged
     (an FSDP1 model's flattened parameters under their original names, as
     :class:`FlatEntry`; ``cache`` keeps their views between calls).
+
+    A closed world: every parameter that trains is averaged, or excluded by ``exclude``, or
+    named in a ValueError that says what to do (:func:`refusal`: complex, sparse, nested,
+    float8 and unknown tensor subclasses; a trainable parameter missing from the state
+    dict). Frozen parameters and integer buffers are live: exported from the model.
 
     >>> import torch
     >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
@@ -299,16 +410,9 @@ def classify(
         names = [item.name]
         by_id[id(item.tensor)] = names
         found.append((names, item))
-    entries: list[Entry] = []
-    for names, item in found:
-        view = item.tensor if isinstance(item.tensor, FlatView) else None
-        probe = view.meta() if view is not None else item.tensor
-        kind = Kind.LIVE if excluded(names, probe) else _kind(item, names, probe, buffers,
-                                                              included)
-        if view is not None:
-            entries.append(FlatEntry(names, item.module, item.attr, True, kind, view))
-        else:
-            entries.append(Entry(names, item.module, item.attr, item.is_param, kind))
+    dtensors = any(is_dtensor(p) for p in model.parameters())
+    entries = [_entry(names, item, buffers, excluded, included, dtensors) for names, item in found]
+    _check_untracked(model, entries, excluded)
     excluded.check_used("tensor")
     included.check_used("floating buffer")
     return entries

@@ -49,7 +49,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Container, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -57,11 +57,15 @@ from torch import Tensor, nn
 from ..config import StoreConfig
 from .executors import Eager, Executor, select
 from .layout import Entry, FlatEntry, Kind, Matcher, classify
-from .placements import Placement, Slot, choose
+from .placements import Placement, Slot, Whole, choose
 from .plan import Bound, Plan, Watch, build
 from .tensors import all_finite, check_same_names, copy_, unwrap_model, values_swapped
 
 __all__ = ["Store"]
+
+
+# What a pickled store rebuilds instead of holding (see Store.__getstate__).
+_REBUILT = frozenset({"entries", "slots", "flat", "comps", "plan", "_signature"})
 
 
 def storage_dtype(requested: torch.dtype | None, model: torch.dtype) -> torch.dtype:
@@ -108,6 +112,19 @@ def _carried(carry: dict, e: Entry) -> tuple | None:
     if owner is not None and owner in carry:
         return carry[owner]
     return next((carry[n] for n in e.names if n in carry), None)
+@torch.no_grad()
+def _keep_remainders(bound: list[Bound]) -> None:
+    """After ``avg <- src`` (the model's values rounded into the storage dtype), the
+    compensation keeps what the rounding dropped (``comp <- src - avg``), so that a
+    compensated average starts at the model's values, not half an ulp of the storage dtype
+    off them, where the model's dtype is wider (an fp64 model into fp32, fp32 into 16 bits).
+    One tensor at a time: it runs at a start copy, a reset or a re-plan, not per update."""
+    for b in bound:
+        comp = b.slot.comp
+        if comp is None or b.src.dtype == b.avg.dtype:
+            continue
+        wide = torch.promote_types(b.src.dtype, b.avg.dtype)
+        comp.copy_(b.src.detach().to(device=b.avg.device, dtype=wide) - b.avg.to(wide))
 
 
 class Store:
@@ -166,6 +183,7 @@ class Store:
         self.flat: dict = {}
         self.comps: dict | None = None
         self._trained: set[str] = set()  # names of the parameters averaged so far
+        self._pending: dict[str, tuple] | None = None  # averages a pickle brought (by name)
         self._build(self._classify(), carry=None)
 
     # construction ------------------------------------------------------------------------
@@ -252,16 +270,20 @@ class Store:
         src: list[Tensor] = []
         cdst: list[Tensor] = []
         csrc: list[Tensor] = []
+        fresh: list[Bound] = []
         for b in Bound.of(slots):
             s = b.slot
             old = _carried(carry, s.entry)
             dst.append(b.avg)
             src.append(b.src if old is None else p.scatter(s, old[0]))
-            if old is not None and s.comp is not None and old[1] is not None:
+            if old is None:
+                fresh.append(b)
+            elif s.comp is not None and old[1] is not None:
                 cdst.append(s.comp)
                 csrc.append(p.scatter(s, old[1]))
         copy_(dst, src)
         copy_(cdst, csrc)
+        _keep_remainders(fresh)
 
     def ensure(self) -> None:
         """Re-plan when the model no longer holds the tensors the plan was made for, or a
@@ -316,7 +338,8 @@ class Store:
 
     @torch.no_grad()
     def reset(self) -> None:
-        """Every average takes the model's current value (compensation 0). Usable at any
+        """Every average takes the model's current value (the compensation keeps what
+        rounding it into the storage dtype dropped, else 0). Usable at any
         time, also after a change that could not be carried over; it classifies the model
         afresh, so parameters that stopped training leave the average here (their live
         value is the average of a tensor that does not move)."""
@@ -332,6 +355,7 @@ class Store:
         if self.comps is not None:
             for c in self.comps.values():
                 c.zero_()
+            _keep_remainders(live)
 
     def sources_finite(self) -> bool:
         """Whether the model's stored tensors (averaged and copied) are finite on this rank's
@@ -418,13 +442,15 @@ class Store:
     # swapping -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def write_to_model(self) -> None:
+    def write_to_model(self, kinds: tuple[Kind, ...] = tuple(Kind)) -> None:
         """Write the average into the model's tensors for good, this rank's parts into its
-        shards (no gather): what ``copy_to()`` does where the model's forward gathers."""
+        shards (no gather): what ``copy_to()`` does where the model's forward gathers.
+        ``kinds``: only the entries of those kinds (a switch-back writes averaged ones)."""
         self.ensure()
         self.executor.synchronize()
-        targets, values = self.placement.swap_pairs(self.slots)
-        with self.placement.swap_scope(self.slots):
+        slots = [s for s in self.slots if s.entry.kind in kinds]
+        targets, values = self.placement.swap_pairs(slots)
+        with self.placement.swap_scope(slots):
             copy_(targets, values)
 
     @contextlib.contextmanager
@@ -437,3 +463,62 @@ class Store:
         with self.placement.swap_scope(self.slots), values_swapped(targets, values):
             del values
             yield
+
+    # pickling -----------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a pickle (or ``copy.deepcopy``) of the store holds: the model, the
+        configuration and each stored tensor's average and compensation by name, bitwise.
+        The layout, placement, flats, plan and executor (its worker thread, compiled
+        kernels, CUDA graphs) are rebuilt from them in the process that loads it, at the
+        store's first use (:meth:`_restore`). Only a one-process (or replicated DDP, without
+        ``shard``) average pickles: a distributed one is a TypeError that says what to use."""
+        if not isinstance(self.placement, Whole):
+            raise TypeError(
+                f"pickle: this average is kept by the {type(self.placement).__name__} placement "
+                "(a sharded or distributed model), which does not pickle; save it with "
+                "state_dict() or emakit.distributed.save()"
+            )
+        self.ensure()
+        self.executor.synchronize()
+        full = self.placement.gather(self.slots)
+        comp = self.placement.gather(self.slots, attr="comp") if self.comps else None
+        carry = {}
+        for i, s in enumerate(self.slots):
+            avg = full[i]
+            low = None if comp is None else comp[i]
+            carry[s.entry.name] = (None if avg is None else avg.detach().clone(),
+                                   None if low is None else low.detach().clone())
+        return {"model": self.model, "config": self.config, "carry": carry,
+                "trained": set(self._trained)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        config: StoreConfig = state["config"]
+        self.model, self.config = state["model"], config
+        self.dtype, self.device = config.dtype, config.device
+        self.compensated = config.compensated
+        self._auto_placement = (config.shard, None)
+        self.placement = Whole()
+        self.executor = Eager()
+        self.views_cache = {}
+        self._trained = set(state.get("trained", ()))
+        # Built at the first use, not here: unpickling may reach this store before the
+        # model it belongs to is whole (a model that holds its own EMA).
+        self._pending = dict(state["carry"])
+
+    @torch.no_grad()
+    def _restore(self) -> None:
+        """Build the store a pickle brought for its model, every average and compensation
+        as it was pickled."""
+        carry, self._pending = self._pending, None
+        self._build(self._classify(), carry)
+
+    if not TYPE_CHECKING:  # (so that type checkers still see every attribute's type)
+
+        def __getattr__(self, name: str) -> Any:
+            # Reached only for attributes the instance lacks: those an unpickled store
+            # builds at its first use.
+            if name in _REBUILT and self.__dict__.get("_pending") is not None:
+                self._restore()
+                return getattr(self, name)
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
