@@ -213,8 +213,16 @@ class EMACallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restored = False  # checkpoints are restored after setup, whatever the stage
         self._warned = False
+        if stage != "fit" or not self.save_ema_weights:
+            return
+        saving = [cb for cb in trainer.callbacks
+                  if isinstance(cb, EMACallback) and cb.save_ema_weights]
+        if len(saving) > 1:
+            raise ValueError(
+                f"save_ema_weights=True on {len(saving)} EMACallbacks: a checkpoint holds one "
+                "set of weights; give the others save_ema_weights=False")
         how = _sharded_checkpoint(trainer.strategy)
-        if stage == "fit" and self.save_ema_weights and how is not None:
+        if how is not None:
             raise ValueError(
                 f"save_ema_weights=True: {how} writes the weights sharded, so its checkpoints "
                 "cannot hold the averaged weights beside the training weights; pass "
