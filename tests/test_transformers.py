@@ -22,6 +22,7 @@ from transformers import (  # noqa: E402
 )
 
 import emakit  # noqa: E402
+from emakit.checkpoint import read_state  # noqa: E402
 from emakit.integrations.transformers import (  # noqa: E402
     EMA_MODEL_DIR,
     EMA_STATE_NAME,
@@ -223,8 +224,9 @@ def straight_run(tmp_path_factory):
 def test_checkpoints_hold_the_ema(straight_run):
     out, cb = straight_run
     half = out / "checkpoint-4"  # end of epoch 1 of 2
-    saved = torch.load(half / EMA_STATE_NAME, weights_only=True)
-    assert saved["global_step"] == 4 and saved["ema"]["num_updates"] == 3
+    assert EMA_STATE_NAME == "emakit_ema.safetensors"
+    saved = read_state(half / EMA_STATE_NAME)  # emakit's safe state file: no unpickling
+    assert saved["extra"]["global_step"] == 4 and saved["ema"]["num_updates"] == 3
     loaded = AutoModelForSequenceClassification.from_pretrained(half / EMA_MODEL_DIR)
     for n, t in loaded.state_dict().items():
         if n in saved["ema"]["average"]:
@@ -306,7 +308,7 @@ def test_load_best_model_at_end_loads_the_measured_weights(tmp_path, evaluate_wi
     trainer.train()
     best = trainer.state.best_model_checkpoint
     step = int(best.rsplit("-", 1)[1])
-    saved = torch.load(os.path.join(best, EMA_STATE_NAME), weights_only=True)
+    saved = read_state(os.path.join(best, EMA_STATE_NAME))
     if evaluate_with == "ema":
         want = {**model.state_dict(), **saved["ema"]["average"]}
         losses = [loss for loss, _ in rec.evals]
@@ -350,9 +352,12 @@ def test_token_times_count_the_trainers_tokens(tmp_path):
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="evaluate_with"):
-        EMACallback(evaluate_with="both")
+        EMACallback(evaluate_with="average")
     with pytest.raises(ValueError, match="smoothing"):
         EMACallback(smoothing=1.5)
+    for name in ("save_ema_model", "log_stats"):  # strict booleans
+        with pytest.raises(TypeError, match=f"{name}: expected True or False, got str 'no'"):
+            EMACallback(**{name: "no"})
 
 
 def test_no_frame_inspection_or_replaced_methods():

@@ -190,15 +190,15 @@ def portable_state(ema: Average) -> dict[str, Any]:
     return state
 
 
-def write_average(ema: Average, path: str | os.PathLike, extra: Mapping[str, Any] = ()
-                  ) -> Path | None:
+def write_average(ema: Average, path: str | os.PathLike,
+                  extra: Mapping[str, Any] | None = None) -> Path | None:
     """Write :func:`portable_state` (and ``extra`` beside it, under ``"extra"``) to
     ``path`` with :func:`emakit.checkpoint.write_state`: every rank gathers, rank 0 writes.
     Returns the path on rank 0, None elsewhere."""
     state = portable_state(ema)
     if process_rank() != 0:
         return None
-    return write_state({"ema": state, "extra": dict(extra)}, path)
+    return write_state({"ema": state, "extra": dict(extra or {})}, path)
 
 
 def find_state_file(folder: str | os.PathLike) -> Path | None:

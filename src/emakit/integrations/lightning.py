@@ -215,7 +215,8 @@ class EMACallback(pl.Callback):
         self._warned = False
         if stage != "fit" or not self.save_ema_weights:
             return
-        saving = [cb for cb in trainer.callbacks
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        saving = [cb for cb in callbacks
                   if isinstance(cb, EMACallback) and cb.save_ema_weights]
         if len(saving) > 1:
             raise ValueError(

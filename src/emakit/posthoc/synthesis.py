@@ -72,15 +72,16 @@ def supported_sigma_rels(
     apart support two islands, not the range between them.
     """
     if isinstance(snapshots, (str, os.PathLike)):
-        snapshots = list_snapshots(_folder(snapshots))
-    elif not isinstance(snapshots, Sequence) or not all(
-            isinstance(s, SnapshotInfo) for s in snapshots) or not snapshots:
+        snaps = list_snapshots(_folder(snapshots))
+    elif isinstance(snapshots, Sequence) and snapshots and all(
+            isinstance(s, SnapshotInfo) for s in snapshots):
+        snaps = [s for s in snapshots if isinstance(s, SnapshotInfo)]
+    else:
         raise TypeError(f"snapshots: expected a snapshot folder or a non-empty list of "
                         f"SnapshotInfo, got {type(snapshots).__name__}")
     _check_max_error(max_error)
-    snapshots = list(snapshots)
-    _, ts, gammas = _rows(snapshots)
-    t = snapshots[-1].t
+    _, ts, gammas = _rows(snaps)
+    t = snaps[-1].t
     top = MAX_SIGMA_REL * 0.999
     logs = torch.logspace(math.log10(0.001), math.log10(top), points, dtype=torch.float64)
     known_bad = {float(x) for x in refused if 0.001 < x < top}
@@ -291,7 +292,7 @@ def _progress(progress: Any) -> Callable[[int, int], None] | None:
     if not callable(progress) or isinstance(progress, bool):
         raise TypeError(f"progress: expected a callable progress(done, total), True, False or "
                         f"None, got {type(progress).__name__} {progress!r}")
-    return progress  # type: ignore[no-any-return]
+    return progress
 
 
 @overload
