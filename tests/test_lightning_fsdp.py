@@ -57,7 +57,7 @@ def val_loss(state: dict[str, torch.Tensor]) -> float:
 
 @pytest.mark.parametrize("name", ["fsdp1", "fsdp2"])
 def test_average_evaluation_logging_and_resume(results, name: str) -> None:
-    out, r = results[0], results[1][name]
+    r = results[1][name]
     weights = r["weights"]
     assert len(weights) == 8 and r["counts"] == {"ba": 8, "ep": 2, "sp": 0, "tok": 0}
     # FSDP1: the average is of the root FSDPStrategy wraps the LightningModule in
