@@ -144,9 +144,8 @@ def test_arguments():
 
 
 def test_every_ema_argument_reaches_the_algorithm():
-    import inspect
-
     import dataclasses
+    import inspect
 
     # EMA's keywords are its configuration's fields (its signature says **kwargs)
     ema_args = {f.name for f in dataclasses.fields(emakit.EMAConfig)} - {"start", "total"}
