@@ -172,3 +172,24 @@ def test_synthesize_writes_a_from_pretrained_folder(tmp_path, capsys):
     assert main(["synthesize", str(tmp_path / "snaps"), "--sigma-rel", "0.06", "--pretrained",
                  str(tmp_path / "snaps"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "holds no config.json" in capsys.readouterr().err
+
+
+def test_supported_sigma_rels_takes_a_folder_and_progress_a_flag(tmp_path, capsys):
+    from emakit.posthoc import list_snapshots, supported_sigma_rels
+
+    model = torch.nn.Linear(4, 2)
+    ph = emakit.PostHocEMA(model, snapshot_every="5ba", snapshot_dir=tmp_path)
+    train(model, ph, steps=20)
+    ranges = supported_sigma_rels(tmp_path)
+    assert ranges and ranges == supported_sigma_rels(list_snapshots(tmp_path))
+    assert ranges == supported_sigma_rels(str(tmp_path))
+    with pytest.raises(TypeError, match="snapshots: expected a snapshot folder"):
+        supported_sigma_rels(5)
+    quiet = emakit.synthesize(tmp_path, 0.08, progress=False)
+    assert capsys.readouterr().err == ""
+    loud = emakit.synthesize(tmp_path, 0.08, progress=True)
+    assert capsys.readouterr().err.splitlines() == [f"synthesize: {i}/4 snapshot files"
+                                                    for i in range(1, 5)]
+    assert_equal(quiet, loud)
+    with pytest.raises(TypeError, match="progress: expected a callable"):
+        emakit.synthesize(tmp_path, 0.08, progress="yes")

@@ -121,7 +121,7 @@ def test_average_follows_optimizer_steps_and_evaluations_in_training_use_it(tmp_
     """Plain Trainer, callback only: public hooks put the average in for the evaluations the
     Trainer runs during training."""
     model = tiny_model()
-    cb = EMACallback(half_life="2ba", start="1ba")
+    cb = EMACallback(half_life=2, start=1)  # ints: that many optimizer steps
     rec = Recorder(cb)
     trainer = Trainer(
         model=model, args=args(tmp_path, eval_strategy="steps", eval_steps=3),

@@ -29,7 +29,6 @@ Example (not a doctest: Composer lives in its own environment)::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 from typing import Any
@@ -40,7 +39,7 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
 from ..config import EMAConfig
-from ._adapter import Average, adapter_config, build_average
+from ._adapter import Average, Swap, adapter_config, build_average
 
 __all__ = ["EMA"]
 
@@ -136,7 +135,7 @@ class EMA(Algorithm):
         self.update_interval = update_interval
         self.ema: Average | None = None
         self._pending: dict[str, Any] | None = None
-        self._swap = contextlib.ExitStack()
+        self._swap = Swap()
         self._training_weights: dict[str, torch.Tensor] | None = None  # during a checkpoint
 
     def __repr__(self) -> str:
@@ -195,7 +194,7 @@ class EMA(Algorithm):
             self.ema.epoch_end()
         elif event in (Event.EVAL_START, Event.PREDICT_START):
             self._release()
-            self._swap.enter_context(self.ema.swapped())
+            self._swap.enter(self.ema)
         elif event in (Event.EVAL_END, Event.PREDICT_END, Event.FIT_END):
             self._release()
         elif event in _CHECKPOINT_EVENTS:
@@ -204,7 +203,7 @@ class EMA(Algorithm):
             self._training_weights = {
                 k: v.detach().clone() for k, v in model.state_dict().items()
             }
-            self._swap.enter_context(self.ema.swapped())
+            self._swap.enter(self.ema)
 
     def _release(self) -> None:
         """Training weights back in the model (bitwise), if a swap is active."""
