@@ -1,7 +1,8 @@
 """How far each storage of the average drifts from a float64 EMA, and what it costs.
 
-    python benchmarks/accuracy.py            # ~3 min on 1 CPU thread
+    python benchmarks/accuracy.py            # ~10 min on 1 CPU thread (compiles included)
     python benchmarks/accuracy.py --quick    # smaller sizes, for a smoke test
+    python benchmarks/accuracy.py --only frozen --long   # adds a half-life of 1e8
 
 1. Frozen weight (issue "exact over any run length"): a weight at 1.0 moves to 1.001 and
    stays; after one half-life h the average must read 1.0005. For each storage and h in
@@ -23,12 +24,16 @@
    models. Max |average - float64 EMA| over all elements and steps' end, and that error
    relative to the largest distance an element's average moved.
 
-3. Cost on this CPU: bytes stored per element, and one update's time against the floor
-   (bytes the update must move / copy bandwidth measured in the same run) for the eager
-   kernels and the fused (torch.compile) ones.
+3. Cost on this CPU: bytes stored per element, bytes an update moves, and one update's time
+   with the eager kernel (``lerp_``) and the fused one (``FusedLerp``, compiled), each as a
+   ratio to a plain ``torch._foreach_lerp_`` over the same number of fp32 elements, timed
+   back to back in the same run.
 
-"fp32 + int16 fixed" is a candidate, simulated in float64 (no kernel yet): the compensation
-stored as a 16-bit integer count of 2**-15 ulp(avg), i.e. a 39-bit significand in 6 bytes.
+Every storage row runs the library's kernels except "fp32 + 16-bit comp, round to nearest
+(sim.)": the 6-byte layout of the 16-bit compensation with the low part rounded to nearest
+instead of dithered, simulated in float64 arithmetic, to show why the kernel dithers. The
+16-bit compensation (an int8 ``comp`` of two byte planes) is decoded here in float64 from
+its definition (``q * 2**(e - 39)``), not by the kernel.
 """
 
 from __future__ import annotations
@@ -40,19 +45,22 @@ import statistics
 import time
 
 import torch
+from _common import machine
 
-from emakit._engine.kernels import FusedLerp, compilation_available, lerp_
+from emakit._engine.kernels import FusedLerp, comp_nbytes, compilation_available, lerp_
 
 torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
 
-F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
+F32, BF16, F64, I8 = torch.float32, torch.bfloat16, torch.float64, torch.int8
+RN16 = "int16 rn"  # the simulated round-to-nearest fixed point
 
-# name: (average dtype, compensation dtype or None, or "int16" for the fixed-point candidate)
+# name: (average dtype, compensation dtype or None)
 STORAGES: dict[str, tuple[torch.dtype, torch.dtype | str | None]] = {
     "fp32 (plain)": (F32, None),
     "fp32 + fp32 comp": (F32, F32),
     "fp32 + bf16 comp": (F32, BF16),
-    "fp32 + int16 fixed (sim.)": (F32, "int16"),
+    "fp32 + 16-bit comp (dithered)": (F32, I8),
+    "fp32 + 16-bit comp, round to nearest (sim.)": (F32, RN16),
     "bf16 + bf16 comp": (BF16, BF16),
     "bf16 (plain)": (BF16, None),
     "fp64 (plain)": (F64, None),
@@ -60,8 +68,23 @@ STORAGES: dict[str, tuple[torch.dtype, torch.dtype | str | None]] = {
 
 
 def nbytes(avg_dtype: torch.dtype, comp) -> int:
-    extra = 0 if comp is None else 2 if comp == "int16" else comp.itemsize
-    return avg_dtype.itemsize + extra
+    return comp_nbytes(avg_dtype, I8 if comp == RN16 else comp)
+
+
+def quantum(hi: torch.Tensor) -> torch.Tensor:
+    """The 16-bit compensation's step for fp32 averages ``hi``, in float64, from its
+    definition: 2**(e - 39) for hi in [2**e, 2**(e+1)), e >= -87."""
+    _, e = torch.frexp(hi.double())  # hi = m * 2**e with m in [0.5, 1)
+    return torch.ldexp(torch.ones_like(hi, dtype=F64), torch.clamp(e - 1, min=-87) - 39)
+
+
+def planes(q: torch.Tensor) -> torch.Tensor:
+    """The kernel's layout of 16-bit counts: two int8 planes, high byte then low byte."""
+    return torch.stack([(q >> 8).to(I8), ((q & 0xFF) + 128) % 256 - 128]).to(I8)
+
+
+def count(c: torch.Tensor) -> torch.Tensor:
+    return c[0].to(torch.int64) * 256 + (c[1].to(torch.int64) & 0xFF)
 
 
 class State:
@@ -71,37 +94,32 @@ class State:
         self.comp_kind = comp
         self.hi = value.to(avg_dtype)
         self.lo = None
-        if comp == "int16":
-            self.lo = self._quantize(value - self.hi.double())
+        rest = value - self.hi.double()
+        if comp in (I8, RN16):
+            q = torch.round(rest / quantum(self.hi)).clamp(-(2**15), 2**15 - 1).to(torch.int64)
+            self.lo = q if comp == RN16 else planes(q)
         elif comp is not None:
-            self.lo = (value - self.hi.double()).to(comp)
-
-    def _ulp(self) -> torch.Tensor:
-        _, exponent = torch.frexp(self.hi.double())
-        return torch.ldexp(torch.ones_like(self.hi, dtype=F64), exponent - 24)
-
-    def _quantize(self, rest: torch.Tensor) -> torch.Tensor:
-        q = torch.round(rest / self._ulp() * 2.0**15)
-        return q.clamp(-(2**15), 2**15 - 1).to(torch.int16)
+            self.lo = rest.to(comp)
 
     def value(self) -> torch.Tensor:
-        if self.comp_kind == "int16":
-            return self.hi.double() + self.lo.double() * self._ulp() * 2.0**-15
+        if self.comp_kind == I8:
+            return self.hi.double() + count(self.lo).double() * quantum(self.hi)
+        if self.comp_kind == RN16:
+            return self.hi.double() + self.lo.double() * quantum(self.hi)
         return self.hi.double() + (0.0 if self.lo is None else self.lo.double())
 
-    def update(self, src: torch.Tensor, w: float) -> None:
-        if self.comp_kind == "int16":  # float64 arithmetic, storage rounded as a kernel would
+    def update(self, src: torch.Tensor, w: float, kernel=lerp_) -> None:
+        if self.comp_kind == RN16:  # float64 arithmetic, stored as the 16-bit layout holds it
             e = self.value()
             e = e + w * (src.double() - e)
             self.hi = e.to(F32)
-            self.lo = self._quantize(e - self.hi.double())
-        elif self.lo is None:
-            lerp_([self.hi], [src], w)
+            q = torch.round((e - self.hi.double()) / quantum(self.hi))
+            self.lo = q.clamp(-(2**15), 2**15 - 1).to(torch.int64)
         else:
-            lerp_([self.hi], [src], w, [self.lo])
+            kernel([self.hi], [src], w, None if self.lo is None else [self.lo])
 
 
-def frozen_reading(h: float, storage, segments: int, target: float) -> float:
+def frozen_reading(h: float, storage, segments: int, target: float, kernel=lerp_) -> float:
     """The average after h updates of a weight that moved from 1.0 to ``target``."""
     w = -math.expm1(-math.log(2.0) / h)  # 1 - 2**(-1/h), accurate for large h
     steps = round(h)
@@ -115,7 +133,7 @@ def frozen_reading(h: float, storage, segments: int, target: float) -> float:
     start_stored = state.value()
     src = x.expand(segments).contiguous()
     for _ in range(m):
-        state.update(src, w)
+        state.update(src, w, kernel)
     exact_seg = xd - (xd - start_stored) * math.exp(m * log_s)
     err = (state.value() - exact_seg) * torch.exp((segments - 1 - j) * m * log_s)
     exact = xd - (xd - 1.0) * math.exp(steps * log_s)
@@ -125,27 +143,29 @@ def frozen_reading(h: float, storage, segments: int, target: float) -> float:
 def frozen_table(half_lives, quick: bool) -> None:
     target = 1.001
     exact_moved = (float(torch.tensor(target, dtype=F32)) - 1.0) / 2
+    # long runs take the compiled kernel where there is one (the same arithmetic, faster)
+    fused = FusedLerp(eager_below=0) if compilation_available("cpu") else lerp_
     print("\n## Frozen weight: 1.0 -> 1.001, reading after one half-life (should be 1.0005)\n")
     cols = []
     for h in half_lives:
         if h <= (1e4 if quick else 1e5):
             cols.append((h, "full", 1))
-        cols.append((h, "segments", 100 if h <= 1e4 else 1000))
+        cols.append((h, "segments", 100 if h <= 1e4 else 1000 if h <= 1e7 else 10_000))
     head = " | ".join(f"h={h:.0e} {how}" for h, how, _ in cols)
     print(f"| storage | bytes/elem | {head} |")
     print("|---|---|" + "---|" * len(cols))
     for name, storage in STORAGES.items():
         cells = []
         for h, _, k in cols:
-            t0 = time.perf_counter()
-            reading = frozen_reading(h, storage, k, target)
+            kernel = fused if round(h) // k >= 10_000 else lerp_
+            reading = frozen_reading(h, storage, k, target, kernel)
             rel = abs(reading - (1.0 + exact_moved)) / exact_moved
             cells.append(f"{reading:.7f} ({rel:.1e})")
-            del t0
         print(f"| {name} | {nbytes(*storage)} | " + " | ".join(cells) + " |", flush=True)
     print(
         "\nCells: reading (|reading - exact| / 0.0005). 'full' runs h real updates; "
-        "'segments' K = 100 (h=1e4) or 1000 independent elements of h/K updates each."
+        "'segments' K = 100 (h=1e4), 1000 (to 1e7) or 10,000 (1e8) independent elements "
+        "of h/K updates each."
     )
 
 
@@ -181,60 +201,86 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+COST_ROWS = [  # (model dtype, storage name)
+    (F32, "fp32 (plain)"),
+    (F32, "fp32 + fp32 comp"),
+    (F32, "fp32 + bf16 comp"),
+    (F32, "fp32 + 16-bit comp (dithered)"),
+    (BF16, "fp32 (plain)"),
+    (BF16, "fp32 + fp32 comp"),
+    (BF16, "fp32 + 16-bit comp (dithered)"),
+    (BF16, "bf16 + bf16 comp"),
+]
+
+
+def _ratio(fn, floor, reps: int) -> tuple[float, float]:
+    """(median time of ``fn``, median of time(fn) / time(floor)), timed back to back."""
+    fn()  # warm-up (and compile)
+    times, ratios = [], []
+    for _ in range(reps):
+        t_floor = _timed(floor)
+        t = _timed(fn)
+        times.append(t)
+        ratios.append(t / t_floor)
+    return statistics.median(times), statistics.median(ratios)
+
+
 def cost_table(n: int, reps: int) -> None:
-    """Each repeat times a copy of 4n bytes and then the kernel, back to back (the machine's
-    load hits both alike); a cell is the median over repeats of kernel time / floor time,
-    floor time = (bytes the kernel must move) / (bandwidth of that copy)."""
-    big = torch.randn(n)
-    other = torch.empty_like(big)
-    print(f"\n## Cost: {n / 1e6:.0f}M elements, one update vs the copy-bandwidth floor\n")
+    """Each repeat times the floor (a plain ``_foreach_lerp_`` over n fp32 elements) and
+    then the kernel, back to back (the machine's load hits both alike); a cell is the median
+    time and the median over repeats of kernel time / floor time."""
+    a, b = [torch.randn(n)], [torch.randn(n)]
+
+    def floor():
+        torch._foreach_lerp_(a, b, 1e-4)
+
     fused_ok = compilation_available("cpu")
-    print("| model | storage | kernel | bytes moved/elem | time (median) | x floor |")
+    print(f"\n## Cost: {n / 1e6:.0f}M elements, one update against a plain fp32 lerp_\n")
+    print("| model | storage | bytes stored/elem | bytes moved/elem | eager lerp_ | "
+          "fused (compiled) |")
     print("|---|---|---|---|---|---|")
     w = 1e-4
-    bws = []
-    for model_dtype in (F32, BF16):
+    fused = FusedLerp(eager_below=0) if fused_ok else None
+    for model_dtype, name in COST_ROWS:
+        avg_dtype, comp_dtype = STORAGES[name]
         src = [torch.randn(n).to(model_dtype)]
-        for name in ("fp32 (plain)", "fp32 + fp32 comp", "fp32 + bf16 comp"):
-            avg_dtype, comp_dtype = STORAGES[name]
-            avg = [src[0].to(avg_dtype)]
-            comp = None if comp_dtype is None else [torch.zeros(n, dtype=comp_dtype)]
-            moved = model_dtype.itemsize + 2 * nbytes(avg_dtype, comp_dtype)
-            kernels = {"eager lerp_": lambda a=avg, c=comp, s=src: lerp_(a, s, w, c)}
-            if fused_ok:
-                fused = FusedLerp()
-                kernels["fused (compiled)"] = lambda a=avg, c=comp, f=fused, s=src: f(a, s, w, c)
-            for kname, fn in kernels.items():
-                mdt = str(model_dtype)[6:]
-                try:
-                    fn()  # warm-up (and compile)
-                    ratios, times = [], []
-                    for _ in range(reps):
-                        t_copy = _timed(lambda: other.copy_(big))
-                        t = _timed(fn)
-                        bw = 2 * 4 * n / t_copy
-                        bws.append(bw)
-                        ratios.append(t / (moved * n / bw))
-                        times.append(t)
-                    cell = f"{statistics.median(times) * 1e3:.2f} ms | "
-                    cell += f"{statistics.median(ratios):.2f}x"
-                except Exception as e:  # a compile failure is reported, not fatal
-                    cell = f"error: {type(e).__name__}: {e} | -"
-                print(f"| {mdt} | {name} | {kname} | {moved} | {cell} |", flush=True)
-    print(f"\nCopy bandwidth (median): {statistics.median(bws) / 1e9:.1f} GB/s")
-    if not fused_ok:
-        print("(no C++ compiler for inductor here: fused rows skipped)")
+        avg = [src[0].to(avg_dtype)]
+        comp = None if comp_dtype is None else [
+            torch.zeros((2, n) if comp_dtype == I8 else n, dtype=comp_dtype)]
+        stored = nbytes(avg_dtype, comp_dtype)
+        moved = model_dtype.itemsize + 2 * stored
+        cells = []
+        kernels = [lambda a=avg, s=src, c=comp: lerp_(a, s, w, c)]
+        if fused is not None:
+            kernels.append(lambda a=avg, s=src, c=comp: fused(a, s, w, c))
+        for fn in kernels:
+            try:
+                t, r = _ratio(fn, floor, reps)
+                cells.append(f"{t * 1e3:.2f} ms ({r:.2f}x)")
+            except Exception as e:  # a compile failure is reported, not fatal
+                cells.append(f"error: {type(e).__name__}: {e}")
+        if fused is None:
+            cells.append("n/a (no C++ compiler for inductor)")
+        mdt = str(model_dtype)[6:]
+        print(f"| {mdt} | {name} | {stored} | {moved} | " + " | ".join(cells) + " |",
+              flush=True)
+    t_floor = statistics.median(_timed(floor) for _ in range(reps))
+    print(f"\nfloor: {t_floor * 1e3:.2f} ms (12 bytes per element: "
+          f"{12 * n / t_floor / 1e9:.1f} GB/s)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    parser.add_argument("--long", action="store_true", help="add a half-life of 1e8")
     parser.add_argument(
         "--only", choices=("frozen", "walk", "cost"), default=None, help="one table only"
     )
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    half_lives = (1e4, 1e5) if args.quick else (1e4, 1e5, 1e6, 1e7)
+    print(f"# {machine()}")
+    half_lives = [1e4, 1e5] if args.quick else [1e4, 1e5, 1e6, 1e7]
+    if args.long:
+        half_lives.append(1e8)
     if args.only in (None, "frozen"):
         frozen_table(half_lives, args.quick)
     if args.only in (None, "walk"):

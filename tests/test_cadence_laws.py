@@ -1,6 +1,6 @@
-"""The pure layer, tested without tensors: the cadence against the rules README states, the
-laws against their closed forms, the migrations against the 0.1 semantics, and the keyword
-forms against the configuration fields."""
+"""The pure layer, tested without tensors: the cadence against the rules docs/semantics.md
+states, the laws against their closed forms, the migrations against the 0.1 semantics, and the
+keyword forms against the configuration fields."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_cadence_starts_once_then_updates_at_multiples_and_spans_tile(seq, inter
     c = Cadence(start=Time(start, unit), interval=Time(interval, unit))
     actions = _run(c, seq)
     counts = {"ba": 0, "ep": 0}
-    expected = []  # the rules of README "Semantics", written out directly
+    expected = []  # the rules of docs/semantics.md, written out directly
     started = False
     for u in seq:
         counts[u] += 1

@@ -179,3 +179,27 @@ def test_synthesize_dtype_and_progress(tmp_path):
             emakit.synthesize(folder, 0.08, dtype=bad)
     with pytest.raises(TypeError, match="progress"):  # "'str' object is not callable" before
         emakit.synthesize(folder, 0.08, progress="yes")
+
+
+def test_compute_ema_names_the_argument_that_is_not_a_module():
+    with pytest.raises(TypeError, match="ema_model: expected a torch.nn.Module"):
+        emakit.compute_ema(_model(), None)
+
+
+@pytest.mark.parametrize("change", [
+    {"t": 99}, {"t": -1}, {"k": 50}, {"origin": 0},
+    {"clock": {"ba": -3, "ep": 0, "sp": 0, "tok": 0}},
+])
+def test_posthoc_load_refuses_times_that_do_not_fit_its_clock(change, tmp_path):
+    """A post-hoc update happens at a clock time: a saved time after the saved clock, a
+    negative one or a negative clock is refused before anything changes."""
+    model = _model()
+    ph = emakit.PostHocEMA(model, snapshot_dir=tmp_path, snapshot_every=None)
+    for _ in range(5):
+        ph.step()
+    other = emakit.PostHocEMA(model, snapshot_dir=tmp_path, snapshot_every=None)
+    before = other.state_dict()
+    with pytest.raises(ValueError, match=r"state"):
+        other.load_state_dict({**ph.state_dict(), **change})
+    after = other.state_dict()
+    assert after["clock"] == before["clock"] and after["num_updates"] == 0

@@ -151,7 +151,7 @@ def test_staged_span_bf16_model_fp32_average(monkeypatch):
     model = nn.Sequential(*[nn.Linear(6, 6) for _ in range(5)]).to(torch.bfloat16)
     ref = copy.deepcopy(model)
     emakit.flatten_parameters(model)
-    sh = _check(model, ref, WEIGHTS)
+    sh = _check(model, ref, WEIGHTS, executor="eager")  # the fused executor stages nothing
     assert isinstance(sh.plan.main[0], Staged) and len(sh.plan.main[0].chunks) > 1
     assert all(t.numel() <= 32 for t in sh.plan.workspace)
 

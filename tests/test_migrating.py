@@ -11,6 +11,7 @@ the reference. Composer's EMA is compared in tests/composer/ (Composer has its o
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import warnings
 
@@ -89,8 +90,7 @@ def test_timm_without_step(version):
     """ModelEmaV2(model, decay) / ModelEmaV3(model, decay), update(model) every step."""
     model = net()
     peer = getattr(timm_model_ema(), version)(model, decay=0.8)
-    ema = emakit.EMA(model, smoothing=0.8)
-    ema.update()  # TODO(first-copy): timm copies the model when it is built
+    ema = emakit.EMA(model, smoothing=0.8, copy_at_construction=True)  # timm copies here too
     for i, _ in enumerate(training(model)):
         peer.update(model)
         ema.step()
@@ -160,8 +160,11 @@ def test_torch_averaged_model_swa_running_mean():
 
 # Lightning ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("starting_at", [None, 4])
-def test_lightning_ema_weight_averaging(starting_at):
+@pytest.mark.parametrize("starting_at,every", [(None, 1), (4, 1), (None, 3), (4, 3)])
+def test_lightning_ema_weight_averaging(starting_at, every):
+    """EMAWeightAveraging(update_starting_at_step=m, update_every_n_steps=n) updates at the
+    zero-based step indices ``i >= m`` with ``i % n == 0`` (global steps 1, n + 1, ...), the
+    first one copying: the start copy at the first of them, then every n steps after it."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import EMAWeightAveraging
     from torch.utils.data import DataLoader, TensorDataset
@@ -180,9 +183,12 @@ def test_lightning_ema_weight_averaging(starting_at):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
 
-    peer = EMAWeightAveraging(decay=0.8, update_starting_at_step=starting_at)
-    first = 1 if starting_at is None else starting_at + 1  # step_idx is global_step - 1
-    ours = EMACallback(smoothing=0.8, start=f"{first}ba")
+    peer = EMAWeightAveraging(decay=0.8, update_starting_at_step=starting_at,
+                              update_every_n_steps=every)
+    m = starting_at or 0
+    first = 1 + every * math.ceil(m / every)  # step_idx is global_step - 1
+    ours = EMACallback(smoothing=0.8, start=f"{first}ba", update_interval=f"{every}ba",
+                       update_phase="start")
     seen = []
 
     class Probe(pl.Callback):
@@ -326,11 +332,42 @@ class NeMoEMAReference:
 def test_nemo_ema():
     model = net()
     peer = NeMoEMAReference(model, decay=0.8)
-    ema = emakit.EMA(model, smoothing=0.8, buffers="copy")
-    ema.update()  # TODO(first-copy): NeMo's copy of the weights before the first optimizer step
+    # NeMo copies the weights before the first optimizer step
+    ema = emakit.EMA(model, smoothing=0.8, buffers="copy", copy_at_construction=True)
     peer.before_optimizer_step()
     for i, _ in enumerate(training(model)):
         peer.after_optimizer_step()
         ema.step()
         assert_same(ema.ema_state_dict(), peer.state(), PARAMS, step=i)
     assert_moved(ema.ema_state_dict(), model)
+
+
+# the table of docs/migrating.md ------------------------------------------------------------
+
+def test_every_recipe_in_the_table_names_a_test_that_exists():
+    """Each row of the "At a glance" table names its tests (``test_x``, ``test_x_*`` or a
+    folder): each must exist, so that the table never points at a test that was renamed."""
+    import ast
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "migrating.md").read_text()
+    table = text.split("## At a glance", 1)[1].split("\n\n", 2)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    tests = set()
+    for path in (root / "tests").rglob("test_*.py"):
+        tree = ast.parse(path.read_text())
+        tests |= {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert len(rows) > 20
+    for row in rows[1:]:  # the header first
+        cell = row.rstrip(" |").rsplit(" | ", 1)[1]
+        names = re.findall(r"`([^`]+)`", cell)
+        assert names, row
+        for name in names:
+            if name.endswith("/"):
+                assert (root / name).is_dir(), row
+            elif name.endswith("*"):
+                assert any(t.startswith(name[:-1]) for t in tests), row
+            else:
+                assert name in tests, row

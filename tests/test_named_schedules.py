@@ -13,7 +13,7 @@ import math
 from fractions import Fraction
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from emakit.schedules import (
@@ -126,6 +126,20 @@ def test_zero_debiased_weights_are_geometric_and_sum_to_one():
         assert weight_first == pytest.approx(d ** (t - 1) * (1 - d) / (1 - d**t), rel=1e-10)
 
 
+@pytest.mark.parametrize("decay", [0.9, 0.3, 0.01, 1e-300])
+def test_zero_debiased_is_exact_to_rounding_and_never_above_the_decay(decay):
+    """s_k against exact rationals, relative 1e-15, and never above d: also for a small decay,
+    where 1 - (1 - d) / (1 - d**k) loses its digits to cancellation (relative 7e-15 at d =
+    0.01, above d from k = 9 on; 0 instead of 1e-300 at d = 1e-300)."""
+    schedule, d = ZeroDebiased(decay=decay), Fraction(decay)
+    for k in [*range(2, 60), 1000, 10**6, 10**12]:
+        s = schedule(k)
+        assert s <= decay, (k, s)
+        if k <= 1000:
+            exact = d * (1 - d ** (k - 1)) / (1 - d**k)
+            assert abs(Fraction(s) - exact) <= Fraction(1, 10**15) * exact, (k, s)
+
+
 def test_zero_debiased_limits():
     assert [ZeroDebiased(decay=0.0)(k) for k in (1, 2, 9)] == [0.0, 0.0, 0.0]
     assert [ZeroDebiased(decay=1.0)(k) for k in (1, 2, 4)] == [0.0, 0.5, 0.75]
@@ -150,6 +164,7 @@ SCHEDULES = [ExponentialRamp(), ExponentialRamp(decay=0.9, tau=3), RatioRamp(),
 
 @settings(max_examples=200, deadline=None)
 @given(k=st.integers(1, 10**12))
+@example(k=332)  # ZeroDebiased(0.9) in the quotient form dipped by an ulp from 332 to 333
 def test_every_schedule_gives_a_smoothing_and_never_decreases(k):
     for schedule in SCHEDULES:
         s = schedule(k)

@@ -138,8 +138,8 @@ def test_ultralytics_model_ema(decay, tau):
     ModelEMA = ultralytics_model_ema()
     model = net()
     peer = ModelEMA(model, decay=decay, tau=tau)
-    ema = EMA(model, smoothing=ExponentialRamp(decay=decay, tau=tau))
-    ema.update()  # TODO(first-copy): Ultralytics copies the model when it is built
+    # Ultralytics copies the model when it is built
+    ema = EMA(model, smoothing=ExponentialRamp(decay=decay, tau=tau), copy_at_construction=True)
     for step in training(model):
         peer.update(model)
         ema.step()
@@ -177,8 +177,8 @@ class YOLOXModelEMA:
 def test_yolox_model_ema(decay):
     model = net()
     peer = YOLOXModelEMA(model, decay=decay)
-    ema = EMA(model, smoothing=ExponentialRamp(decay=decay, tau=2000))
-    ema.update()  # TODO(first-copy): YOLOX copies the model when it is built
+    # YOLOX copies the model when it is built
+    ema = EMA(model, smoothing=ExponentialRamp(decay=decay, tau=2000), copy_at_construction=True)
     for step in training(model, steps=40):
         peer.update(model)
         ema.step()
@@ -194,8 +194,8 @@ def test_torch_ema(use_num_updates):
     peer = torch_ema.ExponentialMovingAverage(model.parameters(), decay=0.9,
                                               use_num_updates=use_num_updates)
     smoothing = RatioRamp(decay=0.9) if use_num_updates else 0.9
-    ema = EMA(model, smoothing=smoothing, buffers="copy")
-    ema.update()  # TODO(first-copy): torch_ema copies the parameters when it is built
+    # torch_ema copies the parameters when it is built
+    ema = EMA(model, smoothing=smoothing, buffers="copy", copy_at_construction=True)
     names = params_of(model)
     for step in training(model):
         peer.update()
@@ -252,8 +252,8 @@ def test_d2go_ema(factor, use_lerp):
     model = net(torch.float32)
     peer = D2GoEMA(model, decay=0.9, use_lerp=use_lerp, decay_warm_up_factor=factor)
     smoothing = 0.9 if factor < 0 else RatioRamp(decay=0.9, factor=factor)
-    ema = EMA(model, smoothing=smoothing)
-    ema.update()  # TODO(first-copy): d2go's EMAHook copies the model before training
+    # d2go's EMAHook copies the model before training
+    ema = EMA(model, smoothing=smoothing, copy_at_construction=True)
     for step in training(model):
         peer.update(model)
         ema.step()
@@ -310,22 +310,24 @@ def test_mmengine_stochastic_weight_average():
 
 
 @pytest.mark.parametrize("kind", ["ema", "annealing", "swa"])
-def test_mmengine_interval_by_hand(kind):
+@pytest.mark.parametrize("n", [2, 3])
+def test_mmengine_interval(kind, n):
     """interval=n > 1: MMEngine copies at its first call and updates at calls n + 1, 2n + 1,
-    ...; ``ema.update()`` at those calls (instead of ``ema.step()``) gives its numbers."""
+    ...: ``update_interval=f"{n}ba", update_phase="start"`` (every n steps after the start
+    copy), driven by ``ema.step()``."""
     mm = _mmengine_model()
-    n, model = 3, net()
+    model = net()
     peer, smoothing = {
         "ema": (mm.ExponentialMovingAverage(model, momentum=0.2, interval=n), 0.8),
         "annealing": (mm.MomentumAnnealingEMA(model, momentum=0.01, gamma=4, interval=n),
                       MomentumAnnealing(momentum=0.01, gamma=4, interval=n)),
         "swa": (mm.StochasticWeightAverage(model, interval=n), RunningMean()),
     }[kind]
-    ema = EMA(model, smoothing=smoothing, buffers="copy")
+    ema = EMA(model, smoothing=smoothing, buffers="copy", update_interval=f"{n}ba",
+              update_phase="start")
     for call in training(model):
         peer.update_parameters(model)
-        if (call - 1) % n == 0:
-            ema.update()
+        ema.step()
         # parameters: MMEngine copies the buffers at every call, emakit's buffers="copy" at
         # its updates
         assert_same(ema.ema_state_dict(), peer.module.state_dict(), params_of(model), step=call)
@@ -333,10 +335,11 @@ def test_mmengine_interval_by_hand(kind):
     assert_moved(ema.ema_state_dict(), model)
 
 
-def test_mmengine_interval_closest_step_driven_call():
-    """With ``ema.step()`` the interval's phase differs: emakit updates at steps n, 2n, ...
-    (``update_interval``), MMEngine at n + 1, 2n + 1, ... The closest call averages the same
-    horizon one step earlier; this measures how far apart the two averages are."""
+def test_mmengine_interval_is_not_the_default_phase():
+    """Without ``update_phase="start"`` emakit updates at steps n, 2n, ... (multiples of the
+    interval), one step before MMEngine's n + 1, 2n + 1, ...: the same horizon, other
+    numbers (up to 10% apart on this fast-moving run, n = 3, momentum 0.2). This measures
+    the gap, so that the recipe's ``update_phase`` is seen to matter."""
     mm = _mmengine_model()
     n, model = 3, net()
     peer = mm.ExponentialMovingAverage(model, momentum=0.2, interval=n)
@@ -346,7 +349,6 @@ def test_mmengine_interval_closest_step_driven_call():
         peer.update_parameters(model)
         ema.step()
         gaps.append(relative_gap(ema.ema_state_dict(), peer.module.state_dict(), names))
-    # not the same numbers, but the same horizon: up to 10% apart on this fast-moving run
     assert 0.01 < max(gaps[10:]) < 0.2, gaps
 
 
@@ -378,10 +380,11 @@ def _mmengine_runner(tmp_path, hooks, steps=STEPS):
     return runner
 
 
-@pytest.mark.parametrize("begin_iter", [0, 5])
-def test_mmengine_ema_hook_begin_iter(tmp_path, begin_iter):
-    """EMAHook(begin_iter=B) in a real mmengine Runner: before iteration B it copies the
-    model; at B its averaged model's first update copies again; it averages from B + 1."""
+@pytest.mark.parametrize("begin_iter,n", [(0, 1), (5, 1), (0, 3), (5, 3)])
+def test_mmengine_ema_hook_begin_iter(tmp_path, begin_iter, n):
+    """EMAHook(begin_iter=B, interval=n) in a real mmengine Runner: before iteration B it
+    copies the model; at B its averaged model's first update copies again; it averages at
+    B + n, B + 2n, ..."""
     from mmengine.hooks import EMAHook, Hook
 
     seen = []
@@ -392,7 +395,8 @@ def test_mmengine_ema_hook_begin_iter(tmp_path, begin_iter):
 
         def before_train(self, runner):
             emakit_box["ema"] = EMA(runner.model, smoothing=0.8, buffers="copy",
-                                           start=f"{max(begin_iter, 1)}ba")
+                                    start=f"{max(begin_iter, 1)}ba", update_interval=f"{n}ba",
+                                    update_phase="start")
 
         def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
             ema = emakit_box["ema"]
@@ -400,12 +404,14 @@ def test_mmengine_ema_hook_begin_iter(tmp_path, begin_iter):
             peer = {k: v.clone() for k, v in hook.ema_model.module.state_dict().items()}
             seen.append((ema.ema_state_dict(), peer))
 
-    hook = EMAHook(momentum=0.2, begin_iter=begin_iter)
+    hook = EMAHook(momentum=0.2, begin_iter=begin_iter, interval=n)
     runner = _mmengine_runner(tmp_path, [hook, Probe()])
     runner.train()
     assert len(seen) == STEPS
+    # with n > 1, MMEngine copies the buffers at every iteration, emakit at its updates
+    names = None if n == 1 else ["net." + k for k in params_of(net())]
     for step, (ours, theirs) in enumerate(seen, start=1):
-        assert_same(ours, theirs, step=step)
+        assert_same(ours, theirs, names, step=step)
     assert_moved(seen[-1][0], runner.model)
 
 
@@ -606,9 +612,9 @@ def test_tf1_exponential_moving_average(with_num_updates):
     model = net(torch.float32)
     names = params_of(model)
     peer = TF1ExponentialMovingAverage(list(model.parameters()), decay=0.9)
+    # TF1 creates the shadow variables with the weights at apply()
     ema = EMA(model, smoothing=RatioRamp(decay=0.9) if with_num_updates else 0.9,
-                     buffers="copy")
-    ema.update()  # TODO(first-copy): TF1 creates the shadow variables with the weights at apply()
+              buffers="copy", copy_at_construction=True)
     for step in training(model):
         peer.run(list(model.parameters()), step if with_num_updates else None)
         ema.step()

@@ -37,8 +37,7 @@ def test_trl_sync_ref_model_is_an_ema(tmp_path, alpha, tau):
     state = TrainerState()
 
     ema = emakit.EMA(policy, smoothing=1 - alpha, update_interval=f"{tau}ba",
-                     dtype=torch.float64)
-    ema.update()  # TODO(first-copy): the reference starts as a copy of the policy
+                     dtype=torch.float64, copy_at_construction=True)  # a copy of the policy
     opt = torch.optim.SGD(policy.parameters(), lr=0.2, momentum=0.9)
     g = torch.Generator().manual_seed(1)
     probe = torch.randn(5, 4, generator=g, dtype=torch.float64)

@@ -1,5 +1,5 @@
 """The shape of the code, checked from its source: imports run one way, down the layers that
-README's "Development" section lists; no import cycle; the pure modules import no torch; the
+docs/development.md's layer table lists; no import cycle; the pure modules import no torch; the
 faces and trainers never reach the private engine; docs and examples use public modules; and
 ``import emakit`` loads no compiler."""
 
@@ -97,7 +97,8 @@ def _layer(module: str) -> int:
         for p in patterns:
             if module == p or (p.endswith(".*") and module.startswith(p[:-1])):
                 return i
-    raise AssertionError(f"emakit.{module} is in no layer: add it to LAYERS and the README")
+    raise AssertionError(f"emakit.{module} is in no layer: add it to LAYERS and to "
+                         "docs/development.md")
 
 
 def _matches(module: str, patterns: tuple[str, ...]) -> bool:

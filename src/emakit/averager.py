@@ -16,7 +16,6 @@ that a swap is never nested or overlapped by another averager's step).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import os
 import shutil
@@ -46,7 +45,7 @@ from .laws import Law
 from .migrations import CURRENT, upgrade
 from .time import check_count
 
-__all__ = ["Averager", "EMAModule", "Store", "swapped_by", "check_initialized"]
+__all__ = ["Averager", "EMAModule"]
 
 # model -> the averager whose average it holds now (inside that averager's swapped() block)
 _SWAPPED: weakref.WeakKeyDictionary[nn.Module, Averager] = weakref.WeakKeyDictionary()
@@ -90,8 +89,9 @@ class Averager:
             ``config`` by default).
 
     Faces hand out the first store's weights unless they say otherwise
-    (:meth:`_handout`), and add their own state to :meth:`state_dict` (their tensors under
-    the keys of :attr:`STATE_KIND`'s documented format).
+    (:meth:`_handout`), add their own state to :meth:`state_dict` (their tensors under
+    the keys of :attr:`STATE_KIND`'s documented format), and call :meth:`_constructed` last
+    in their ``__init__``.
     """
 
     #: which documented state format the face writes (see :mod:`emakit.migrations`)
@@ -112,10 +112,7 @@ class Averager:
             check_same_model(self.model, self._group)
         self._laws = tuple(laws)
         self._stores = [Store(self.model, config.storage(), self._group) for _ in self._laws]
-        self._cadence = cadence or Cadence(
-            start=config.start, interval=config.interval, total=config.total,
-            batches_per_epoch=config.batches_per_epoch, switch_every=config.switch_every,
-        )
+        self._cadence = cadence or config.cadence()
         self._state = CadenceState()
         self._guards = _guards(config)
         self._skipped_base = 0  # skipped updates loaded from a state, beyond the guards' own
@@ -232,14 +229,16 @@ class Averager:
     ) -> None:
         """Put the clock at ``step`` optimizer steps and ``epoch`` epochs (and ``samples`` and
         ``tokens`` when given), e.g. for a run resumed from a checkpoint that holds no state of
-        this average: ``start`` and ``dur`` times keep their meaning."""
+        this average: ``start`` and ``dur`` times keep their meaning. An average already
+        started (``copy_at_construction``) keeps its training time: the next update covers
+        the time after the counts given, not the time before them."""
         c = self._state.counts
         counts = Counts(
             ba=check_count(step, "step"), ep=check_count(epoch, "epoch"),
             sp=c.sp if samples is None else check_count(samples, "samples"),
             tok=c.tok if tokens is None else check_count(tokens, "tokens"),
         )
-        self._state = dataclasses.replace(self._state, counts=counts)
+        self._state = cad.resumed(self._cadence, self._state, counts)
 
     def _check_counted(self, samples: int | None, tokens: int | None) -> None:
         c = self._cadence
@@ -280,6 +279,12 @@ class Averager:
                 return None
             mask = verdict if isinstance(mask, float) else mask * verdict
         return mask
+
+    def _constructed(self) -> None:
+        """The end of construction (faces call it last in ``__init__``, once every store
+        exists): the start copy, with ``copy_at_construction``."""
+        if cad.constructed(self._cadence, self._state).start:
+            self._begin()
 
     def _begin(self) -> None:
         """The start copy: every average takes the model's weights (update 1, k = 1)."""
@@ -479,7 +484,9 @@ class Averager:
 
     def _config_record(self) -> dict[str, Any]:
         """What the state records of how it was made (compared, with a warning, on load)."""
-        return {"update_interval": str(self._cadence.interval), "start": str(self._cadence.start)}
+        c = self._cadence
+        phase = {"update_phase": c.update_phase} if c.update_phase != "zero" else {}
+        return {"update_interval": str(c.interval), "start": str(c.start), **phase}
 
     def _tensor_state(self) -> dict[str, Any]:
         """The averages (and compensations) in :attr:`STATE_KIND`'s format."""

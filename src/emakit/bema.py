@@ -82,6 +82,7 @@ class BEMA(Averager):
         self._theta0 = self._new_store(storage)
         self._out = self._new_store(storage)
         self._cache: tuple | None = None  # (the three stores' plans, the correction's lists)
+        self._constructed()
 
     ema_power = property(lambda self: self.law.ema_power)
     bias_power = property(lambda self: self.law.bias_power)

@@ -6,8 +6,11 @@ one. The functions below are the whole of it:
 - :func:`tick` counts a batch (with its samples and tokens) or an epoch;
 - :func:`due` says what the event just counted calls for (:class:`Due`): the start copy, an
   update, a switch-back of the average into the model, a snapshot;
-- :func:`begin`, :func:`span`, :func:`moved` and :func:`restart` give the state after the
-  start copy, the training time an update covers, the state after it, and after a reset.
+- :func:`constructed` says whether building the averager takes the start copy
+  (``copy_at_construction``);
+- :func:`begin`, :func:`span`, :func:`moved`, :func:`restart` and :func:`resumed` give the
+  state after the start copy, the training time an update covers, the state after it, after
+  a reset, and after the clock is put at given counts.
 
 **Training time** ``k`` counts the interval's unit (batches for ``"ba"``) from the start copy,
 which is k = 1 (counted in ``num_updates``, as ``AveragedModel.n_averaged`` counts its first
@@ -15,6 +18,15 @@ copy). An update at count ``c`` covers k = ``first..last`` with ``first`` the k 
 last update and ``last = c - origin + 1``, ``origin`` being the count at the start copy; an
 update with no time elapsed since the last one (a bare ``update()``) covers one interval.
 An averaging law (:mod:`emakit.laws`) turns that span into a smoothing factor.
+
+**The start copy** is taken at the first event on or after ``start``, or, with
+``copy_at_construction``, when the averager is built (at the counts then, usually 0: the
+first ``step()`` is then the first averaging update, update 2, covering k = 2).
+
+**The update phase.** With ``update_phase="zero"`` updates happen at the counts that are
+multiples of the interval ``n`` (n, 2n, ...); with ``"start"`` every ``n`` after the start
+copy (a copy at count ``s``, updates at ``s + n``, ``s + 2n``, ...), as MMEngine's
+``interval``, Lightning's ``update_every_n_steps`` and anything that counts its own calls do.
 
 >>> c = Cadence(start=Time(2, "ba"), interval=Time(1, "ba"))
 >>> s = CadenceState()
@@ -38,6 +50,7 @@ from typing import Any
 from .time import COUNTED_UNITS, Time, check_count
 
 __all__ = [
+    "UPDATE_PHASES",
     "Counts",
     "Cadence",
     "CadenceState",
@@ -51,7 +64,13 @@ __all__ = [
     "next_span",
     "moved",
     "restart",
+    "resumed",
+    "constructed",
 ]
+
+#: Where the updates' grid is anchored: at count 0 (updates at multiples of the interval) or
+#: at the start copy (updates every interval after it).
+UPDATE_PHASES = ("zero", "start")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +135,12 @@ class Cadence:
         switch_every: after the update at multiples of it, the model takes the average.
         snapshot_every: at multiples of it (once started), a snapshot is due.
         start_on_interval: the start copy also waits for a multiple of the interval
-            (post-hoc profiles take their copy at an update time).
+            (post-hoc profiles take their copy at an update time); moot with
+            ``update_phase="start"``, whose grid begins at the start copy.
+        update_phase: ``"zero"``: updates at the counts that are multiples of the interval;
+            ``"start"``: every interval after the start copy (see the module docstring).
+        copy_at_construction: the start copy is taken when the averager is built
+            (:func:`constructed`) instead of at the first event on or after ``start``.
     """
 
     start: Time
@@ -126,6 +150,13 @@ class Cadence:
     switch_every: Time | None = None
     snapshot_every: Time | None = None
     start_on_interval: bool = False
+    update_phase: str = "zero"
+    copy_at_construction: bool = False
+
+    def __post_init__(self) -> None:
+        if self.update_phase not in UPDATE_PHASES:
+            raise ValueError(f"update_phase: expected one of {UPDATE_PHASES}, got "
+                             f"{self.update_phase!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,19 +213,26 @@ def reached(cadence: Cadence, counts: Counts, time: Time) -> bool:
     return counts[time.unit] >= time.value
 
 
-def _multiple(counts: Counts, every: Time | None, unit: str) -> bool:
-    return every is not None and every.unit == unit and counts[unit] % int(every.value) == 0
+def _multiple(counts: Counts, every: Time | None, unit: str, anchor: int = 0) -> bool:
+    return (every is not None and every.unit == unit
+            and (counts[unit] - anchor) % int(every.value) == 0)
+
+
+def _anchor(cadence: Cadence, state: CadenceState) -> int:
+    """The count the updates' grid is anchored at: 0, or the start copy's (``origin``)."""
+    return state.origin if cadence.update_phase == "start" and state.started else 0
 
 
 def due(cadence: Cadence, state: CadenceState, unit: str) -> Due:
     """What the event of ``unit`` just counted (by :func:`tick`) calls for."""
     counts, interval = state.counts, cadence.interval
-    on_interval = _multiple(counts, interval, unit)
+    on_interval = _multiple(counts, interval, unit, _anchor(cadence, state))
+    aligned = on_interval or not cadence.start_on_interval or cadence.update_phase == "start"
     start = (
         not state.started
         and interval.unit == unit
         and reached(cadence, counts, cadence.start)
-        and (on_interval or not cadence.start_on_interval)
+        and aligned
     )
     return Due(
         start=start,
@@ -206,6 +244,12 @@ def due(cadence: Cadence, state: CadenceState, unit: str) -> Due:
 
 def _count(cadence: Cadence, state: CadenceState) -> int:
     return state.counts[cadence.interval.unit]
+
+
+def constructed(cadence: Cadence, state: CadenceState) -> Due:
+    """What building the averager calls for: the start copy with ``copy_at_construction``
+    (update 1, k = 1 at the counts then), else nothing."""
+    return Due(start=cadence.copy_at_construction and not state.started)
 
 
 def begin(cadence: Cadence, state: CadenceState) -> CadenceState:
@@ -221,6 +265,19 @@ def restart(cadence: Cadence, state: CadenceState) -> CadenceState:
     return dataclasses.replace(state, origin=_count(cadence, state), k=1)
 
 
+def resumed(cadence: Cadence, state: CadenceState, counts: Counts) -> CadenceState:
+    """The state with the clock put at ``counts`` (a run resumed without a saved state of the
+    average). A started average keeps its training time: its origin moves with the clock, so
+    k stays where the average was brought and the next update covers the time after
+    ``counts`` (an average copied at construction and put at step N is k = 1 at N)."""
+    if not state.started:
+        return dataclasses.replace(state, counts=counts)
+    unit = cadence.interval.unit
+    return dataclasses.replace(
+        state, counts=counts, origin=state.origin + counts[unit] - state.counts[unit]
+    )
+
+
 def span(cadence: Cadence, state: CadenceState) -> Span:
     """The training time an update now covers: the interval's units since the last update,
     or one interval when the clock has not moved (a bare ``update()``)."""
@@ -231,19 +288,23 @@ def span(cadence: Cadence, state: CadenceState) -> Span:
 
 
 def next_span(cadence: Cadence, state: CadenceState) -> Span:
-    """The span of the next averaging update the clock will bring: at the next multiple of
-    the interval. Before the start: the first averaging update after a start copy at the
-    first event that may take it (the next count, or ``start`` when it is in the interval's
-    unit; a start in another unit is assumed to come at the next count)."""
+    """The span of the next averaging update the clock will bring: at the next point of the
+    updates' grid (a multiple of the interval, or of it after the start copy with
+    ``update_phase="start"``). Before the start: the first averaging update after a start
+    copy at the first event that may take it (the next count, or ``start`` when it is in the
+    interval's unit; a start in another unit is assumed to come at the next count)."""
     u = int(cadence.interval.value)
     count = _count(cadence, state)
     if state.started:
-        upcoming = (count // u + 1) * u
+        anchor = _anchor(cadence, state)
+        upcoming = anchor + ((count - anchor) // u + 1) * u
         first = state.k + 1
         return Span(first, max(upcoming - state.origin + 1, first), state.origin)
     origin = count + 1
     if cadence.start.unit == cadence.interval.unit:
         origin = max(origin, math.ceil(cadence.start.value))
+    if cadence.update_phase == "start":
+        return Span(2, u + 1, origin)
     if cadence.start_on_interval:
         origin = -(-origin // u) * u
     return Span(2, (origin // u + 1) * u - origin + 1, origin)

@@ -284,7 +284,8 @@ def _walk(obj: Any, prefix: str, depth: int, limit: int) -> None:
 
 def _inspect_folder(path: Path, max_error: float) -> int:
     from .io import is_temporary
-    from .posthoc import format_intervals, list_snapshots, scan, supported_sigma_rels
+    from .posthoc import format_intervals, list_snapshots, supported_sigma_rels
+    from .posthoc.snapshots import scan
 
     snaps = list_snapshots(path)
     every = len(scan(path))
@@ -374,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=_finite, default=1.0, help="time between updates")
     p.set_defaults(func=_halflife)
 
-    from .posthoc import DEFAULT_MAX_ERROR
+    from .posthoc.synthesis import DEFAULT_MAX_ERROR
 
     p = sub.add_parser("synthesize", help="post-hoc EMA of any sigma_rel from a snapshot folder")
     p.add_argument("dir", help="the snapshot_dir of a PostHocEMA")

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ._args import flag
+from .cadence import UPDATE_PHASES, Cadence
 from .schedules import (
     PowerWarmup,
     check_sigma_rel,
@@ -63,11 +64,11 @@ __all__ = [
     "PostHocEMAOptions",
     "ExecutorName",
     "EXECUTORS",
+    "UpdatePhase",
     "BUFFER_MODES",
     "STORAGE_DTYPES",
     "Selector",
-    "Unpack",
-    "flag",
+    "Unpack",  # re-exported: the faces annotate **kwargs with it (typing_extensions on 3.10)
 ]
 
 ExecutorName = Literal["auto", "eager", "fused", "graph"]
@@ -75,6 +76,8 @@ ExecutorName = Literal["auto", "eager", "fused", "graph"]
 EXECUTORS: tuple[str, ...] = get_args(ExecutorName)
 BufferMode = Literal["average", "copy"]
 BUFFER_MODES: tuple[str, ...] = get_args(BufferMode)
+#: Where the updates' grid is anchored (see :mod:`emakit.cadence`).
+UpdatePhase = Literal["zero", "start"]
 #: Storage dtypes the kernels are proven for (float8 and other formats are refused).
 STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTERVAL_UNITS = ("ba", "ep")
@@ -261,6 +264,12 @@ def _buffers(value: BufferMode, name: str) -> BufferMode:
     return value
 
 
+def _update_phase(value: UpdatePhase, name: str) -> UpdatePhase:
+    if value not in UPDATE_PHASES:
+        raise ValueError(f"{name}: expected one of {UPDATE_PHASES}, got {value!r}")
+    return value
+
+
 def _executor(value: ExecutorName, name: str) -> ExecutorName:
     if value not in EXECUTORS:
         raise ValueError(f"{name}: expected one of {EXECUTORS}, got {value!r}")
@@ -302,7 +311,7 @@ class StoreConfig:
             integer buffers are always taken from the model.
         dtype: storage dtype of the average (float16, bfloat16, float32 or float64);
             ``None`` keeps each tensor's own. fp32 by default, also for bf16/fp16 models (a
-            16-bit average stops moving).
+            16-bit average stops moving); fp32 is a floor, so fp64 tensors keep fp64.
         device: where the average lives, e.g. ``"cpu"`` to keep it off the accelerator
             (``None``: beside each tensor).
         compensated: keep a compensation term beside the average (compensated summation), so
@@ -373,11 +382,32 @@ class _Timing(StoreConfig):
     skip_nonfinite: Parsed[bool, bool] = Parsed(flag, False)
     switch_every: Parsed[TimeLike | None, Time | None] = Parsed(_interval, None)
     grad_scaler: Parsed[Any, Any] = Parsed(_grad_scaler, None)
+    # the two below: see EMAConfig's docstring, and emakit.cadence for the semantics
+    copy_at_construction: Parsed[bool, bool] = Parsed(flag, False)
+    update_phase: Parsed[UpdatePhase, UpdatePhase] = Parsed(_update_phase, "zero")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.copy_at_construction and self.start.value != 0:
+            raise ValueError(
+                f"copy_at_construction=True takes the start copy when the average is built; "
+                f"start={str(self.start)!r} would take it later: give one of them"
+            )
 
     @property
     def interval(self) -> Time:
         """The time between updates: ``update_interval``, else one batch."""
         return self.update_interval if self.update_interval is not None else Time(1, "ba")
+
+    def cadence(self, **changes: Any) -> Cadence:
+        """When the average starts, updates and switches back, as a
+        :class:`~emakit.cadence.Cadence` (with ``changes``, e.g. ``snapshot_every``)."""
+        fields: dict[str, Any] = dict(
+            start=self.start, interval=self.interval, total=self.total,
+            batches_per_epoch=self.batches_per_epoch, switch_every=self.switch_every,
+            update_phase=self.update_phase, copy_at_construction=self.copy_at_construction,
+        )
+        return Cadence(**{**fields, **changes})
 
     def times(self) -> dict[str, Time | None]:
         """The times that may be a fraction of training (``dur``), by argument name."""
@@ -406,9 +436,21 @@ class EMAConfig(_Timing):
         smoothing: a float in [0, 1] per update, or a schedule ``k -> factor`` called with
             the number of the update it is for (the start copy is update 1, so the first
             averaging update asks for k = 2). Giving both is a ValueError.
-        start: time before which the average follows the model exactly.
+        start: time before which the average follows the model exactly: the first
+            ``step()`` (or ``epoch_end()``, for an interval in epochs) on or after it copies
+            the model (the start copy, update 1, k = 1).
+        copy_at_construction: take the start copy when the average is built instead (as
+            Ultralytics, YOLOX, torch_ema, d2go, timm and TF1 do): the first ``step()`` is
+            then the first averaging update, update 2 (a schedule is asked for k = 2).
+            ``start`` must be 0. A trainer callback builds its average when training begins
+            (after a resume: at the resumed step, from the loaded weights).
         update_interval: time between updates, in ``ba`` or ``ep``; default 1 unit of
             ``half_life``'s unit, else ``"1ba"``.
+        update_phase: where the updates' grid begins: ``"zero"`` (default): at the counts
+            that are multiples of ``update_interval`` (steps n, 2n, ...); ``"start"``: every
+            ``update_interval`` after the start copy (a copy at step s, updates at s + n,
+            s + 2n, ...), as MMEngine's ``interval`` and Lightning's
+            ``update_every_n_steps`` do.
         total: whole training length, needed for ``dur`` times.
         batches_per_epoch: lets ``ba`` and ``ep`` times be mixed.
         warmup: ``None`` or :class:`~emakit.PowerWarmup`, in training time.
@@ -552,6 +594,8 @@ class _TimingOptions(StoreOptions, total=False):
     skip_nonfinite: bool
     switch_every: TimeLike | None
     grad_scaler: Any
+    copy_at_construction: bool
+    update_phase: UpdatePhase
 
 
 class EMAOptions(_TimingOptions, total=False):

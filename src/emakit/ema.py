@@ -25,19 +25,21 @@ class EMA(Averager):
     in the storage ``dtype`` (fp32 by default, also for bf16 models). With a half-life
     ``h`` and an update interval ``u`` (same unit, or converted with ``batches_per_epoch``)
     the smoothing is ``s = 2 ** (-u / h)``. At the first ``step()`` (or ``epoch_end()``, for
-    an interval in epochs) on or after ``start`` the average is set to the model's weights;
-    from then on it is updated whenever the batch (epoch) count is a multiple of the interval.
-    Before that, every export gives the model's own weights.
+    an interval in epochs) on or after ``start`` the average is set to the model's weights
+    (with ``copy_at_construction=True``: when the EMA is built); from then on it is updated
+    whenever the batch (epoch) count is a multiple of the interval (with
+    ``update_phase="start"``: every interval after that start copy). Before that, every export
+    gives the model's own weights.
 
     Args:
         model: the model being trained (DDP and ``torch.compile`` wrappers are seen through).
             Build the EMA after moving the model to its device.
         config: an :class:`~emakit.EMAConfig`, or its fields as keyword arguments (see there
-            for each: ``half_life``, ``smoothing``, ``start``, ``update_interval``, ``total``,
-            ``batches_per_epoch``, ``warmup``, ``skip_nonfinite``, ``switch_every``,
-            ``grad_scaler`` and the storage: ``buffers``, ``dtype``, ``device``,
-            ``compensated``, ``side_stream``, ``shard``, ``exclude``, ``include``,
-            ``executor``).
+            for each: ``half_life``, ``smoothing``, ``start``, ``copy_at_construction``,
+            ``update_interval``, ``update_phase``, ``total``, ``batches_per_epoch``,
+            ``warmup``, ``skip_nonfinite``, ``switch_every``, ``grad_scaler`` and the
+            storage: ``buffers``, ``dtype``, ``device``, ``compensated``, ``side_stream``,
+            ``shard``, ``exclude``, ``include``, ``executor``).
 
     Training time: ``k`` counts the interval's units (batches for ``"ba"``) from the start,
     the start being k = 1. The start copies the model (update 1, counted in
@@ -78,6 +80,7 @@ class EMA(Averager):
         )
         super().__init__(model, config, [law])
         self.config: EMAConfig = config
+        self._constructed()
 
     @property
     def half_life(self) -> Time | None:

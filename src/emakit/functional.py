@@ -31,7 +31,7 @@ def compute_ema(model: nn.Module, ema_model: nn.Module, smoothing: float = 0.99)
     device are converted first).
     """
     smoothing = check_smoothing(smoothing)
-    model, ema_model = unwrap_model(model), unwrap_model(ema_model)
+    model, ema_model = unwrap_model(model), unwrap_model(ema_model, "ema_model")
     if model is ema_model:
         raise ValueError("ema_model: expected a second model, got the model itself")
     src = model.state_dict(keep_vars=True)

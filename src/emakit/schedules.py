@@ -274,8 +274,8 @@ class ExponentialRamp:
 
     Those libraries copy the model when the EMA is built and count their updates from 1
     (``self.updates += 1`` before ``d = self.decay(self.updates)``): their update ``n`` is
-    emakit's update ``k = n + 1`` when the start copy is taken at construction (an
-    ``ema.update()`` right after building the EMA). ``tau`` is in updates: the smoothing
+    emakit's update ``k = n + 1`` when the start copy is taken at construction
+    (``copy_at_construction=True``). ``tau`` is in updates: the smoothing
     reaches ``(1 - 1/e) * decay`` after ``tau`` updates and ``0.99 * decay`` after
     ``4.6 tau``. Ultralytics: ``decay=0.9999, tau=2000``; YOLOX: ``tau=2000``.
 
@@ -306,10 +306,11 @@ class RatioRamp:
     torch_ema and d2go copy the model when the EMA is built and count their updates from 1
     (``num_updates += 1`` before the decay is computed), TF1 passes the global step after the
     optimizer's increment: their ``n`` is emakit's ``k - 1`` when the start copy is taken at
-    construction. diffusers copies at its first step and its ``step`` is 0 there, 1 at the
-    next: also ``n = k - 1``, with the start copy at the first ``ema.step()``. ``factor`` is
-    10 in TF, torch_ema and diffusers (d2go: ``decay_warm_up_factor``); ``min_smoothing`` is
-    diffusers' ``min_decay``. The ramp is 0.5 at n = 8 and 0.99 at n = 890 (factor 10).
+    construction (``copy_at_construction=True``). diffusers copies at its first step and its
+    ``step`` is 0 there, 1 at the next: also ``n = k - 1``, with the start copy at the first
+    ``ema.step()``. ``factor`` is 10 in TF, torch_ema and diffusers (d2go:
+    ``decay_warm_up_factor``); ``min_smoothing`` is diffusers' ``min_decay``. The ramp is 0.5
+    at n = 8 and 0.99 at n = 890 (factor 10).
 
     Examples:
         >>> s = RatioRamp(decay=0.999)
@@ -368,9 +369,13 @@ class ZeroDebiased:
             return 0.0
         if d == 1.0:
             return (k - 1) / k
-        # 1 - d**m as -expm1(m log d): exact to rounding also when d**m is close to 1
-        log_d = math.log(d)
-        return d * math.expm1((k - 1) * log_d) / math.expm1(k * log_d)
+        # s = d - (1 - d) d**k / (1 - d**k) = d - (1 - d) / expm1(-k log d): each operation
+        # is monotone in k, so the rounded factors never decrease and never pass d (the
+        # quotient form d (1 - d**(k-1)) / (1 - d**k) can dip by an ulp)
+        x = -k * math.log(d)
+        if x > 709.0:  # expm1 overflows; the correction is below 1e-307
+            return d
+        return d - (1.0 - d) / math.expm1(x)
 
 
 @dataclass(frozen=True)
@@ -383,7 +388,8 @@ class MomentumAnnealing:
     ``update_parameters`` before this one: the first call (steps 0) copies the model, and
     the update at steps ``(k - 1) * interval`` is emakit's update k. With ``interval=1``
     that is every call, emakit's start copy at the first ``ema.step()``; for
-    ``interval > 1`` see docs/migrating.md (the update phase).
+    ``interval > 1``, updates every ``interval`` steps after the start copy:
+    ``update_interval=f"{interval}ba", update_phase="start"``.
 
     Examples:
         >>> s = MomentumAnnealing(momentum=0.0002, gamma=100)

@@ -2,9 +2,9 @@
 check that they still fit the model.
 
 Every operation's ``run(weight, kernel)`` calls ``kernel(avg, src, weight, comp)`` (by default
-:func:`emakit.kernels.lerp_`; an executor may pass :class:`~emakit.kernels.FusedLerp`) on
+:func:`.kernels.lerp_`; an executor may pass :class:`~.kernels.FusedLerp`) on
 ``(slot.avg, slot.src)`` pairs, this rank's part of an average and
-the matching part of the model's tensor (see :mod:`emakit.placement`), so every placement
+the matching part of the model's tensor (see :mod:`.placements`), so every placement
 gets every path:
 
 - :class:`Foreach`: one ``kernels.lerp_`` over lists of one (device, dtype); a list element
@@ -20,7 +20,7 @@ gets every path:
   staging buffer, then lerped (a staging that stays in cache is faster on a CPU as well as
   smaller: bf16 ResNet-50 -> fp32, 12.4 ms with 2**20 elements, 22.7 ms with 2**24). With
   ``build(..., stage=False)`` (an executor whose kernel converts inside its one pass, e.g.
-  :class:`emakit.kernels.FusedLerp`), sources of another dtype on the same device are a
+  :class:`emakit._engine.kernels.FusedLerp`), sources of another dtype on the same device are a
   :class:`Foreach` instead: no staging buffer.
 - :class:`Offload`: a CPU average of CUDA sources: pinned host copies made without blocking,
   then the CPU arithmetic (run by the executor on a worker thread).

@@ -45,6 +45,21 @@ from .tensors import all_finite, check_same_names, copy_, unwrap_model, values_s
 __all__ = ["Store"]
 
 
+def storage_dtype(requested: torch.dtype | None, model: torch.dtype) -> torch.dtype:
+    """The storage dtype of a tensor of dtype ``model``: ``requested`` (``None``: ``model``);
+    ``float32``, the default, is at least fp32, so an fp64 model gets an fp64 average.
+
+    >>> import torch
+    >>> storage_dtype(torch.float32, torch.float64), storage_dtype(torch.float32, torch.bfloat16)
+    (torch.float64, torch.float32)
+    """
+    if requested is None:
+        return model
+    if requested == torch.float32 and model.is_floating_point:
+        return torch.promote_types(requested, model)
+    return requested
+
+
 def _signature(entries: list[Entry]) -> list[tuple]:
     return [(tuple(e.names), e.kind, id(e.module), e.attr, e.is_param) for e in entries]
 
@@ -56,7 +71,8 @@ class Store:
         model: the training model (DDP and ``torch.compile`` wrappers are seen through).
         config: the storage (:class:`~emakit.StoreConfig`: dtype, device, buffers,
             compensated, shard, exclude, include, executor); ``side_stream`` is deprecated
-            and ignored with a ``FutureWarning``.
+            and ignored with a ``FutureWarning``. ``dtype=torch.float32`` (the default) is a
+            floor: a wider (fp64) tensor keeps its own dtype (:func:`storage_dtype`).
         group: the process group of ``shard`` and FSDP2 collectives.
         placement: a :class:`~.placements.Placement` to use instead of the default.
 
@@ -119,7 +135,7 @@ class Store:
                 continue
             t = e.tensor()
             local = p.local(t)
-            key = (self.device or local.device, self.dtype or t.dtype)
+            key = (self.device or local.device, storage_dtype(self.dtype, t.dtype))
             slots.append(Slot(e, p.shape(t), t.dtype, key))
         return slots
 

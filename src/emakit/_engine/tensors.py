@@ -92,12 +92,13 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module, name: str = "model") -> nn.Module:
     """The module that holds the weights: DDP's and DataParallel's ``.module`` and
     ``torch.compile``'s ``._orig_mod`` are seen through, so their prefixes never reach a name.
+    ``name``: the argument ``model`` came from, for the error when it is not a module.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"{name}: expected a torch.nn.Module, got {type(model).__name__}")
     while True:
         # a registered submodule, not getattr: FSDP1 forwards unknown attributes to the module
         # it wraps, and must not be stripped (it holds the weights' state)

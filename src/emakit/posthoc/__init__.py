@@ -6,10 +6,8 @@ and after training synthesize an EMA of any length from the snapshots.
 ``synthesis`` the solve and the weighted sum, ``tracker`` the :class:`PostHocEMA`.
 """
 
-from .profiles import check_sigma_rel, profile_dot, solve_coefficients
-from .snapshots import SnapshotInfo, list_snapshots, read_snapshot_info, scan
+from .snapshots import SnapshotInfo, list_snapshots
 from .synthesis import (
-    DEFAULT_MAX_ERROR,
     SynthesisPlan,
     format_intervals,
     plan_synthesis,
@@ -20,17 +18,11 @@ from .tracker import PostHocEMA
 
 __all__ = [
     "PostHocEMA",
-    "SnapshotInfo",
     "synthesize",
-    "solve_coefficients",
-    "profile_dot",
-    "list_snapshots",
-    "supported_sigma_rels",
-    "format_intervals",
-    "DEFAULT_MAX_ERROR",
     "plan_synthesis",
     "SynthesisPlan",
-    "read_snapshot_info",
-    "scan",
-    "check_sigma_rel",
+    "supported_sigma_rels",
+    "format_intervals",
+    "list_snapshots",
+    "SnapshotInfo",
 ]

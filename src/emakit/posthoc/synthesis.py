@@ -188,7 +188,7 @@ def plan_synthesis(
     max_error: float | None = DEFAULT_MAX_ERROR,
 ) -> SynthesisPlan:
     """Pass 1 of :func:`synthesize`: headers only, the Gram system and its solution. Every
-    header is checked (see :func:`~emakit.posthoc.read_snapshot_info`); a target the
+    header is checked (see :func:`~emakit.posthoc.snapshots.read_snapshot_info`); a target the
     snapshots cannot represent within ``max_error`` is a ValueError."""
     folder = _folder(directory)
     if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Sequence):

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from .._version import __version__
 from ..averager import Averager
-from ..cadence import Cadence
 from ..config import PostHocEMAConfig, PostHocEMAOptions, Unpack
 from ..io import dtype_from_name, dtype_name, dumps, model_fingerprint
 from ..laws import PowerFunction
@@ -99,11 +98,7 @@ class PostHocEMA(Averager):
         config = PostHocEMAConfig.resolve(config, dict(kwargs), "PostHocEMA")
         config.require_total()
         self.gammas = tuple(sigma_rel_to_gamma(s) for s in config.sigma_rels)
-        cadence = Cadence(
-            start=config.start, interval=config.interval, total=config.total,
-            batches_per_epoch=config.batches_per_epoch, switch_every=config.switch_every,
-            snapshot_every=config.snapshot_every, start_on_interval=True,
-        )
+        cadence = config.cadence(snapshot_every=config.snapshot_every, start_on_interval=True)
         super().__init__(model, config, [PowerFunction(g) for g in self.gammas], cadence)
         self.config: PostHocEMAConfig = config
         self.run_id = uuid.uuid4().hex
@@ -113,6 +108,7 @@ class PostHocEMA(Averager):
         self._dir_checked = False
         self._describe()
         self._check_folder_model()
+        self._constructed()
 
     sigma_rels = property(lambda self: self.config.sigma_rels)
     snapshot_every = property(lambda self: self.config.snapshot_every)
@@ -298,6 +294,21 @@ class PostHocEMA(Averager):
                                  f"has {key}={mine[key]!r}")
         if not isinstance(state["run_id"], str):
             raise ValueError(f"state['run_id']: expected a string, got {state['run_id']!r}")
+        self._check_times(state)
+
+    def _check_times(self, state: Mapping[str, Any]) -> None:
+        """The last update's time: where origin and k put it, no later than the saved clock
+        (a post-hoc update happens at a clock time), and as ``t`` says."""
+        unit = self.update_interval.unit
+        clock = state["clock"][unit]
+        last = state["origin"] + state["k"] - 1 if state["started"] else 0
+        if last > clock or (state["started"] and state["origin"] < 1):
+            raise ValueError(f"state: the last update at {unit} {last} (origin "
+                             f"{state['origin']}, k {state['k']}) does not fit the clock at "
+                             f"{unit} {clock}")
+        if "t" in state and state["t"] != last:
+            raise ValueError(f"state['t']: expected {last} (the last update's time), got "
+                             f"{state['t']!r}")
 
     def _compare_config(self, saved: Any) -> None:
         """Checked (and refused) in :meth:`_check_extra`: the profiles must match."""
