@@ -106,7 +106,7 @@ def test_average_matches_plain_loop_with_accumulation_and_delayed_start():
     model0 = Tiny()
     ema_kw = dict(half_life="3ba", start="2ba")
     model = copy.deepcopy(model0)
-    cb = EMACallback(**ema_kw)
+    cb = EMACallback(half_life=3, start=2)  # ints: that many batches (optimizer steps)
     seen_before_start = []
 
     class Probe(pl.Callback):  # validation before the first update must see the model itself
@@ -203,7 +203,7 @@ def ckpt_cb(d):
 def test_validate_and_test_with_ckpt_path_restore_the_ema(tmp_path):
     model0 = Tiny()
     train, val = loader(data(N_TRAIN, 1)), data(8, 2)
-    cb = EMACallback(half_life="3ba")
+    cb = EMACallback(half_life="3ba", save_ema_weights=False)
     trainer([cb, ckpt_cb(tmp_path)], max_epochs=2, enable_checkpointing=True).fit(
         copy.deepcopy(model0), train, loader(val))
     ckpt = torch.load(tmp_path / "epoch=0.ckpt", weights_only=True)
@@ -242,10 +242,12 @@ def test_checkpoint_without_ema_state_warns_and_says_what_happens(tmp_path):
                                                rel=1e-6)
 
 
-@pytest.mark.parametrize("save_ema_weights", [False, True])
+@pytest.mark.parametrize("save_ema_weights", [False, None])  # None: the default, True
 def test_resume_from_checkpoint_is_exact(tmp_path, save_ema_weights):
     model0 = Tiny()
-    kw = dict(half_life="3ba", start="3ba", save_ema_weights=save_ema_weights)
+    kw = dict(half_life="3ba", start="3ba")
+    if save_ema_weights is not None:
+        kw["save_ema_weights"] = save_ema_weights
     train, val = loader(data(N_TRAIN, 1)), loader(data(8, 2))
 
     straight, cb = copy.deepcopy(model0), EMACallback(**kw)
@@ -255,7 +257,7 @@ def test_resume_from_checkpoint_is_exact(tmp_path, save_ema_weights):
     ckpt = torch.load(half, weights_only=True)
     saved = ckpt["callbacks"][cb.state_key]["ema"]
     assert saved["clock"]["ba"] == 8 and saved["num_updates"] == 6
-    if save_ema_weights:  # the checkpoint's model weights are the average at step 8
+    if save_ema_weights is None:  # the checkpoint's model weights are the average at step 8
         w = ckpt["state_dict"]["net.0.weight"]
         assert torch.equal(w, saved["average"]["net.0.weight"])
         assert not torch.equal(w, ckpt[TRAINING_WEIGHTS_KEY]["net.0.weight"])
@@ -274,6 +276,9 @@ def test_resume_from_checkpoint_is_exact(tmp_path, save_ema_weights):
 
 def test_two_callbacks_keep_separate_state(tmp_path):
     fast, slow = EMACallback(half_life="2ba"), EMACallback(half_life="20ba")
+    with pytest.raises(ValueError, match="save_ema_weights=True on 2 EMACallbacks"):
+        trainer([fast, slow], max_steps=4).fit(Tiny(), loader(data(N_TRAIN, 1)))
+    slow = EMACallback(half_life="20ba", save_ema_weights=False)
     assert fast.state_key != slow.state_key
     t = trainer([fast, slow], max_steps=4)
     t.fit(Tiny(), loader(data(N_TRAIN, 1)))
@@ -298,6 +303,9 @@ def test_copy_on_fit_end_and_bad_arguments():
         EMACallback(start="100tok")  # tokens need count_tokens
     with pytest.raises(TypeError, match="halflife"):
         EMACallback(halflife="10ba")
+    for name in ("save_ema_weights", "copy_on_fit_end", "log_stats"):  # strict booleans
+        with pytest.raises(TypeError, match=f"{name}: expected True or False, got str 'no'"):
+            EMACallback(**{name: "no"})
 
 
 def test_dur_times_take_total_from_the_trainer():
@@ -328,7 +336,7 @@ def test_sample_and_token_times(accumulate):
     """start in samples: Lightning's batch size of each micro-batch, summed; in tokens: what
     count_tokens says. 4 samples (12 "tokens") per micro-batch."""
     by_samples = EMACallback(half_life="4ba", start="40sp")
-    by_tokens = EMACallback(half_life="4ba", start="120tok",
+    by_tokens = EMACallback(half_life="4ba", start="120tok", save_ema_weights=False,
                             count_tokens=lambda batch: batch[0].numel())
     model0 = Tiny()
     trainer([by_samples, by_tokens], max_epochs=2, accumulate_grad_batches=accumulate).fit(
@@ -368,3 +376,102 @@ def test_a_bema_config_makes_the_callback_drive_a_bema():
     out = cb.ema.state_dict()["bema_weights"]
     got = torch.cat([out[n].double().reshape(-1) for n in params])
     torch.testing.assert_close(got, ref.out, rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_are_logged_to_every_logger(tmp_path):
+    """ema/smoothing, ema/num_updates and ema/skipped_updates after every optimizer step,
+    through pl_module.log: in callback_metrics and in a real logger's file. A NaN put into a
+    weight at step 3 (and taken out after the EMA saw it) is a skipped update."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    class Poison(pl.Callback):  # runs before the EMA callback: the EMA sees the NaN
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if trainer.global_step == 3:
+                self.saved = pl_module.net[0].weight.detach().clone()
+                with torch.no_grad():
+                    pl_module.net[0].weight[0, 0] = float("nan")
+
+    class Cure(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if trainer.global_step == 3:
+                with torch.no_grad():
+                    pl_module.net[0].weight.copy_(poison.saved)
+
+    poison = Poison()
+    cb = EMACallback(half_life="2ba", start="2ba", skip_nonfinite=True)
+    t = trainer([poison, cb, Cure()], max_steps=6, logger=CSVLogger(tmp_path, name="run"),
+                log_every_n_steps=1)
+    with pytest.warns(RuntimeWarning, match="skipped an EMA update at batch 3"):
+        t.fit(Tiny(), loader(data(N_TRAIN, 1)))
+    assert t.callback_metrics["ema/num_updates"] == 4  # copy at 2, updates 4..6; 3 skipped
+    assert t.callback_metrics["ema/skipped_updates"] == 1
+    rows = list(csv.DictReader(open(tmp_path / "run" / "version_0" / "metrics.csv")))
+    logged = [(int(r["step"]), float(r["ema/num_updates"]), float(r["ema/skipped_updates"]),
+               float(r["ema/smoothing"])) for r in rows if r.get("ema/num_updates")]
+    assert [row[:3] for row in logged] == [(0, 0, 0), (1, 1, 0), (2, 1, 1), (3, 2, 1),
+                                           (4, 3, 1), (5, 4, 1)]
+    assert all(s == pytest.approx(2 ** -0.5) for *_, s in logged)
+    quiet = EMACallback(half_life="2ba", log_stats=False)
+    t = trainer([quiet], max_steps=2)
+    t.fit(Tiny(), loader(data(N_TRAIN, 1)))
+    assert not any(k.startswith("ema/") for k in t.callback_metrics)
+
+
+def test_posthoc_config_drives_a_posthoc_ema(tmp_path):
+    """config=PostHocEMAConfig: the callback drives a PostHocEMA (validation on its first
+    profile), its snapshots synthesize as a plain-loop PostHocEMA's of the same weights, and
+    a fit resumed from a checkpoint ends bitwise equal to the straight one."""
+    def config(folder):
+        return emakit.PostHocEMAConfig(sigma_rels=(0.05, 0.10), snapshot_every="4ba",
+                                       snapshot_dir=tmp_path / folder, snapshot_dtype=None)
+
+    model0 = Tiny()
+    train, val = loader(data(N_TRAIN, 1)), data(8, 2)
+    cb, weights = EMACallback(config=config("snaps")), []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            weights.append({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    model = copy.deepcopy(model0)
+    t = trainer([cb, Record(), ckpt_cb(tmp_path / "ckpt")], max_epochs=2,
+                enable_checkpointing=True)
+    t.fit(model, train, loader(val))
+    assert isinstance(cb.ema, emakit.PostHocEMA) and len(cb.ema.snapshots) == 4
+    got = t.validate(model, loader(val), verbose=False)[0]["val_loss"]
+    assert got == pytest.approx(manual_loss(model, cb.ema.ema_state_dict(), val), rel=1e-6)
+    # the same weights through a plain-loop PostHocEMA: the same profiles and snapshots
+    plain = copy.deepcopy(model0)
+    ref = emakit.PostHocEMA(plain, config=config("plain"))
+    for w in weights:
+        plain.load_state_dict(w)
+        ref.step()
+    for sigma in (0.05, 0.10):
+        assert_states_equal(cb.ema.ema_state_dict(sigma), ref.ema_state_dict(sigma))
+    # the sweep after training: any width from the snapshots
+    for sigma in (0.07, 0.09):
+        assert_states_equal(emakit.synthesize(tmp_path / "snaps", sigma),
+                            emakit.synthesize(tmp_path / "plain", sigma), exact=False)
+    resumed = EMACallback(config=config("snaps-resumed"))
+    trainer([resumed], max_epochs=2).fit(copy.deepcopy(model0), train, loader(val),
+                                         ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt")
+    a, b = cb.ema.state_dict(), resumed.ema.state_dict()
+    assert a["clock"] == b["clock"] and a["t"] == b["t"]
+    for x, y in zip(a["averages"], b["averages"], strict=True):
+        assert_states_equal(x, y)
+
+
+def test_sharded_checkpoints_need_save_ema_weights_false():
+    """A strategy that writes the weights sharded cannot hold the average beside the
+    training weights: the default save_ema_weights=True is refused when fit starts."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    t = pl.Trainer(accelerator="cpu", devices=1, strategy=ModelParallelStrategy(),
+                   logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"ModelParallelStrategy\(save_distributed_checkpoint"
+                                         r"=True\).*save_ema_weights=False"):
+        EMACallback().setup(t, Tiny(), "fit")
+    EMACallback(save_ema_weights=False).setup(t, Tiny(), "fit")
+    EMACallback().setup(t, Tiny(), "validate")  # nothing is saved there

@@ -22,9 +22,11 @@ from transformers import (  # noqa: E402
 )
 
 import emakit  # noqa: E402
+from emakit.checkpoint import read_state  # noqa: E402
 from emakit.integrations.transformers import (  # noqa: E402
     EMA_MODEL_DIR,
     EMA_STATE_NAME,
+    LEGACY_EMA_STATE_NAME,
     EMACallback,
     EMATrainer,
 )
@@ -119,7 +121,7 @@ def test_average_follows_optimizer_steps_and_evaluations_in_training_use_it(tmp_
     """Plain Trainer, callback only: public hooks put the average in for the evaluations the
     Trainer runs during training."""
     model = tiny_model()
-    cb = EMACallback(half_life="2ba", start="1ba")
+    cb = EMACallback(half_life=2, start=1)  # ints: that many optimizer steps
     rec = Recorder(cb)
     trainer = Trainer(
         model=model, args=args(tmp_path, eval_strategy="steps", eval_steps=3),
@@ -223,8 +225,9 @@ def straight_run(tmp_path_factory):
 def test_checkpoints_hold_the_ema(straight_run):
     out, cb = straight_run
     half = out / "checkpoint-4"  # end of epoch 1 of 2
-    saved = torch.load(half / EMA_STATE_NAME, weights_only=True)
-    assert saved["global_step"] == 4 and saved["ema"]["num_updates"] == 3
+    assert EMA_STATE_NAME == "emakit_ema.safetensors"
+    saved = read_state(half / EMA_STATE_NAME)  # emakit's safe state file: no unpickling
+    assert saved["extra"]["global_step"] == 4 and saved["ema"]["num_updates"] == 3
     loaded = AutoModelForSequenceClassification.from_pretrained(half / EMA_MODEL_DIR)
     for n, t in loaded.state_dict().items():
         if n in saved["ema"]["average"]:
@@ -306,7 +309,7 @@ def test_load_best_model_at_end_loads_the_measured_weights(tmp_path, evaluate_wi
     trainer.train()
     best = trainer.state.best_model_checkpoint
     step = int(best.rsplit("-", 1)[1])
-    saved = torch.load(os.path.join(best, EMA_STATE_NAME), weights_only=True)
+    saved = read_state(os.path.join(best, EMA_STATE_NAME))
     if evaluate_with == "ema":
         want = {**model.state_dict(), **saved["ema"]["average"]}
         losses = [loss for loss, _ in rec.evals]
@@ -350,9 +353,12 @@ def test_token_times_count_the_trainers_tokens(tmp_path):
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="evaluate_with"):
-        EMACallback(evaluate_with="both")
+        EMACallback(evaluate_with="average")
     with pytest.raises(ValueError, match="smoothing"):
         EMACallback(smoothing=1.5)
+    for name in ("save_ema_model", "log_stats"):  # strict booleans
+        with pytest.raises(TypeError, match=f"{name}: expected True or False, got str 'no'"):
+            EMACallback(**{name: "no"})
 
 
 def test_no_frame_inspection_or_replaced_methods():
@@ -360,3 +366,171 @@ def test_no_frame_inspection_or_replaced_methods():
 
     source = inspect.getsource(adapter)
     assert "_getframe" not in source and "setattr(trainer" not in source
+
+
+def test_evaluate_with_both_reports_the_average_and_the_training_weights(tmp_path):
+    """evaluate_with="both": eval_loss is the average's, eval_raw_loss the training
+    weights', at every evaluation during training and in evaluate(); several eval datasets
+    too; a plain Trainer cannot run the second evaluation and says so."""
+    model = tiny_model()
+    cb = EMACallback(half_life="2ba", evaluate_with="both")
+    rec = Recorder(cb)
+    trainer = EMATrainer(model=model, args=args(tmp_path, eval_strategy="steps", eval_steps=4),
+                         train_dataset=TRAIN, eval_dataset=EVAL, callbacks=[rec, cb])
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h or "eval_raw_loss" in h]
+    assert [sorted(k for k in h if k in ("eval_loss", "eval_raw_loss")) for h in evals] == \
+        [["eval_raw_loss"], ["eval_loss"]] * 2  # steps 4 and 8: raw first, then the average
+    for raw, avg, step in zip(evals[::2], evals[1::2], (4, 8), strict=True):
+        assert raw["step"] == avg["step"] == step
+        assert raw["eval_raw_loss"] == pytest.approx(
+            manual_eval_loss(model, rec.steps[step - 1], EVAL), rel=1e-5)
+    # the average's loss at step 8 (the Recorder saw the average at each evaluation)
+    averaged = rec.evals[-1][1]
+    assert evals[-1]["eval_loss"] == pytest.approx(manual_eval_loss(model, averaged, EVAL),
+                                                   rel=1e-5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics = trainer.evaluate({"a": EVAL, "b": Pairs(8, 3)})
+    for key, ds in (("a", EVAL), ("b", Pairs(8, 3))):
+        assert metrics[f"eval_{key}_loss"] == pytest.approx(
+            manual_eval_loss(model, averaged, ds), rel=1e-5)
+        assert metrics[f"eval_raw_{key}_loss"] == pytest.approx(
+            manual_eval_loss(model, before, ds), rel=1e-5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    plain = Trainer(model=tiny_model(), args=args(tmp_path / "plain"), train_dataset=TRAIN,
+                    callbacks=[EMACallback(evaluate_with="both")])
+    with pytest.raises(ValueError, match="evaluate_with='both'.*EMATrainer"):
+        plain.train()
+
+
+class Reporter(TrainerCallback):
+    """Stands in for a reporting integration (W&B, TensorBoard): registered before the EMA
+    callback, it sees the logs as they are when on_log runs for it."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if "loss" in logs:
+            self.logs.append(dict(logs))
+
+
+@pytest.mark.parametrize("cls", [Trainer, EMATrainer])
+def test_statistics_in_the_training_logs(tmp_path, cls):
+    """ema_smoothing, ema_num_updates, ema_skipped_updates beside each training loss; with
+    EMATrainer before any callback sees the logs, with a plain Trainer in log_history."""
+    cb, reporter = EMACallback(half_life="2ba", start="3ba"), Reporter()
+    trainer = cls(model=tiny_model(), args=args(tmp_path, logging_strategy="steps",
+                                                logging_steps=2, num_train_epochs=1),
+                  train_dataset=TRAIN, callbacks=[reporter, cb])
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert [(h["step"], h["ema_num_updates"], h["ema_skipped_updates"]) for h in logged] == \
+        [(2, 0, 0), (4, 2, 0)]  # copy at step 3, one update at 4
+    assert all(h["ema_smoothing"] == pytest.approx(2 ** -0.5) for h in logged)
+    seen = [r.get("ema_num_updates") for r in reporter.logs]
+    assert seen == ([0, 2] if cls is EMATrainer else [None, None])
+    quiet = EMACallback(log_stats=False)
+    trainer = cls(model=tiny_model(), args=args(tmp_path / "q", logging_strategy="steps",
+                                                logging_steps=2, max_steps=2),
+                  train_dataset=TRAIN, callbacks=[quiet])
+    trainer.train()
+    assert not any("ema_num_updates" in h for h in trainer.state.log_history)
+
+
+def test_ema_folder_gets_the_tokenizer_and_old_state_files_still_load(straight_run, tmp_path):
+    """The ema/ folder holds the Trainer's tokenizer (from_pretrained loads both); an
+    emakit_ema.pt written by emakit 0.1 (torch.save) resumes as exactly as the new file."""
+    from transformers import AutoTokenizer, BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    out = tmp_path / "tok"
+    Trainer(model=tiny_model(), args=args(out, max_steps=2, save_strategy="steps", save_steps=2),
+            train_dataset=TRAIN, processing_class=tokenizer,
+            callbacks=[EMACallback(half_life="2ba")]).train()
+    loaded = AutoTokenizer.from_pretrained(out / "checkpoint-2" / EMA_MODEL_DIR)
+    assert loaded("a b")["input_ids"] == tokenizer("a b")["input_ids"] == [2, 5, 6, 3]
+    AutoModelForSequenceClassification.from_pretrained(out / "checkpoint-2" / EMA_MODEL_DIR)
+
+    # the 0.1 format, written by hand: what EMACallback wrote with torch.save
+    old_out, straight_cb = straight_run
+    run = tmp_path / "run"
+    shutil.copytree(old_out / "checkpoint-4", run / "checkpoint-4")
+    saved = read_state(run / "checkpoint-4" / EMA_STATE_NAME)
+    (run / "checkpoint-4" / EMA_STATE_NAME).unlink()
+    torch.save({"ema": saved["ema"], **saved["extra"]},
+               run / "checkpoint-4" / LEGACY_EMA_STATE_NAME)
+    cb = EMACallback(**KW)
+    Trainer(model=tiny_model(), args=args(run, **CKPT), train_dataset=TRAIN,
+            callbacks=[cb]).train(resume_from_checkpoint=True)
+    a, b = straight_cb.ema.state_dict(), cb.ema.state_dict()
+    assert a["clock"] == b["clock"]
+    assert_state_equal(a["average"], b["average"])
+    assert (run / "checkpoint-8" / EMA_STATE_NAME).is_file()  # new saves: the safe file
+
+
+def test_evaluate_after_load_best_model_at_end_needs_no_swap(tmp_path):
+    """After load_best_model_at_end the model holds the best checkpoint's average, so a
+    plain Trainer's evaluate() measures it and does not warn."""
+    model = tiny_model()
+    cb = EMACallback(half_life="4ba")
+    rec = Recorder(cb)
+    trainer = Trainer(
+        model=model,
+        args=args(tmp_path, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                  save_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                  learning_rate=0.2),
+        train_dataset=TRAIN, eval_dataset=EVAL, callbacks=[rec, cb],
+    )
+    trainer.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = trainer.evaluate()["eval_loss"]
+    assert loss == pytest.approx(min(loss for loss, _ in rec.evals[:-1]), rel=1e-6)
+
+
+def test_posthoc_config_in_the_trainer(tmp_path):
+    """config=PostHocEMAConfig: a PostHocEMA evaluated on its first profile, its profiles
+    those of a plain-loop PostHocEMA of the same weights, resumed bitwise, and the sweep
+    after training from its snapshots."""
+    def config(folder):
+        return emakit.PostHocEMAConfig(sigma_rels=(0.05, 0.10), snapshot_every="2ba",
+                                       snapshot_dir=tmp_path / folder, snapshot_dtype=None)
+
+    model = tiny_model()
+    cb = EMACallback(config=config("snaps"))
+    rec = Recorder(cb)
+    out = tmp_path / "out"
+    trainer = EMATrainer(model=model, args=args(out, eval_strategy="steps", eval_steps=8,
+                                                **CKPT),
+                         train_dataset=TRAIN, eval_dataset=EVAL, callbacks=[rec, cb])
+    trainer.train()
+    assert isinstance(cb.ema, emakit.PostHocEMA) and len(cb.ema.snapshots) == 4
+    loss, averaged = rec.evals[-1]
+    assert loss == pytest.approx(manual_eval_loss(model, averaged, EVAL), rel=1e-5)
+    ref_model = tiny_model()
+    ref = emakit.PostHocEMA(ref_model, config=config("plain"))
+    for i, snapshot in enumerate(rec.steps):
+        with torch.no_grad():
+            for n, p in ref_model.named_parameters():
+                p.copy_(snapshot[n])
+        ref.step()
+        if (i + 1) % 4 == 0:
+            ref.epoch_end()
+    for sigma in (0.05, 0.10):
+        assert_state_equal(cb.ema.ema_state_dict(sigma), ref.ema_state_dict(sigma))
+    for sigma in (0.06, 0.09):  # the sweep
+        got, want = (emakit.synthesize(tmp_path / d, sigma) for d in ("snaps", "plain"))
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+    resumed = EMACallback(config=config("snaps-resumed"))
+    EMATrainer(model=tiny_model(), args=args(tmp_path / "run", **CKPT), train_dataset=TRAIN,
+               callbacks=[resumed]).train(resume_from_checkpoint=str(out / "checkpoint-4"))
+    a, b = cb.ema.state_dict(), resumed.ema.state_dict()
+    assert a["clock"] == b["clock"] and a["t"] == b["t"]
+    for x, y in zip(a["averages"], b["averages"], strict=True):
+        assert_state_equal(x, y)

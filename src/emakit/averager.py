@@ -16,16 +16,22 @@ that a swap is never nested or overlapped by another averager's step).
 from __future__ import annotations
 
 import contextlib
+import inspect
+import os
+import shutil
+import tempfile
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import cadence as cad
-from ._args import flag
+from ._args import flag, path_arg
 from ._engine import views
 from ._engine.collectives import all_ranks, check_same_model, process_group, rank
 from ._engine.flat_params import named_state
@@ -368,6 +374,12 @@ class Averager:
 
         One swap per model at a time: nesting, or another average's swap of the same model,
         is a RuntimeError; so are ``step()``, ``update()`` and loads inside the block."""
+        with self._swap_of(self._handout()):
+            yield self.model
+
+    @contextlib.contextmanager
+    def _swap_of(self, store: Store) -> Iterator[None]:
+        """:meth:`swapped` with ``store``'s weights (faces with several stores pick one)."""
         owner = swapped_by(self.model)
         if owner is self:
             raise RuntimeError("ema.swapped() is already active: swaps cannot be nested")
@@ -375,14 +387,13 @@ class Averager:
             raise RuntimeError("ema.swapped(): the model already holds another EMA's average "
                                "(inside that EMA's swapped() block); leave that block first")
         _SWAPPED[self.model] = self
-        store = self._handout()
         store.synchronize()
         try:
             if not self.started:
-                yield self.model
+                yield
             else:
                 with store.swapped():
-                    yield self.model
+                    yield
         finally:
             _SWAPPED.pop(self.model, None)
 
@@ -452,6 +463,65 @@ class Averager:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.module = EMAModule(self)
+
+    # exports through the model's own save_pretrained -------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write the averaged weights (those :meth:`swapped` hands out) as a
+        ``from_pretrained`` folder, through the model's own ``save_pretrained``
+        (Transformers, diffusers, PEFT); the training weights are untouched.
+
+        A ``save_pretrained`` that takes a ``state_dict`` (Transformers) gets
+        :meth:`ema_state_dict`; any other (diffusers, PEFT) runs inside :meth:`swapped`, the
+        training weights back bitwise after. ``kwargs`` go to it as they are. The folder is
+        written beside ``save_directory`` and renamed into place; into an existing folder
+        each file is replaced by one atomic rename, and weight files of an earlier save that
+        this one did not write (other shards, an index) are removed, other files are kept.
+        Before the start, the model's own weights are written.
+
+        Under ``torch.distributed`` every rank calls it (a gather where the average is
+        spread) and rank 0 writes. Sharded models (FSDP, ZeRO-3) need a ``save_pretrained``
+        that takes a ``state_dict``.
+
+        Example (``Net`` stands in for a Transformers, diffusers or PEFT model):
+            >>> import os, tempfile, torch, emakit
+            >>> class Net(torch.nn.Linear):
+            ...     def save_pretrained(self, folder, state_dict=None):
+            ...         torch.save(state_dict, os.path.join(folder, "weights.pt"))
+            >>> model = Net(3, 2)
+            >>> ema = emakit.EMA(model, half_life="10ba"); ema.step()
+            >>> folder = os.path.join(tempfile.mkdtemp(), "ema")
+            >>> ema.save_pretrained(folder)
+            >>> saved = torch.load(os.path.join(folder, "weights.pt"), weights_only=True)
+            >>> torch.equal(saved["weight"], ema.ema_state_dict()["weight"])
+            True
+        """
+        self._save_pretrained(self._handout(), save_directory, kwargs)
+
+    def _save_pretrained(self, store: Store, save_directory: Any, kwargs: dict[str, Any]
+                         ) -> None:
+        folder = Path(path_arg(save_directory, "save_directory"))
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"save_directory: {str(folder)!r} is a file; expected a folder")
+        if "state_dict" in kwargs:
+            raise TypeError("save_pretrained: state_dict is not an argument here (the "
+                            "average is what is saved)")
+        self._check_not_swapped("save the average")
+        method = _save_pretrained_of(self.model)
+        writes = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        if "state_dict" in inspect.signature(method).parameters:
+            state = self._export(store, rank0_only=True)  # a collective where spread
+            if writes:
+                _write_folder(folder, lambda d: method(d, state_dict=state, **kwargs))
+            return
+        if store.model_forward:
+            raise ValueError(
+                f"save_pretrained: {type(self.model).__name__}'s save_pretrained takes no "
+                "state_dict, and its weights are sharded (FSDP, ZeRO-3), so it cannot write "
+                "them; export ema.ema_state_dict() instead")
+        with self._swap_of(store):
+            if writes:
+                _write_folder(folder, lambda d: method(d, **kwargs))
 
     # checkpoints --------------------------------------------------------------------------
 
@@ -677,3 +747,52 @@ class EMAModule(nn.Module):
 
     def extra_repr(self) -> str:
         return repr(self._averager)
+
+
+def _save_pretrained_of(model: nn.Module) -> Any:
+    """The model's ``save_pretrained`` (through wrappers that keep it in ``.module``), or a
+    TypeError naming ``model``."""
+    target: Any = model
+    while not callable(getattr(target, "save_pretrained", None)):
+        inner = getattr(target, "module", None)
+        if not isinstance(inner, nn.Module):
+            raise TypeError(f"model: {type(model).__name__} has no save_pretrained "
+                            "(Transformers, diffusers and PEFT models have one); export "
+                            "ema.ema_state_dict() instead")
+        target = inner
+    return target.save_pretrained
+
+
+def _weights_stem(name: str) -> str | None:
+    """``"model"`` for ``model.safetensors``, ``model-00001-of-00002.safetensors`` and
+    ``model.safetensors.index.json``; None for a file that holds no weights."""
+    if not name.endswith((".safetensors", ".bin", ".index.json")):
+        return None
+    return name.split(".")[0].split("-0")[0]
+
+
+def _write_folder(folder: Path, write: Callable[[str], Any]) -> None:
+    """``write(tmp)`` into a fresh folder beside ``folder``, then publish it: one rename
+    when ``folder`` does not exist, else one rename per file, and the weight files of the
+    same stems that this write did not produce removed (so no stale shard or index is read
+    in place of the new weights)."""
+    parent = folder.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=parent))
+    try:
+        write(str(tmp))
+        if not folder.exists():
+            os.replace(tmp, folder)
+            return
+        made = {p.name for p in tmp.iterdir()}
+        for p in tmp.iterdir():
+            dest = folder / p.name
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest)
+            os.replace(p, dest)
+        stems = {_weights_stem(n) for n in made} - {None}
+        for old in folder.iterdir():
+            if old.name not in made and old.is_file() and _weights_stem(old.name) in stems:
+                old.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

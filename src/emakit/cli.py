@@ -72,9 +72,14 @@ class _Progress:
 
 
 def _out_path(args: argparse.Namespace) -> Path:
-    """``--out``, checked before any work: a .safetensors name, writable, not a folder, and
-    new unless ``--force``."""
+    """``--out``, checked before any work: a .safetensors name (a folder name with
+    ``--pretrained``), writable, and new unless ``--force``."""
     out = Path(args.out)
+    if args.pretrained is not None:
+        _weights_of(Path(args.pretrained))  # a from_pretrained folder, checked now
+        if out.exists() and not (args.force and out.is_dir()):
+            raise ValueError(f"--out: {args.out!r} exists; pass --force to replace the folder")
+        return out
     if out.suffix != ".safetensors":
         raise ValueError(f"--out: expected a .safetensors file name, got {args.out!r}")
     if out.is_dir():
@@ -125,12 +130,78 @@ def _synthesize(args: argparse.Namespace) -> int:
         "source": dumps([s.path.name for s in plan.snapshots]),
     }
     try:
-        write_safetensors(out, state, metadata, overwrite=args.force, checksums=True)
+        if args.pretrained is not None:
+            _write_pretrained(state, Path(args.pretrained), out, dtype, metadata)
+        else:
+            write_safetensors(out, state, metadata, overwrite=args.force, checksums=True)
     except OSError as err:
         raise ValueError(f"--out: cannot write {args.out!r} ({err.strerror or err})") from None
     print(f"sigma_rel {args.sigma_rel:g} at step {last.step} from {len(plan.snapshots)} "
           f"snapshots (profile error {error:.2e}) -> {out}")
     return 0
+
+
+def _weights_of(folder: Path) -> tuple[str, dict[str, tuple[str, tuple[int, ...]]]]:
+    """The weights file name a ``from_pretrained`` folder uses (``model.safetensors``,
+    ``diffusion_pytorch_model.safetensors``; for shards, the name their index stands for)
+    and, per tensor, its dtype code and shape; a ValueError naming ``--pretrained``
+    otherwise."""
+    import json
+
+    from .io import read_header
+
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--pretrained: {str(folder)!r} holds no config.json; expected a "
+                         "folder written by save_pretrained")
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    files = sorted(folder.glob("*.safetensors")) if not index else sorted(
+        {folder / f for f in json.loads(index[0].read_text())["weight_map"].values()})
+    if len(files) != 1 and not index:
+        raise ValueError(f"--pretrained: {str(folder)!r} holds {len(files)} .safetensors "
+                         "files and no index; expected one weights file")
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for f in files:
+        tensors.update(read_header(f, what="--pretrained")[1])
+    return (index[0].name[: -len(".index.json")] if index else files[0].name), tensors
+
+
+def _write_pretrained(state: dict, like: Path, out: Path, dtype: Any,
+                      metadata: dict[str, str]) -> None:
+    """``out``: ``like``'s files (config, tokenizer, ...) and one weights file of its name
+    holding ``state`` under the names of ``like``'s weights, each in their dtype (or
+    ``dtype``), so that the model's ``from_pretrained(out)`` loads it. Written beside ``out``
+    and renamed into place."""
+    import shutil
+    import tempfile
+
+    from .io import DTYPE_CODES, write_safetensors
+
+    name, tensors = _weights_of(like)
+    missing = sorted(set(tensors) - set(state))
+    written = {id(state[k]) for k in tensors if k in state}
+    extra = sorted(k for k in state if k not in tensors and id(state[k]) not in written)
+    if missing or extra:
+        raise ValueError(f"--pretrained: the snapshots' model and {str(like)!r} differ "
+                         f"(missing {missing[:5]}, unexpected {extra[:5]})")
+    codes = {code: d for d, code in DTYPE_CODES.items()}
+    items = [(k, state[k].contiguous(),
+              dtype if dtype is not None and state[k].is_floating_point()
+              else codes.get(code, state[k].dtype)) for k, (code, _) in tensors.items()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for f in like.iterdir():
+            if f.is_file() and not f.name.endswith((".safetensors", ".index.json", ".bin")):
+                shutil.copy2(f, tmp / f.name)
+        write_safetensors(tmp / name, items, {"format": "pt", **metadata})
+        old = out.parent / f".{out.name}.old-{tmp.name}" if out.exists() else None
+        if old is not None:
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -311,7 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma-rel", type=_finite, required=True, help="target relative width")
     p.add_argument("--at", type=_at_least(1), default=None,
                    help="step of the snapshot to synthesize at (default: the last)")
-    p.add_argument("--out", required=True, help="output .safetensors file (a model state dict)")
+    p.add_argument("--out", required=True, help="output .safetensors file (a model state "
+                   "dict), or with --pretrained a from_pretrained folder")
+    p.add_argument("--pretrained", default=None, metavar="MODEL_DIR",
+                   help="a save_pretrained folder of the model (e.g. checkpoint-N/ema): --out "
+                   "gets its config and other files, and the weights in its format")
     p.add_argument("--max-error", type=_max_error(allow_zero=True), default=DEFAULT_MAX_ERROR,
                    help="largest relative profile error accepted (0: any)")
     p.add_argument("--dtype", default=None, help="output dtype, e.g. float32 (default: the "

@@ -144,9 +144,12 @@ def test_arguments():
 
 
 def test_every_ema_argument_reaches_the_algorithm():
+    import dataclasses
     import inspect
 
-    ema_args = set(inspect.signature(emakit.EMA).parameters) - {"model", "start", "total"}
+    # EMA's keywords are its configuration's fields (its signature says **kwargs)
+    ema_args = {f.name for f in dataclasses.fields(emakit.EMAConfig)} - {"start", "total"}
+    ema_args.add("config")
     ours = set(inspect.signature(EMA).parameters)
     assert ema_args | {"ema_start"} <= ours, ema_args - ours
     algorithm = EMA(half_life="4ba", buffers="copy", compensated=True, skip_nonfinite=True)
@@ -159,3 +162,45 @@ def test_every_ema_argument_reaches_the_algorithm():
         EMA(start="2ba")
     with pytest.raises(TypeError, match="max_duration"):
         EMA(total="2ep")
+
+
+def test_posthoc_config_in_composer(tmp_path):
+    """config=PostHocEMAConfig: a PostHocEMA (evaluation on its first profile), its
+    profiles and snapshots those of a plain PostHocEMA of the same weights (the sweep after
+    training), and a run resumed from a checkpoint ends bitwise equal to the straight one."""
+    def config(folder):
+        return emakit.PostHocEMAConfig(sigma_rels=(0.05, 0.10), snapshot_every="4ba",
+                                       snapshot_dir=tmp_path / folder, snapshot_dtype=None)
+
+    model = tiny()
+    algorithm = EMA(config=config("snaps"))
+    rec = Recorder(algorithm)
+    trainer(model, algorithm, callbacks=[rec], eval_dataloader=loader(EVAL, 16),
+            eval_interval="1ep", save_folder=str(tmp_path / "ckpt"), save_interval="1ep",
+            save_filename="ep{epoch}.pt").fit()
+    assert isinstance(algorithm.ema, emakit.PostHocEMA) and len(algorithm.ema.snapshots) == 4
+    weights, loss = rec.evals[-1]
+    assert loss == pytest.approx(manual_cross_entropy(model, weights, EVAL), rel=1e-5)
+    ref_model = tiny()
+    ref = emakit.PostHocEMA(ref_model, config=config("plain"))
+    for i, snapshot in enumerate(rec.steps):
+        ref_model.load_state_dict(snapshot)
+        ref.step()
+        if (i + 1) % 8 == 0:
+            ref.epoch_end()
+    for sigma in (0.05, 0.10):
+        got, want = algorithm.ema.ema_state_dict(sigma), ref.ema_state_dict(sigma)
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+    assert torch.equal(weights["module.0.weight"], ref.ema_state_dict()["module.0.weight"])
+    for sigma in (0.06, 0.09):  # the sweep after training
+        got, want = (emakit.synthesize(tmp_path / d, sigma) for d in ("snaps", "plain"))
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+    resumed = EMA(config=config("snaps-resumed"))
+    trainer(tiny(), resumed, load_path=str(tmp_path / "ckpt" / "ep1.pt")).fit()
+    a, b = algorithm.ema.state_dict(), resumed.ema.state_dict()
+    assert a["clock"] == b["clock"] and a["t"] == b["t"]
+    for x, y in zip(a["averages"], b["averages"], strict=True):
+        for k in x:
+            assert torch.equal(x[k], y[k]), k

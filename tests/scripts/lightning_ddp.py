@@ -48,7 +48,8 @@ def main(out: str, devices: int) -> None:
     ds = TensorDataset(x, x.sum(1, keepdim=True).sin())
     cb = EMACallback(half_life="3ba", start="2ba")
     # 16 samples of all ranks = 2 global batches: the same start, counted in samples
-    cb_samples = EMACallback(half_life="3ba", start="16sp", evaluate_with="model")
+    cb_samples = EMACallback(half_life="3ba", start="16sp", evaluate_with="model",
+                             save_ema_weights=False)
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
         max_epochs=2, callbacks=[cb, cb_samples], logger=False, enable_progress_bar=False,

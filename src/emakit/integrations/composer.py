@@ -29,7 +29,6 @@ Example (not a doctest: Composer lives in its own environment)::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 from typing import Any
@@ -39,10 +38,8 @@ from composer.callbacks.checkpoint_saver import CheckpointSaver
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from .. import BEMA
-from .. import EMA as _EMA
 from ..config import EMAConfig
-from . import adapter_config, build_average
+from ._adapter import Average, Swap, adapter_config, build_average
 
 __all__ = ["EMA"]
 
@@ -72,7 +69,7 @@ def _signature() -> inspect.Signature:
         if f.name not in ("half_life", "smoothing", "start", "update_interval", "total")
     ]
     config = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
-                               annotation="EMAConfig | None")
+                               annotation="EMAConfig | BEMAConfig | PostHocEMAConfig | None")
     return inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY),
                               *own, config, *rest])
 
@@ -90,7 +87,12 @@ class EMA(Algorithm):
             ``warmup``, ``skip_nonfinite``, ...), through :class:`~emakit.EMAConfig`;
             ``total`` is the Trainer's ``max_duration``.
 
-    The :class:`emakit.EMA` it drives is ``.ema`` (built at ``INIT``, or at ``FIT_START`` when a
+    ``config=`` takes an :class:`~emakit.EMAConfig`, a :class:`~emakit.BEMAConfig` or a
+    :class:`~emakit.PostHocEMAConfig` (then the algorithm drives a
+    :class:`~emakit.PostHocEMA`, which evaluates and checkpoints its first profile and writes
+    its snapshots as it goes) instead of the arguments.
+
+    The average it drives is ``.ema`` (built at ``INIT``, or at ``FIT_START`` when a
     ``dur`` time needs ``max_duration`` given only to ``fit``).
     """
 
@@ -114,9 +116,12 @@ class EMA(Algorithm):
             if (half_life, smoothing, ema_start, update_interval) != (None, None, "0.0dur", None):
                 raise TypeError("EMA (Composer): pass either config or the EMA arguments, "
                                 "not both")
-            half_life, smoothing = config.half_life, config.smoothing
+            self.config = adapter_config("Composer", config, kwargs,
+                                         counts=("ba", "ep", "sp", "tok"))
+            # a BEMAConfig or PostHocEMAConfig has no half-life or smoothing
+            half_life = getattr(config, "half_life", None)
+            smoothing = getattr(config, "smoothing", None)
             ema_start, update_interval = config.start, config.update_interval
-            self.config = adapter_config("Composer", config, kwargs)
         else:
             self.config = adapter_config(
                 "Composer", None,
@@ -128,9 +133,9 @@ class EMA(Algorithm):
         self.smoothing = smoothing
         self.ema_start = ema_start
         self.update_interval = update_interval
-        self.ema: _EMA | BEMA | None = None
+        self.ema: Average | None = None
         self._pending: dict[str, Any] | None = None
-        self._swap = contextlib.ExitStack()
+        self._swap = Swap()
         self._training_weights: dict[str, torch.Tensor] | None = None  # during a checkpoint
 
     def __repr__(self) -> str:
@@ -189,7 +194,7 @@ class EMA(Algorithm):
             self.ema.epoch_end()
         elif event in (Event.EVAL_START, Event.PREDICT_START):
             self._release()
-            self._swap.enter_context(self.ema.swapped())
+            self._swap.enter(self.ema)
         elif event in (Event.EVAL_END, Event.PREDICT_END, Event.FIT_END):
             self._release()
         elif event in _CHECKPOINT_EVENTS:
@@ -198,7 +203,7 @@ class EMA(Algorithm):
             self._training_weights = {
                 k: v.detach().clone() for k, v in model.state_dict().items()
             }
-            self._swap.enter_context(self.ema.swapped())
+            self._swap.enter(self.ema)
 
     def _release(self) -> None:
         """Training weights back in the model (bitwise), if a swap is active."""

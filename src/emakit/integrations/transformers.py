@@ -17,12 +17,15 @@ and counts epochs with :meth:`emakit.EMA.epoch_end`. Two ways to use it:
   ``with ema_cb.swapped():``.
 - ``EMATrainer`` (or :class:`EMATrainerMixin` before any Trainer subclass, e.g. TRL's
   ``SFTTrainer``): its ``evaluate()`` and ``predict()`` run on the averaged weights wherever
-  they are called from, several eval datasets included, and its ``train()`` tells the
-  callback which checkpoint it resumes from.
+  they are called from, several eval datasets included, ``evaluate_with="both"`` evaluates
+  the training weights too, and its ``train()`` tells the callback which checkpoint it
+  resumes from.
 
-Each checkpoint folder ``checkpoint-N`` gets ``emakit_ema.pt`` (the EMA state, loadable with
-``torch.load(..., weights_only=True)``) and ``ema/``, the averaged model written with
-``save_pretrained``, so ``AutoModel...from_pretrained("checkpoint-N/ema")`` loads it.
+Each checkpoint folder ``checkpoint-N`` gets ``emakit_ema.safetensors`` (the EMA state, in
+emakit's safe state file: :func:`emakit.checkpoint.read_state` reads it without unpickling;
+the ``emakit_ema.pt`` of emakit 0.1 still loads, with ``weights_only=True``) and ``ema/``,
+the averaged model written with ``save_pretrained`` beside the Trainer's tokenizer or
+processor, so ``AutoModel...from_pretrained("checkpoint-N/ema")`` loads it.
 
 Example:
     >>> from emakit.integrations.transformers import EMACallback, EMATrainer
@@ -35,10 +38,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -46,53 +47,101 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from .. import BEMA, EMA
+from .._args import flag
 from ..config import EMAOptions, Unpack
-from ..io import save_torch
-from . import EVALUATE_WITH, AdapterConfig, adapter_config, build_average, with_total
+from ._adapter import (
+    LEGACY_STATE_FILE,
+    STATE_FILE,
+    AdapterConfig,
+    Average,
+    Swap,
+    adapter_config,
+    build_average,
+    check_evaluate_with,
+    counted_units,
+    find_state_file,
+    is_sharded,
+    process_rank,
+    read_average,
+    stats,
+    tensors_fingerprint,
+    with_total,
+    write_average,
+)
 
-__all__ = ["EMACallback", "EMATrainerMixin", "EMATrainer", "EMA_STATE_NAME", "EMA_MODEL_DIR"]
+__all__ = ["EMACallback", "EMATrainerMixin", "EMATrainer", "EMA_STATE_NAME", "EMA_MODEL_DIR",
+           "LEGACY_EMA_STATE_NAME", "RAW_PREFIX"]
 
-EMA_STATE_NAME = "emakit_ema.pt"
+EMA_STATE_NAME = STATE_FILE
+#: What emakit 0.1 wrote (``torch.save``); still read, with ``weights_only=True``.
+LEGACY_EMA_STATE_NAME = LEGACY_STATE_FILE
 EMA_MODEL_DIR = "ema"
+#: What ``evaluate_with="both"`` adds after the metric prefix for the training weights:
+#: ``eval_raw_loss`` beside the average's ``eval_loss``.
+RAW_PREFIX = "raw"
+_STAT_KEYS = tuple(f"ema_{k}" for k in ("smoothing", "num_updates", "skipped_updates"))
 
 
 def _fingerprint(model: nn.Module) -> torch.Tensor | None:
     """Per trainable parameter, the float64 sum and sum of magnitudes: enough to tell the
     weights a checkpoint saved from any other weights, at one host sync. ``None`` for a
-    sharded model (DTensor parameters): each rank holds other shards, so there is no one
+    sharded model (FSDP, ZeRO-3): each rank holds other shards, so there is no one
     fingerprint to compare."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if any(hasattr(p, "to_local") for p in params):
+    if is_sharded(model):
         return None
-    rows = [torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()])
-            for p in params]
-    return torch.stack(rows).cpu() if rows else torch.zeros(0, 2, dtype=torch.float64)
+    return tensors_fingerprint(p for p in model.parameters() if p.requires_grad)
+
+
+def _all_agree(ok: bool) -> bool:
+    """``ok`` of rank 0, on every rank (one broadcast under ``torch.distributed``)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    box = [ok]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
 
 
 class EMACallback(TrainerCallback):
     """Keeps an :class:`emakit.EMA` of the model's weights while a ``transformers.Trainer``
-    trains, evaluates with it during training, and checkpoints it.
+    trains, evaluates with it during training, logs it and checkpoints it.
 
     Args:
-        config: an :class:`~emakit.EMAConfig`, or its fields as keyword arguments: every
-            argument of :class:`emakit.EMA` (``ba`` counts optimizer steps, ``ep`` epochs,
-            ``tok`` the Trainer's ``state.num_input_tokens_seen``, which needs
+        config: an :class:`~emakit.EMAConfig` (or :class:`~emakit.BEMAConfig`, or
+            :class:`~emakit.PostHocEMAConfig`: the callback then drives a
+            :class:`~emakit.PostHocEMA` and evaluates on its first profile), or the
+            ``EMAConfig`` fields as keyword arguments: every argument of :class:`emakit.EMA`
+            (``ba`` counts optimizer steps, ``ep`` epochs, ``tok`` the Trainer's
+            ``state.num_input_tokens_seen``, which needs
             ``TrainingArguments(include_num_input_tokens_seen=True)``). A ``dur`` time
             without ``total`` takes ``total`` from the trainer's ``max_steps``.
         evaluate_with: ``"ema"`` (default): evaluations run on the averaged weights (the
             model's own before the EMA starts), and ``load_best_model_at_end`` loads the
-            averaged weights of the best checkpoint; ``"model"``: on the training weights.
-        save_ema_model: also write ``checkpoint-N/ema/`` with ``save_pretrained``.
+            averaged weights of the best checkpoint; ``"model"``: on the training weights;
+            ``"both"`` (with :class:`EMATrainer` or :class:`EMATrainerMixin`): every
+            evaluation runs twice, the average's metrics under the usual keys
+            (``eval_loss``, what picks the best checkpoint) and the training weights' under
+            ``eval_raw`` (``eval_raw_loss``).
+        save_ema_model: also write ``checkpoint-N/ema/`` with ``save_pretrained`` (and the
+            Trainer's tokenizer or processor beside it).
+        log_stats: add ``ema_smoothing`` (the next update's), ``ema_num_updates`` and
+            ``ema_skipped_updates`` to the Trainer's training logs. With
+            :class:`EMATrainer` (or the mixin) they are in the logs before any callback or
+            reporter sees them; with a plain ``Trainer`` they are added in ``on_log``, so
+            they reach ``state.log_history`` and the callbacks after this one, not the
+            reporting integrations registered before it.
 
-    The EMA is built at ``on_train_begin`` on the (unwrapped) model and exposed as ``.ema``.
+    The average is built at ``on_train_begin`` on the model the Trainer trains (the
+    ``FullyShardedDataParallel`` root under FSDP1, the DTensor-sharded model under FSDP2,
+    ``engine.module`` under DeepSpeed) and exposed as ``.ema``.
 
     Resuming: at ``on_train_begin`` of a resumed run (the Trainer's step ``N > 0``) the EMA
     state is read from the checkpoint the run resumes from: the folder given to
     :meth:`resume_from` (``EMATrainer.train`` gives it), else ``output_dir/checkpoint-N``. The
-    file records a fingerprint of the training weights it was saved with; a file that does
-    not belong to the loaded weights is a ``ValueError``. No file: a warning, and the average
-    restarts from the loaded weights with its clock at step ``N``.
+    file records a fingerprint of the training weights it was saved with (not under FSDP or
+    ZeRO-3, whose ranks hold shards); a file that does not belong to the loaded weights is a
+    ``ValueError``. No file: a warning, and the average restarts from the loaded weights with
+    its clock at step ``N``.
     """
 
     def __init__(
@@ -101,46 +150,46 @@ class EMACallback(TrainerCallback):
         *,
         evaluate_with: str = "ema",
         save_ema_model: bool = True,
+        log_stats: bool = True,
         **kwargs: Unpack[EMAOptions],
     ) -> None:
-        if evaluate_with not in EVALUATE_WITH:
-            raise ValueError(
-                f"evaluate_with: expected one of {EVALUATE_WITH}, got {evaluate_with!r}"
-            )
+        self.evaluate_with = check_evaluate_with(evaluate_with, ("ema", "model", "both"))
         self.config = adapter_config("Transformers", config, dict(kwargs),
                                      counts=("ba", "ep", "tok"))
-        units = {self.config.start.unit}
-        if self.config.total is not None and self.config.uses_dur():
-            units.add(self.config.total.unit)
-        self._counting_tokens = "tok" in units
+        self._counting_tokens = "tok" in counted_units(self.config)
         self._tokens_seen = 0
-        self.evaluate_with = evaluate_with
-        self.save_ema_model = bool(save_ema_model)
-        self.ema: EMA | BEMA | None = None
+        self.save_ema_model = flag(save_ema_model, "save_ema_model")
+        self.log_stats = flag(log_stats, "log_stats")
+        self.ema: Average | None = None
         self._resume_dir: str | None = None
         self._training = False
-        self._swap = contextlib.ExitStack()
-        self._swapped = False
+        self._swap = Swap()
         self._holders = 0  # open evaluating() blocks: they, not on_evaluate, end the swap
+        self._raw = 0  # open blocks of a deliberate evaluation of the training weights
         self._warned_outside = False
+        self._holds_best = False  # load_best_model_at_end put the best average in the model
+        self._processing_class: Any = None
+        self._mixin = False  # driven by an EMATrainerMixin (set by its train())
+
+    @property
+    def _on_average(self) -> bool:
+        return self.evaluate_with in ("ema", "both")
 
     # the averaged weights in the model ---------------------------------------------------
 
     def _swap_in(self) -> None:
-        if self._swapped or self.ema is None or self.evaluate_with != "ema":
-            return
-        self._swap.enter_context(self.ema.swapped())
-        self._swapped = True
+        if self.ema is not None and self._on_average and not self._raw:
+            self._swap.enter(self.ema)
 
     def _release(self) -> None:
         self._swap.close()
-        self._swapped = False
 
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
         """Within the block the model holds the averaged weights when ``evaluate_with`` is
-        ``"ema"`` (no-op otherwise, or before training has begun); training weights back
-        after, bitwise. Blocks may nest. ``EMATrainer`` wraps ``evaluate``/``predict`` in it."""
+        ``"ema"`` or ``"both"`` (no-op otherwise, or before training has begun); training
+        weights back after, bitwise. Blocks may nest. ``EMATrainer`` wraps
+        ``evaluate``/``predict`` in it."""
         self._swap_in()
         self._holders += 1
         try:
@@ -155,12 +204,23 @@ class EMACallback(TrainerCallback):
         yours: ``with ema_cb.swapped(): trainer.evaluate()``. Same as :meth:`evaluating`."""
         return self.evaluating()
 
+    @contextlib.contextmanager
+    def training_weights(self) -> Iterator[None]:
+        """Within the block the model holds the training weights, deliberately (the raw
+        half of ``evaluate_with="both"``): no swap, and no warning that an evaluation ran on
+        them."""
+        self._release()
+        self._raw += 1
+        try:
+            yield
+        finally:
+            self._raw -= 1
+
     def _check_evaluated_on_average(self, what: str) -> None:
-        """Called after an evaluation: if it ran on the training weights although
-        ``evaluate_with="ema"`` and the average exists, say so."""
-        if self._swapped or self.ema is None or self.evaluate_with != "ema":
-            return
-        if not self.ema.started:
+        """Called after an evaluation: if it ran on the training weights although the
+        average should have been evaluated, say so."""
+        if (self._swap.active or self._raw or self._holds_best or self.ema is None
+                or not self._on_average or not self.ema.started):
             return  # before the start the average is the model itself
         if self._training:
             raise RuntimeError(
@@ -187,16 +247,30 @@ class EMACallback(TrainerCallback):
         this); ``None``: look in ``output_dir/checkpoint-N``."""
         self._resume_dir = None if checkpoint is None else os.fspath(checkpoint)
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if model is None:
-            raise RuntimeError("EMACallback: the Trainer passed no model to on_train_begin")
-        self._release()
+    def _check_args(self, args: Any, model: nn.Module) -> None:
+        if self.evaluate_with == "both" and not self._mixin:
+            raise ValueError(
+                "evaluate_with='both': a callback cannot run the second evaluation; use "
+                "emakit.integrations.transformers.EMATrainer (or EMATrainerMixin before your "
+                "Trainer class)")
         if self._counting_tokens and args.include_num_input_tokens_seen in ("no", False):
             raise ValueError(
                 f"start={str(self.config.start)!r}: the callback counts tokens with the "
                 "Trainer's state.num_input_tokens_seen; set "
                 "TrainingArguments(include_num_input_tokens_seen=True) (or 'non_padding')"
             )
+        if self.save_ema_model and not callable(getattr(model, "save_pretrained", None)):
+            raise ValueError(
+                f"save_ema_model=True: the model ({type(model).__name__}) has no "
+                "save_pretrained; pass EMACallback(save_ema_model=False)")
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise RuntimeError("EMACallback: the Trainer passed no model to on_train_begin")
+        self._release()
+        self._check_args(args, model)
+        self._processing_class = kwargs.get("processing_class")
+        self._holds_best = False
         config = self.config
         if state.max_steps and state.max_steps > 0:
             config = with_total(config, f"{state.max_steps}ba")
@@ -214,33 +288,34 @@ class EMACallback(TrainerCallback):
             args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         )
         self._resume_dir = None  # good for one train() only
-        path = os.path.join(folder, EMA_STATE_NAME)
-        if not os.path.isfile(path):
+        path = find_state_file(folder)
+        if path is None:
             self.ema.resume_at(step=state.global_step, epoch=int(state.epoch or 0),
                                tokens=int(state.num_input_tokens_seen or 0))
             warnings.warn(
-                f"emakit: training resumes at step {state.global_step} but {path} does not "
-                "exist: the EMA restarts from the loaded weights, its clock at that step "
-                "(start and dur times keep their meaning). If the checkpoint is elsewhere, "
-                "pass it with ema_cb.resume_from(folder) or use EMATrainer",
+                f"emakit: training resumes at step {state.global_step} but "
+                f"{os.path.join(folder, EMA_STATE_NAME)} does not exist: the EMA restarts "
+                "from the loaded weights, its clock at that step (start and dur times keep "
+                "their meaning). If the checkpoint is elsewhere, pass it with "
+                "ema_cb.resume_from(folder) or use EMATrainer",
                 RuntimeWarning,
                 stacklevel=2,
             )
             return
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved.get("global_step") != state.global_step:
+        saved, extra = read_average(path)
+        if extra.get("global_step") != state.global_step:
             raise ValueError(
-                f"{path}: EMA state saved at step {saved.get('global_step')}, but the trainer "
+                f"{path}: EMA state saved at step {extra.get('global_step')}, but the trainer "
                 f"resumes at step {state.global_step}"
             )
-        self._check_fingerprint(saved, path, "resumes from")
-        self.ema.load_state_dict(saved["ema"])
+        self._check_fingerprint(extra, str(path), "resumes from")
+        self.ema.load_state_dict(saved)
 
-    def _check_fingerprint(self, saved: dict[str, Any], path: str, action: str) -> None:
+    def _check_fingerprint(self, saved: Mapping[str, Any], path: str, action: str) -> None:
         assert self.ema is not None
         want = saved.get("fingerprint")
         if want is None:
-            return  # written before fingerprints existed
+            return  # written before fingerprints existed, or by a sharded run
         got = _fingerprint(self.ema.model)
         if got is None:
             return
@@ -287,12 +362,29 @@ class EMACallback(TrainerCallback):
     def on_predict(self, args, state, control, metrics=None, **kwargs):
         self._check_evaluated_on_average("prediction")
 
+    def statistics(self) -> dict[str, float]:
+        """``{"ema_smoothing": ..., "ema_num_updates": ..., "ema_skipped_updates": ...}``,
+        what :attr:`log_stats` adds to the training logs ({} before training begins)."""
+        if self.ema is None:
+            return {}
+        return {f"ema_{k}": v for k, v in stats(self.ema).items()}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # A plain Trainer: add the statistics now (EMATrainer added them before logging).
+        if not self.log_stats or logs is None or "loss" not in logs or _STAT_KEYS[0] in logs:
+            return
+        values = self.statistics()
+        history = state.log_history[-1] if state.log_history else None
+        if history is not None and all(history.get(k) == v for k, v in logs.items()):
+            history.update(values)  # the entry the Trainer made of these logs
+        logs.update(values)
+
     def on_train_end(self, args, state, control, **kwargs):
         self._release()
         self._training = False
         if (
             self.ema is not None
-            and self.evaluate_with == "ema"
+            and self._on_average
             and args.load_best_model_at_end
             and state.best_model_checkpoint is not None
         ):
@@ -302,90 +394,84 @@ class EMACallback(TrainerCallback):
         """The Trainer has loaded the best checkpoint's training weights; the metric that
         made it best was measured on its average, so that is what the model gets."""
         assert self.ema is not None
-        path = os.path.join(folder, EMA_STATE_NAME)
-        if not os.path.isfile(path):
+        path = find_state_file(folder)
+        if path is None:
             raise FileNotFoundError(
-                f"load_best_model_at_end: {path} not found; the best checkpoint's average "
-                "cannot be loaded"
+                f"load_best_model_at_end: {os.path.join(folder, EMA_STATE_NAME)} not found; "
+                "the best checkpoint's average cannot be loaded"
             )
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        self._check_fingerprint(saved, path, "loaded as the best model")
-        self.ema.load_state_dict(saved["ema"])
+        saved, extra = read_average(path)
+        self._check_fingerprint(extra, str(path), "loaded as the best model")
+        self.ema.load_state_dict(saved)
         self.ema.copy_to()
+        self._holds_best = True  # an evaluate() now runs on the average: no warning
 
     # checkpoints -------------------------------------------------------------------------
 
     def on_save(self, args, state, control, **kwargs):
-        if self.ema is None or not state.is_world_process_zero:
+        if self.ema is None:
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if not os.path.isdir(folder):
+        # every rank takes part in the gathers below; rank 0 writes
+        if not _all_agree(process_rank() != 0 or os.path.isdir(folder)):
             warnings.warn(
                 f"emakit: checkpoint folder {folder} not found; EMA state not saved",
                 RuntimeWarning,
                 stacklevel=2,
             )
             return
-        save_torch(
-            {
-                "ema": self.ema.state_dict(),
-                "global_step": state.global_step,
-                "fingerprint": _fingerprint(self.ema.model),
-            },
-            os.path.join(folder, EMA_STATE_NAME),
-        )
+        extra = {"global_step": state.global_step, "fingerprint": _fingerprint(self.ema.model)}
+        write_average(self.ema, os.path.join(folder, EMA_STATE_NAME), extra)
         if self.save_ema_model:
             self.save_pretrained(os.path.join(folder, EMA_MODEL_DIR))
 
     def save_pretrained(self, folder: str | os.PathLike, **kwargs: Any) -> None:
-        """Save the averaged model with the model's ``save_pretrained`` (written to a temporary
-        folder beside ``folder``, then renamed), so ``from_pretrained(folder)`` loads it."""
+        """Save the averaged model with :meth:`emakit.EMA.save_pretrained` (the model's own
+        ``save_pretrained``, written beside ``folder`` and renamed), and the Trainer's
+        tokenizer or processor with it, so ``from_pretrained(folder)`` loads both. Under
+        ``torch.distributed`` every rank calls it and rank 0 writes."""
         if self.ema is None:
             raise RuntimeError("EMACallback.save_pretrained: training has not begun")
-        folder = os.fspath(folder)
-        parent = os.path.dirname(os.path.abspath(folder))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".ema-tmp-", dir=parent)
-        try:
-            model: Any = self.ema.model  # a PreTrainedModel (checked by the caller)
-            model.save_pretrained(tmp, state_dict=self.ema.ema_state_dict(), **kwargs)
-            old = None
-            if os.path.exists(folder):
-                old = tempfile.mkdtemp(prefix=".ema-old-", dir=parent)
-                os.replace(folder, os.path.join(old, "x"))
-            os.replace(tmp, folder)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
+        self.ema.save_pretrained(folder, **kwargs)
+        saver = getattr(self._processing_class, "save_pretrained", None)
+        if callable(saver) and process_rank() == 0:
+            saver(os.fspath(folder))
 
 
 class EMATrainerMixin:
     """Put before a Trainer class: ``class MyTrainer(EMATrainerMixin, SFTTrainer)``.
 
     ``evaluate()`` and ``predict()`` run on the averaged weights of the trainer's
-    :class:`EMACallback` (when its ``evaluate_with`` is ``"ema"``), however they are called;
-    ``train(resume_from_checkpoint=...)`` tells the callback which checkpoint it resumes from.
-    The callback may be passed to the constructor or added later with ``add_callback``. Only
-    public, documented override points of ``transformers.Trainer`` are used.
+    :class:`EMACallback` (when its ``evaluate_with`` is ``"ema"`` or ``"both"``), however they
+    are called; with ``"both"``, ``evaluate()`` first evaluates the training weights under
+    the prefix ``eval_raw`` (``metric_key_prefix + "_raw"``), then the average under the
+    usual keys, and returns both. ``log()`` adds the callbacks' ``ema_*`` statistics to the
+    training logs before any callback or reporter sees them. ``train(resume_from_checkpoint=
+    ...)`` tells the callback which checkpoint it resumes from. The callback may be passed to
+    the constructor or added later with ``add_callback``. Only public, documented override
+    points of ``transformers.Trainer`` are used.
     """
+
+    _emakit_evaluating = False
 
     def ema_callbacks(self) -> list[EMACallback]:
         """The trainer's EMA callbacks, in order."""
         handler = self.callback_handler  # type: ignore[attr-defined]
         return [cb for cb in handler.callbacks if isinstance(cb, EMACallback)]
 
-    @contextlib.contextmanager
-    def _on_average(self) -> Iterator[None]:
-        callbacks = [cb for cb in self.ema_callbacks() if cb.evaluate_with == "ema"]
+    def _evaluated(self) -> list[EMACallback]:
+        callbacks = [cb for cb in self.ema_callbacks() if cb.evaluate_with != "model"]
         if len(callbacks) > 1:
             raise RuntimeError(
-                "EMATrainer: several EMACallbacks with evaluate_with='ema'; give the others "
-                "evaluate_with='model' so that one average is evaluated"
+                "EMATrainer: several EMACallbacks with evaluate_with='ema' or 'both'; give the "
+                "others evaluate_with='model' so that one average is evaluated"
             )
+        return callbacks
+
+    @contextlib.contextmanager
+    def _on_average(self) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
-            for cb in callbacks:
+            for cb in self._evaluated():
                 stack.enter_context(cb.evaluating())
             yield
 
@@ -395,15 +481,39 @@ class EMATrainerMixin:
             path = get_last_checkpoint(self.args.output_dir)  # type: ignore[attr-defined]
         for cb in self.ema_callbacks():
             cb.resume_from(path if isinstance(path, (str, os.PathLike)) else None)
+            cb._mixin = True
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
 
-    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        with self._on_average():
-            return super().evaluate(*args, **kwargs)  # type: ignore[misc]
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval", **kwargs: Any) -> dict[str, float]:
+        parent: Any = super()
+        if self._emakit_evaluating:  # the Trainer's own call per eval dataset
+            return parent.evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
+        both = [cb for cb in self._evaluated() if cb.evaluate_with == "both"]
+        self._emakit_evaluating = True
+        try:
+            metrics: dict[str, float] = {}
+            if both:
+                with both[0].training_weights():
+                    metrics.update(parent.evaluate(eval_dataset, ignore_keys,
+                                                   f"{metric_key_prefix}_{RAW_PREFIX}", **kwargs))
+            with self._on_average():
+                metrics.update(parent.evaluate(eval_dataset, ignore_keys, metric_key_prefix,
+                                               **kwargs))
+            return metrics
+        finally:
+            self._emakit_evaluating = False
 
     def predict(self, *args: Any, **kwargs: Any) -> Any:
         with self._on_average():
             return super().predict(*args, **kwargs)  # type: ignore[misc]
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:  # a training log: the averages' statistics beside it
+            for cb in self.ema_callbacks():
+                if cb.log_stats:
+                    logs.update(cb.statistics())
+        super().log(logs, *args, **kwargs)  # type: ignore[misc]
 
 
 class EMATrainer(EMATrainerMixin, Trainer):

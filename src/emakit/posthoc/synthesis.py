@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
@@ -54,22 +55,33 @@ def _errors(ts: list[float], gammas: list[float], t: float, sigma_rels: list[flo
 
 
 def supported_sigma_rels(
-    snapshots: list[SnapshotInfo],
+    snapshots: str | os.PathLike | Sequence[SnapshotInfo],
     max_error: float = DEFAULT_MAX_ERROR,
     points: int = 400,
     refused: Sequence[float] = (),
 ) -> list[tuple[float, float]]:
     """The sigma_rel the snapshots reproduce at the last snapshot's time with a relative L2
     profile error at most ``max_error``, as disjoint intervals ``[(lo, hi), ...]`` in
-    increasing order (empty when there is none).
+    increasing order (empty when there is none). ``snapshots``: a snapshot folder (its
+    headers are read and checked, see :func:`~emakit.posthoc.list_snapshots`) or the
+    :class:`SnapshotInfo` list of one.
 
     The error is scanned on a log grid of ``points`` values from 0.001 to sqrt(1/12), plus the
     ``refused`` values (known to fail: they split any interval they fall in); each edge next
     to a failing grid value is then bisected to 1e-6 relative. Snapshots of two profiles far
     apart support two islands, not the range between them.
     """
-    _, ts, gammas = _rows(snapshots)
-    t = snapshots[-1].t
+    if isinstance(snapshots, (str, os.PathLike)):
+        snaps = list_snapshots(_folder(snapshots))
+    elif isinstance(snapshots, Sequence) and snapshots and all(
+            isinstance(s, SnapshotInfo) for s in snapshots):
+        snaps = [s for s in snapshots if isinstance(s, SnapshotInfo)]
+    else:
+        raise TypeError(f"snapshots: expected a snapshot folder or a non-empty list of "
+                        f"SnapshotInfo, got {type(snapshots).__name__}")
+    _check_max_error(max_error)
+    _, ts, gammas = _rows(snaps)
+    t = snaps[-1].t
     top = MAX_SIGMA_REL * 0.999
     logs = torch.logspace(math.log10(0.001), math.log10(top), points, dtype=torch.float64)
     known_bad = {float(x) for x in refused if 0.001 < x < top}
@@ -266,22 +278,39 @@ def _run(plan: SynthesisPlan, dtype: torch.dtype | None,
     return [_assemble(plan, a, rest, dtype) for a in acc]
 
 
+def _print_progress(done: int, total: int) -> None:
+    print(f"synthesize: {done}/{total} snapshot files", file=sys.stderr, flush=True)
+
+
+def _progress(progress: Any) -> Callable[[int, int], None] | None:
+    """``synthesize``'s ``progress``: a callable, ``True`` (print to stderr), ``False`` or
+    ``None`` (nothing); anything else is a TypeError naming it."""
+    if progress is None or progress is False:
+        return None
+    if progress is True:
+        return _print_progress
+    if not callable(progress) or isinstance(progress, bool):
+        raise TypeError(f"progress: expected a callable progress(done, total), True, False or "
+                        f"None, got {type(progress).__name__} {progress!r}")
+    return progress
+
+
 @overload
 def synthesize(
     directory: str | os.PathLike, sigma_rel: float, at: int | None = None, *,
     max_error: float | None = ..., dtype: torch.dtype | str | None = ...,
-    progress: Callable[[int, int], None] | None = ...,
+    progress: Callable[[int, int], None] | bool | None = ...,
 ) -> dict[str, Tensor]: ...
 @overload
 def synthesize(
     directory: str | os.PathLike, sigma_rel: Sequence[float], at: int | None = None, *,
     max_error: float | None = ..., dtype: torch.dtype | str | None = ...,
-    progress: Callable[[int, int], None] | None = ...,
+    progress: Callable[[int, int], None] | bool | None = ...,
 ) -> list[dict[str, Tensor]]: ...
 @overload
 def synthesize(
     directory: SynthesisPlan, *, dtype: torch.dtype | str | None = ...,
-    progress: Callable[[int, int], None] | None = ...,
+    progress: Callable[[int, int], None] | bool | None = ...,
 ) -> list[dict[str, Tensor]]: ...
 
 
@@ -292,7 +321,7 @@ def synthesize(
     *,
     max_error: float | None = DEFAULT_MAX_ERROR,
     dtype: torch.dtype | str | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | bool | None = None,
 ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
     r"""The post-hoc EMA of relative width ``sigma_rel`` at step ``at``, as a model state dict.
 
@@ -317,7 +346,8 @@ def synthesize(
             (``None``: accept any).
         dtype: floating dtype of the returned floating tensors, a ``torch.dtype`` or its name
             (``"float16"``); default: the model's own, per tensor. Integer tensors keep theirs.
-        progress: called as ``progress(files_done, files_total)`` after each file.
+        progress: called as ``progress(files_done, files_total)`` after each file;
+            ``True`` prints that count to stderr, ``False`` or ``None``: nothing.
 
     Raises:
         ValueError: empty folder, truncated, corrupted or foreign file, snapshots of
@@ -326,9 +356,7 @@ def synthesize(
         TypeError: ``directory`` neither a path nor a plan, or a malformed argument.
     """
     dtype = _out_dtype(dtype)
-    if progress is not None and not callable(progress):
-        raise TypeError(f"progress: expected a callable progress(done, total) or None, got "
-                        f"{type(progress).__name__} {progress!r}")
+    progress = _progress(progress)
     if isinstance(directory, SynthesisPlan):
         if sigma_rel is not None or at is not None or max_error not in (DEFAULT_MAX_ERROR,
                                                                         directory.max_error):

@@ -5,6 +5,7 @@ profile."""
 from __future__ import annotations
 
 import math
+import os
 import time
 import uuid
 import warnings
@@ -163,6 +164,14 @@ class PostHocEMA(Averager):
     ) -> dict[str, Tensor]:
         """A plain model state dict of one tracked profile (default: the first)."""
         return self._export(self._stores[self._index(sigma_rel)], rank0_only)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, sigma_rel: float | None = None,
+                        **kwargs: Any) -> None:
+        """One tracked profile (default: the first) as a ``from_pretrained`` folder, through
+        the model's own ``save_pretrained``; see :meth:`emakit.EMA.save_pretrained`. For a
+        width that is not tracked, synthesize it (:func:`emakit.synthesize`, or ``emakit
+        synthesize --pretrained``)."""
+        self._save_pretrained(self._stores[self._index(sigma_rel)], save_directory, kwargs)
 
     # snapshots ---------------------------------------------------------------------------
 
