@@ -16,6 +16,14 @@ gets every path:
   CPU ``_foreach_lerp_`` is a loop of per-tensor kernels (about 0.5 us each); for tensors
   of at most ``GATHER_MAX`` elements one cat and one lerp is faster
   (``benchmarks/gather_vs_foreach.py``).
+- :class:`Packed`: the other small CPU tensors (under ``PACK_MAX`` elements, ResNet-50's
+  BatchNorm vectors and small convolutions wherever they sit in the average): their
+  sources, averages and compensations are concatenated (``torch.cat``, one C-level call
+  each) into a staging buffer, lerped as one tensor, and the averages and compensations
+  copied back (``_foreach_copy_``). The arithmetic is elementwise, so the result is the
+  per-tensor kernel's, bit for bit; it replaces a chain of eager ``_foreach`` passes (about
+  ten with a compensation) over every small tensor by one kernel call
+  (``benchmarks/update_cost.py``: ResNet-50's 225 small tensors).
 - :class:`Staged`: sources of another dtype or device are converted chunk by chunk into a
   staging buffer, then lerped (a staging that stays in cache is faster on a CPU as well as
   smaller: bf16 ResNet-50 -> fp32, 12.4 ms with 2**20 elements, 22.7 ms with 2**24). With
@@ -51,6 +59,7 @@ from .placements import Key, Slot
 __all__ = [
     "Foreach",
     "Gather",
+    "Packed",
     "Staged",
     "Chunk",
     "Offload",
@@ -62,6 +71,7 @@ __all__ = [
     "STAGING_ELEMENTS_CPU",
     "GATHER_MAX",
     "GATHER_MIN",
+    "PACK_MAX",
 ]
 
 # Bound on a staging buffer for dtype/device conversion, in elements (see Staged above).
@@ -71,6 +81,10 @@ STAGING_ELEMENTS_CPU = 1 << 20
 # (1 thread: 1000 x 1024 elements 0.34 ms vs 0.57 ms, 2000 x 32 0.24 ms vs 0.88 ms).
 GATHER_MAX = 2048
 GATHER_MIN = 8
+# Small CPU tensors not in a gathered run are packed (at least GATHER_MIN of them) when under
+# PACK_MAX elements, the size under which the fused kernel's per-call host time (25-40 us)
+# exceeds its arithmetic (kernels.FusedLerp's eager_below).
+PACK_MAX = 1 << 16
 
 Weight = float | Tensor
 # kernel(avg, src, weight, comp): kernels.lerp_ or a kernels.FusedLerp
@@ -117,6 +131,37 @@ class Gather:
         torch.cat(self.parts, out=self.staging)
         comp = None if self.comp is None else [self.comp]
         kernel([self.span], [self.staging], weight, comp)
+
+
+@dataclass
+class Packed:
+    """Small CPU tensors anywhere in the average: ``cat`` sources, averages and
+    compensations into ``staging`` rows, one lerp over them, averages and compensations
+    copied back. ``avg``, ``src`` and ``comp`` are 1-D views of contiguous tensors;
+    ``parts[k]`` are the pieces of staging row ``k`` matching them."""
+
+    avg: list[Tensor]
+    src: list[Tensor]
+    comp: list[Tensor] | None
+    staging: Tensor  # (2 or 3, n): average, source[, compensation]
+    parts: list[list[Tensor]]
+
+    @property
+    def device(self) -> torch.device:
+        return self.staging.device
+
+    def run(self, weight: Weight, kernel: Kernel = kernels.lerp_) -> None:
+        a, s = self.staging[0], self.staging[1]
+        torch.cat(self.avg, out=a)
+        torch.cat(self.src, out=s)
+        comp = None
+        if self.comp is not None:
+            comp = [self.staging[2]]
+            torch.cat(self.comp, out=comp[0])
+        kernel([a], [s], weight, comp)
+        torch._foreach_copy_(self.avg, self.parts[0])
+        if self.comp is not None:
+            torch._foreach_copy_(self.comp, self.parts[2])
 
 
 @dataclass
@@ -176,7 +221,7 @@ class Copy:
             torch._foreach_copy_(self.dst, self.src)
 
 
-Op = Foreach | Gather | Staged
+Op = Foreach | Gather | Packed | Staged
 
 
 _MODULES = operator.attrgetter("_modules")
@@ -423,7 +468,45 @@ class _Builder:
                 gathers.append(group)
             else:
                 rest += group
-        return self.gathers(gathers) + self.foreach(rest)
+        packs = [it for it in rest if self.packable(it)]
+        if len(packs) < GATHER_MIN:
+            packs = []
+        packed_ids = {id(it) for it in packs}
+        rest = [it for it in rest if id(it) not in packed_ids]
+        packed = [self.packed(packs)] if packs else []
+        return self.gathers(gathers) + packed + self.foreach(rest)
+
+    def packable(self, it: _Item) -> bool:
+        """A small contiguous CPU tensor of the storage's dtype (a floating compensation of
+        that dtype or none)."""
+        src = it.src.detach()
+        return (
+            it.avg.device.type == "cpu"
+            and (src.device, src.dtype) == (it.avg.device, it.avg.dtype)
+            and type(src) is Tensor
+            and type(it.avg) is Tensor
+            and src.is_contiguous()
+            and it.avg.is_contiguous()
+            and it.avg.numel() < PACK_MAX
+            and (it.comp is None or (it.comp.dtype == it.avg.dtype and it.comp.is_contiguous()))
+        )
+
+    def packed(self, items: list[_Item]) -> Packed:
+        comps = self.comps is not None and all(it.comp is not None for it in items)
+        if self.comps is not None and not comps:  # (a compensated store has one for each)
+            raise RuntimeError("plan: a compensated average without its compensation")
+        sizes = [it.avg.numel() for it in items]
+        first = items[0].avg
+        staging = torch.empty(3 if comps else 2, sum(sizes), dtype=first.dtype)
+        self.workspace.append(staging)
+        parts = [list(row.split(sizes)) for row in staging]
+        return Packed(
+            [it.avg.view(-1) for it in items],
+            [it.src.detach().view(-1) for it in items],
+            [it.comp.view(-1) for it in items if it.comp is not None] if comps else None,
+            staging,
+            parts,
+        )
 
     def gathers(self, groups: list[list[_Item]]) -> list[Op]:
         """One :class:`Gather` per group; runs are gathered one after another, so one
