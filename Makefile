@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml $(BIN)/python
 	# mmengine's and ultralytics' EMA classes are test peers (tests/test_peers.py); their full
 	# dependency trees (OpenCV, torchvision builds) do not install beside a CPU torch
 	$(BIN)/pip install -q --no-deps "mmengine>=0.10" "ultralytics>=8.3"
+	# mmengine.hooks imports cv2 (its visualization hook); the headless build needs only numpy
+	$(BIN)/pip install -q "opencv-python-headless>=4.8"
 	touch $@
 
 install: $(VENV)/.installed

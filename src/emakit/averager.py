@@ -554,8 +554,28 @@ class Averager:
             "started": s.started,
             "origin": s.origin,
             "k": s.k,
+            **self._scaler_state(),
             **self._tensor_state(),
         }
+
+    def _scaler_state(self) -> dict[str, float]:
+        """The grad_scaler's scale at the last update, which the next update compares to."""
+        for guard in self._guards:
+            if isinstance(guard, ScalerSkipped) and (scale := guard.scale_before()) is not None:
+                return {"grad_scaler_scale": scale}
+        return {}
+
+    def _resume_scaler(self, state: Mapping[str, Any], check: bool) -> None:
+        """The saved scale to the ScalerSkipped guard (``check``: only validate it)."""
+        scale = state.get("grad_scaler_scale")
+        if scale is None:
+            return
+        if check:
+            ScalerSkipped.check_scale(scale)
+            return
+        for guard in self._guards:
+            if isinstance(guard, ScalerSkipped):
+                guard.resume(scale)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved. All or nothing: everything is checked first
@@ -569,12 +589,14 @@ class Averager:
         parsed = self._parse_state(state)
         tensors = self._parse_tensors(parsed)
         self._check_extra(parsed)
+        self._resume_scaler(parsed, check=True)
         # nothing below raises for a state that passed the checks above
         for store, (average, comp) in zip(self._stores, tensors, strict=True):
             store.load(average, what="state", compensation=comp)
         cadence_state, skipped = _cadence_state(parsed)
         self._state = cadence_state
         self._skipped_base = skipped - sum(g.skipped() for g in self._guards)
+        self._resume_scaler(parsed, check=False)
         self._load_extra(parsed)
         self._compare_config(parsed.get("config", {}))
 

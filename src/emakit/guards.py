@@ -124,3 +124,23 @@ class ScalerSkipped:
 
     def skipped(self) -> int:
         return 0 if self._skipped is None else int(self._skipped.item())
+
+    def scale_before(self) -> float | None:
+        """The scale the next update compares against (the scale at the last update or start
+        copy; None when the scaler is disabled), for a saved state: a run resumed between a
+        skipped step and the next update must still see the drop. One host sync."""
+        if not self.scaler.is_enabled():
+            return None
+        return float(self._before)
+
+    @staticmethod
+    def check_scale(scale: Any) -> float:
+        """``scale`` from a saved state, checked: a positive number."""
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
+            raise ValueError(f"state['grad_scaler_scale']: expected a positive number, got "
+                             f"{scale!r}")
+        return float(scale)
+
+    def resume(self, scale: Any) -> None:
+        """Compare the next update against ``scale`` (a saved :meth:`scale_before`)."""
+        self._before = self.check_scale(scale)
